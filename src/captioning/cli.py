@@ -1,0 +1,103 @@
+"""The ``captioning`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from captioning.errors import CaptioningError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+bench_app = typer.Typer(no_args_is_help=True, help="Speed measurements (medians over repeats), one JSON line each.")
+app.add_typer(bench_app, name="bench")
+
+log = logging.getLogger("captioning")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    handler = RichHandler(console=None, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+    for noisy in ("urllib3", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "google"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    """Show, Attend and Tell captioning on MS-COCO as a Kubeflow/Vertex pipeline tracked in W&B."""
+    _setup_logging(verbose)
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file over the preset."),
+    set_: List[str] = typer.Option([], "--set", help="Override one setting: section.key=value (repeatable)."),
+    preset: str = typer.Option("demo", help="Base settings: demo or coco2014."),
+    workdir: Path = typer.Option(Path("work"), help="Where every step writes its outputs."),
+    summary_json: Optional[Path] = typer.Option(None, help="Summary file (default: WORKDIR/summary.json)."),
+) -> None:
+    """Run every step in order, in this process, and write a summary JSON."""
+    from captioning.config import load_config
+    from captioning.runner import run_pipeline, write_summary
+
+    try:
+        cfg = load_config(config, set_, preset)
+    except CaptioningError as exc:
+        _fail(exc)
+    summary = run_pipeline(cfg, workdir)
+    path = write_summary(summary, summary_json or Path(workdir) / "summary.json")
+    for name, step in summary["steps"].items():
+        shown = {k: v for k, v in step.get("metrics", {}).items() if not isinstance(v, (dict, list))}
+        typer.echo(f"{name:13s} {step['status']:8s} {json.dumps(shown)[:160]}")
+        if step["status"] == "failed":
+            typer.echo(f"  error: {step.get('error')}", err=True)
+    typer.echo(f"summary: {path}")
+    if summary["status"] != "ok":
+        raise typer.Exit(1)
+
+
+@app.command("demo-data")
+def demo_data(
+    dest: Path = typer.Argument(..., help="Folder for the mirror (COCO 2014 layout)."),
+    train_images: int = typer.Option(900, min=1),
+    val_images: int = typer.Option(300, min=1),
+    seed: int = 0,
+    awkward: bool = typer.Option(True, help="Include truncated, empty, CMYK, ... files."),
+) -> None:
+    """Write the synthetic demo data as a COCO mirror (serve it over HTTP or point data.base_url at it)."""
+    from captioning.data.demo import write_coco_mirror
+
+    info = write_coco_mirror(dest, train_images=train_images, val_images=val_images, seed=seed, awkward=awkward)
+    typer.echo(json.dumps(info, indent=1))
+
+
+@bench_app.command("features")
+def bench_features_cmd(
+    images: int = typer.Option(128, min=1),
+    batch: int = typer.Option(32, min=1),
+    repeats: int = typer.Option(3, min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON line."),
+) -> None:
+    """JPEG files -> features written, vs the backbone on in-memory tensors; storage per image."""
+    from captioning.bench import bench_features
+
+    result = bench_features(images, batch, repeats)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,223 @@
+"""One typed configuration for every step.
+
+The same model backs the YAML files, ``--set section.key=value`` overrides,
+the in-process runner, the KFP components and the pipeline parameters, so a
+setting means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from captioning.errors import ConfigError
+
+PRESETS = ("demo", "coco2014")
+COCO_BASE_URL = "http://images.cocodataset.org"
+DEMO_SOURCE = "demo"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    base_url: str = Field(
+        COCO_BASE_URL,
+        description="Mirror of the COCO layout: http(s)://, gs://, file:// or a path; "
+        "'demo' writes the synthetic demo mirror into the work dir and reads it from there.",
+    )
+    files: list[str] = Field(
+        default_factory=lambda: [
+            "annotations/annotations_trainval2014.zip",
+            "zips/train2014.zip",
+            "zips/val2014.zip",
+        ],
+        description="Archives to fetch, relative to base_url.",
+    )
+    sha256: dict[str, str] = Field(
+        default_factory=dict, description="Expected checksums by archive path; verified when given."
+    )
+    max_images: int | None = Field(None, gt=0, description="Seeded subset size; null keeps all images.")
+    seed: int = Field(0, description="Seed of the subset and of the split.")
+    val_images: int | None = Field(
+        None, ge=1, description="Validation images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
+    )
+    test_images: int | None = Field(
+        None, ge=1, description="Test images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
+    )
+    retries: int = Field(5, ge=0, le=100, description="Retries of a failed transfer (each resumes).")
+    retry_backoff_s: float = Field(1.0, ge=0, description="First back-off; doubles each retry.")
+    timeout_s: float = Field(60.0, gt=0, description="Socket timeout of one request.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in ("", "http", "https", "gs", "file"):
+            raise ValueError(f"unsupported scheme {scheme!r}: use http(s)://, gs://, file:// or a path")
+        return value.rstrip("/") if value != "/" else value
+
+
+class FeaturesConfig(Section):
+    weights: str = Field(
+        "imagenet", description="InceptionV3 weights: 'imagenet', 'none' (random init) or a path to a .weights.h5/.h5 file."
+    )
+    batch_size: int = Field(32, ge=1, le=4096)
+    shard_images: int = Field(1000, ge=1, description="Images per feature shard (the unit of resume).")
+    image_size: Literal[299] = 299
+
+
+class TextConfig(Section):
+    min_count: int = Field(5, ge=1, description="Words seen fewer times become <unk>.")
+    max_vocab: int = Field(5000, ge=10, description="Vocabulary cap, special tokens included.")
+    max_length_percentile: float = Field(
+        99.0, gt=0, le=100, description="Longest caption kept, as a percentile of training caption lengths."
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=8192)
+    embedding_dim: int = Field(256, ge=8)
+    units: int = Field(512, ge=8)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    attention_reg: float = Field(1.0, ge=0, description="Doubly-stochastic attention weight (0 turns it off).")
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    patience: int = Field(3, ge=1, description="Early stopping on validation loss.")
+    seed: int = 0
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+
+
+class EvaluateConfig(Section):
+    decoder: Literal["greedy", "beam"] = "beam"
+    beam_width: int = Field(3, ge=1, le=20)
+    batch_size: int = Field(128, ge=1)
+    attention_samples: int = Field(4, ge=0, description="Test images that get an attention figure.")
+
+
+class PromoteConfig(Section):
+    metric: str = "CIDEr"
+    margin: float = Field(0.0, ge=0, description="Promote only when candidate > production + margin.")
+    alias: str = "production"
+    registry: str = Field("", description="Local registry folder; empty: <workdir>/registry.")
+    min_metric: float = Field(0.0, description="The pipeline's gate: evaluate's metric must exceed this.")
+
+
+class WandbConfig(Section):
+    project: str = "captioning"
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            why = "unknown key"
+        else:
+            why = item["msg"]
+            if "input" in item and not isinstance(item["input"], dict):
+                why += f" (got {item['input']!r})"
+        lines.append(f"{origin}: {key}: {why}")
+    return "\n".join(lines)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {text!r}: the key must name a section and a key, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _deep_set(tree: dict, parts: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(parts[: depth + 1])}: is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_dict(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    text = resources.files("captioning.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), preset: str = "demo"
+) -> Config:
+    """Preset, then the YAML file, then each ``section.key=value`` override."""
+    tree = preset_dict(preset)
+    origin = f"preset {preset}"
+    if path is not None:
+        tree = _deep_merge(tree, _read_yaml(Path(path)))
+        origin = str(path)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _deep_set(tree, parts, value, f"--set {text}")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        where = origin if not overrides else f"{origin} + --set"
+        raise ConfigError(_format_validation_error(err, where)) from None
+
+
+def config_from_dict(tree: dict, origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None

@@ -1,0 +1,21 @@
+"""Errors a user can act on: each names the file or setting and the problem."""
+
+
+class CaptioningError(Exception):
+    """Base class: the CLI prints the message on one line and exits non-zero."""
+
+
+class ConfigError(CaptioningError):
+    pass
+
+
+class DownloadError(CaptioningError):
+    pass
+
+
+class UnsafeArchiveError(CaptioningError):
+    pass
+
+
+class DataError(CaptioningError):
+    pass

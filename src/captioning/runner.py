@@ -1,0 +1,78 @@
+"""The in-process runner: every step in order, in this Python process.
+
+It wires each step's outputs to the next step's inputs exactly as
+``pipeline.py`` does between pods, and writes the summary JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from captioning import STEPS
+from captioning.config import Config
+from captioning.errors import CaptioningError
+from captioning.io import write_json_atomic
+from captioning.steps.result import StepResult
+
+log = logging.getLogger(__name__)
+
+
+def _log_raw_data(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepResult:
+    from captioning.steps.log_raw_data import log_raw_data
+
+    return log_raw_data(cfg.data, work / "raw")
+
+
+def _process_data(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepResult:
+    from captioning.steps.process_data import process_data
+
+    return process_data(cfg, done["log_raw_data"].outputs["raw_data"], work / "processed")
+
+
+STEP_FUNCTIONS: dict[str, Callable[[Config, Path, dict[str, StepResult]], StepResult]] = {
+    "log_raw_data": _log_raw_data,
+    "process_data": _process_data,
+}
+
+
+def run_pipeline(cfg: Config, workdir: str | Path) -> dict:
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    done: dict[str, StepResult] = {}
+    summary: dict = {"workdir": str(work), "config": cfg.model_dump(mode="json"), "steps": {}}
+    failed = None
+    for name in STEPS:
+        fn = STEP_FUNCTIONS.get(name)
+        if fn is None:
+            summary["steps"][name] = {"status": "skipped", "reason": "not implemented yet", "metrics": {}, "outputs": {}}
+            continue
+        if failed:
+            summary["steps"][name] = {"status": "skipped", "reason": f"{failed} failed", "metrics": {}, "outputs": {}}
+            continue
+        log.info("step %s: starting", name)
+        started = time.monotonic()
+        try:
+            result = fn(cfg, work, done)
+        except CaptioningError as exc:
+            result = StepResult(status="failed", extra={"error": str(exc)})
+        except Exception as exc:  # keep the summary honest even on a bug
+            log.debug("%s", traceback.format_exc())
+            result = StepResult(status="failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        result.extra["seconds"] = round(time.monotonic() - started, 2)
+        summary["steps"][name] = result.summary()
+        if result.status == "failed":
+            failed = name
+            log.error("step %s failed: %s", name, result.extra["error"])
+        else:
+            done[name] = result
+            log.info("step %s: %s in %.1fs", name, result.status, result.extra["seconds"])
+    summary["status"] = "failed" if failed else "ok"
+    return summary
+
+
+def write_summary(summary: dict, path: str | Path) -> Path:
+    return write_json_atomic(path, summary)

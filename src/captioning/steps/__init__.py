@@ -1,0 +1,1 @@
+"""The pipeline steps as plain functions: config and input paths in, a StepResult out."""

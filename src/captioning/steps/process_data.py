@@ -1,0 +1,189 @@
+"""process_data: captions -> clean tokens, images -> InceptionV3 grid features.
+
+Reads log_raw_data's manifest and writes, in its output folder:
+
+- ``dataset.json``: the manifest later steps read (splits, shards, shapes, vocabulary, lengths)
+- ``vocab.json``, ``feature_stats.json`` (per-channel mean/std of the training features)
+- ``features/<split>-NNNNN.f16`` + ``.json``: fixed-length float16 records and their image ids
+- ``<split>.captions.json``: per record, the image, its cleaned captions and token ids
+- ``report.json``: every file that was skipped, with the reason
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from captioning.config import Config
+from captioning.errors import DataError
+from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
+from captioning.io import read_json, write_json_atomic
+from captioning.steps.log_raw_data import MANIFEST
+from captioning.steps.result import StepResult
+from captioning.text import Vocabulary, clean_caption, length_at_percentile
+
+log = logging.getLogger(__name__)
+
+DATASET = "dataset.json"
+SPLITS = ("train", "val", "test")
+# Karpathy's split: 5000 validation and 5000 test images out of val2014's 40504.
+KARPATHY_HELD_OUT, VAL2014_IMAGES = 5000, 40504
+
+
+def load_coco_captions(path: Path, image_dir: Path, source: str):
+    """{image_id: {"file": path, "captions": [clean...]}}, the dropped blank captions, the skipped images."""
+    data = read_json(path, "COCO caption file")
+    try:
+        files = {img["id"]: img["file_name"] for img in data["images"]}
+        annotations = data["annotations"]
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a COCO caption file (missing {exc})") from None
+    captions: dict[int, list[str]] = defaultdict(list)
+    blank = 0
+    for ann in annotations:
+        text = clean_caption(str(ann.get("caption", "")))
+        if text:
+            captions[ann["image_id"]].append(text)
+        else:
+            blank += 1
+    images, skipped = {}, []
+    for image_id, name in sorted(files.items()):
+        file = str(image_dir / name)
+        if not captions.get(image_id):
+            skipped.append({"file": file, "reason": "no usable caption"})
+            continue
+        images[image_id] = {"file": file, "captions": captions[image_id], "source": source}
+    return images, blank, skipped
+
+
+def held_out_sizes(pool: int, val: int | None, test: int | None) -> tuple[int, int]:
+    """Validation and test sizes: as set, else Karpathy-proportional; the rest of val2014 trains."""
+    def proportional(n):
+        return max(1, round(pool * KARPATHY_HELD_OUT / VAL2014_IMAGES)) if n is None else n
+
+    n_val, n_test = proportional(val), proportional(test)
+    if n_val + n_test >= pool:
+        raise DataError(
+            f"data.val_images={n_val} + data.test_images={n_test} need more than the {pool} "
+            "val2014 images available; lower them or raise data.max_images"
+        )
+    return n_val, n_test
+
+
+def split_images(train_pool: list[int], val_pool: list[int], n_val: int, n_test: int, seed: int):
+    rng = random.Random(seed)
+    held = sorted(val_pool)
+    rng.shuffle(held)
+    return {
+        "val": sorted(held[:n_val]),
+        "test": sorted(held[n_val : n_val + n_test]),
+        "train": sorted(train_pool + held[n_val + n_test :]),
+    }
+
+
+def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extractor: FeatureExtractor | None = None) -> StepResult:
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_json(raw_dir / MANIFEST, "log_raw_data manifest")
+    root = raw_dir / manifest["root"]
+
+    images: dict[int, dict] = {}
+    pools: dict[str, list[int]] = {}
+    skipped: list[dict] = []
+    blank = 0
+    for source, rel in manifest["annotations"].items():
+        found, dropped, missing_caps = load_coco_captions(root / rel, root / manifest["image_dirs"][source], source)
+        overlap = images.keys() & found.keys()
+        if overlap:
+            raise DataError(f"{root / rel}: image ids {sorted(overlap)[:5]} also appear in another split")
+        images.update(found)
+        pools[source] = sorted(found)
+        blank += dropped
+        skipped += missing_caps
+
+    if cfg.data.max_images is not None and cfg.data.max_images < len(images):
+        rng = random.Random(cfg.data.seed)
+        keep = set(rng.sample(sorted(images), cfg.data.max_images))
+        pools = {s: [i for i in ids if i in keep] for s, ids in pools.items()}
+
+    train_pool, val_pool = pools.get("train2014", []), pools.get("val2014", [])
+    n_val, n_test = held_out_sizes(len(val_pool), cfg.data.val_images, cfg.data.test_images)
+    splits = split_images(train_pool, val_pool, n_val, n_test, cfg.data.seed)
+
+    words = {i: [c.split() for c in images[i]["captions"]] for ids in splits.values() for i in ids}
+    vocab = Vocabulary.build((w for i in splits["train"] for w in words[i]), cfg.text.min_count, cfg.text.max_vocab)
+    lengths = [len(w) + 2 for i in splits["train"] for w in words[i]]
+    max_length = length_at_percentile(lengths, cfg.text.max_length_percentile)
+
+    plans = plan_shards({s: [(i, images[i]["file"]) for i in splits[s]] for s in SPLITS}, cfg.features.shard_images)
+    extractor = extractor or FeatureExtractor(cfg.features.weights)
+    started = time.monotonic()
+    total = sum(len(p.items) for p in plans)
+
+    def progress(done: int, of: int) -> None:
+        if done == of or done % (cfg.features.batch_size * 20) < cfg.features.batch_size:
+            log.info("features: %d/%d images (%.1f images/s)", done, of, done / (time.monotonic() - started))
+
+    shards = extract_to_shards(plans, out_dir / "features", extractor, cfg.features.batch_size, progress)
+
+    split_info = {}
+    positions, feat_sum, feat_sumsq = 0, np.zeros(CHANNELS), np.zeros(CHANNELS)
+    for split in SPLITS:
+        mine = [s for s in shards if s.split == split]
+        records = []
+        for shard in mine:
+            skipped += shard.skipped
+            for image_id in shard.image_ids:
+                info = images[image_id]
+                records.append({
+                    "image_id": image_id, "file": info["file"], "source": info["source"],
+                    "captions": info["captions"],
+                    "tokens": [vocab.encode(w, max_length) for w in words[image_id]],
+                })
+            if split == "train":
+                positions += shard.positions
+                feat_sum += np.asarray(shard.feature_sum)
+                feat_sumsq += np.asarray(shard.feature_sumsq)
+        write_json_atomic(out_dir / f"{split}.captions.json", records)
+        split_info[split] = {
+            "images": len(records),
+            "captions": sum(len(r["captions"]) for r in records),
+            "shards": [f"features/{s.file}" for s in mine],
+            "captions_file": f"{split}.captions.json",
+        }
+    if positions == 0:
+        raise DataError(f"{raw_dir}: no training image could be read; see {out_dir / 'report.json'}")
+    mean = feat_sum / positions
+    std = np.sqrt(np.maximum(feat_sumsq / positions - mean**2, 0.0))
+    write_json_atomic(out_dir / "feature_stats.json", {"mean": mean.tolist(), "std": std.tolist(), "positions": positions})
+    vocab.save(out_dir / "vocab.json")
+
+    kept_images = sum(v["images"] for v in split_info.values())
+    kept_captions = sum(v["captions"] for v in split_info.values())
+    dataset = {
+        "format": "captioning-features/1",
+        "feature_shape": [GRID, CHANNELS], "feature_dtype": "float16", "record_bytes": RECORD_BYTES,
+        "backbone": {"name": "InceptionV3", "weights": cfg.features.weights, "image_size": cfg.features.image_size},
+        "vocab": "vocab.json", "vocab_size": len(vocab), "max_length": max_length,
+        "feature_stats": "feature_stats.json",
+        "split": {"seed": cfg.data.seed, "max_images": cfg.data.max_images, "val_images": n_val, "test_images": n_test},
+        "splits": split_info,
+    }
+    write_json_atomic(out_dir / DATASET, dataset)
+    write_json_atomic(out_dir / "report.json", {"skipped": skipped, "blank_captions_dropped": blank})
+    log.info("process_data: %d images, %d captions kept; %d files skipped", kept_images, kept_captions, len(skipped))
+    metrics = {
+        "images": kept_images, "captions": kept_captions,
+        **{f"{s}_images": split_info[s]["images"] for s in SPLITS},
+        "skipped_files": len(skipped), "blank_captions_dropped": blank,
+        "vocab_size": len(vocab), "max_length": max_length,
+        "feature_bytes": sum((out_dir / p).stat().st_size for v in split_info.values() for p in v["shards"]),
+        "shards_reused": sum(1 for s in shards if s.reused),
+    }
+    return StepResult(metrics=metrics, outputs={"dataset": str(out_dir), "manifest": str(out_dir / DATASET)},
+                      extra={"skipped": skipped})

@@ -23,7 +23,8 @@ log = logging.getLogger("captioning")
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ log repeats what the steps report themselves (e.g. each corrupt JPEG).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbose else "3")
     handler = RichHandler(console=None, show_path=False, rich_tracebacks=False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)

@@ -70,6 +70,7 @@ class FeaturesConfig(Section):
     weights: str = Field(
         "imagenet", description="InceptionV3 weights: 'imagenet', 'none' (random init) or a path to a .weights.h5/.h5 file."
     )
+    seed: int = Field(0, description="Initialisation seed when weights is 'none', so restarts reproduce the features.")
     batch_size: int = Field(32, ge=1, le=4096)
     shard_images: int = Field(1000, ge=1, description="Images per feature shard (the unit of resume).")
     image_size: Literal[299] = 299

@@ -31,12 +31,18 @@ RECORD_BYTES = GRID * CHANNELS * 2  # float16
 IMAGE_SIZE = 299
 
 
-def build_backbone(weights: str, image_size: int = IMAGE_SIZE):
+def backbone_identity(weights: str, seed: int) -> str:
+    """What determines the features: the weights setting (and the seed of a random init)."""
+    return f"none(seed={seed})" if weights == "none" else weights
+
+
+def build_backbone(weights: str, image_size: int = IMAGE_SIZE, seed: int = 0):
     """InceptionV3 without its classifier, ending at the 8x8x2048 grid."""
     import keras
 
     if weights == "none":
         resolved = None
+        keras.utils.set_random_seed(seed)  # the same random backbone on every run and restart
     elif weights == "imagenet":
         resolved = "imagenet"
     else:
@@ -78,12 +84,12 @@ def load_image(path, image_size: int = IMAGE_SIZE):
 class FeatureExtractor:
     """The backbone as one compiled function: float images -> (B, 64, 2048) float16."""
 
-    def __init__(self, weights: str, image_size: int = IMAGE_SIZE):
+    def __init__(self, weights: str, image_size: int = IMAGE_SIZE, seed: int = 0):
         import tensorflow as tf
 
-        self.weights = weights
+        self.weights = backbone_identity(weights, seed)
         self.image_size = image_size
-        self.backbone = build_backbone(weights, image_size)
+        self.backbone = build_backbone(weights, image_size, seed)
 
         @tf.function(reduce_retracing=True)
         def embed(images):

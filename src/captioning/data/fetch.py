@@ -25,6 +25,8 @@ from captioning.errors import DownloadError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# Network reads are small so that an interrupted transfer keeps nearly all it received.
+NET_CHUNK = 1 << 16
 
 
 @dataclass
@@ -91,7 +93,7 @@ class HttpSource(Source):
                 # The server ignored Range: the caller must start over.
                 raise RangeIgnored()
             try:
-                yield from resp.iter_content(CHUNK)
+                yield from resp.iter_content(NET_CHUNK)
             except (requests.RequestException, ConnectionError) as exc:
                 raise TransientError(f"{self.url}: transfer interrupted: {exc}") from exc
 

@@ -12,6 +12,7 @@ Reads log_raw_data's manifest and writes, in its output folder:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import defaultdict
@@ -86,6 +87,20 @@ def split_images(train_pool: list[int], val_pool: list[int], n_val: int, n_test:
     }
 
 
+BACKBONE_FILE = "backbone.weights.h5"
+
+
+def save_backbone(extractor: FeatureExtractor, out_dir: Path) -> None:
+    """Keep the exact backbone beside its features: captioning new images needs the same one."""
+    path, identity = out_dir / BACKBONE_FILE, out_dir / (BACKBONE_FILE + ".identity")
+    if path.exists() and identity.exists() and identity.read_text() == extractor.weights:
+        return
+    tmp = out_dir / f".tmp.{BACKBONE_FILE}"
+    extractor.backbone.save_weights(tmp)
+    os.replace(tmp, path)
+    identity.write_text(extractor.weights)
+
+
 def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extractor: FeatureExtractor | None = None) -> StepResult:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +136,9 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
     max_length = length_at_percentile(lengths, cfg.text.max_length_percentile)
 
     plans = plan_shards({s: [(i, images[i]["file"]) for i in splits[s]] for s in SPLITS}, cfg.features.shard_images)
-    extractor = extractor or FeatureExtractor(cfg.features.weights)
+    extractor = extractor or FeatureExtractor(cfg.features.weights, seed=cfg.features.seed)
+    save_backbone(extractor, out_dir)
     started = time.monotonic()
-    total = sum(len(p.items) for p in plans)
 
     def progress(done: int, of: int) -> None:
         if done == of or done % (cfg.features.batch_size * 20) < cfg.features.batch_size:
@@ -168,7 +183,8 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
     dataset = {
         "format": "captioning-features/1",
         "feature_shape": [GRID, CHANNELS], "feature_dtype": "float16", "record_bytes": RECORD_BYTES,
-        "backbone": {"name": "InceptionV3", "weights": cfg.features.weights, "image_size": cfg.features.image_size},
+        "backbone": {"name": "InceptionV3", "weights": cfg.features.weights, "identity": extractor.weights,
+                     "image_size": cfg.features.image_size, "weights_file": BACKBONE_FILE},
         "vocab": "vocab.json", "vocab_size": len(vocab), "max_length": max_length,
         "feature_stats": "feature_stats.json",
         "split": {"seed": cfg.data.seed, "max_images": cfg.data.max_images, "val_images": n_val, "test_images": n_test},

@@ -1,0 +1,39 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers.http_mirror import HttpMirror  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def small_mirror(tmp_path_factory) -> dict:
+    """A small COCO-layout mirror with every awkward input, written once per session."""
+    from captioning.data.demo import write_coco_mirror
+
+    root = tmp_path_factory.mktemp("mirror")
+    return write_coco_mirror(root, train_images=40, val_images=30, seed=3, awkward=True)
+
+
+@pytest.fixture
+def http_mirror(small_mirror):
+    with HttpMirror(Path(small_mirror["root"])) as server:
+        yield server
+
+
+def captioning_cli(*args, cwd=None, env=None, timeout=900):
+    """Run the installed console command, as a user would."""
+    exe = shutil.which("captioning", path=str(Path(sys.executable).parent)) or "captioning"
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

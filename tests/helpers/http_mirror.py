@@ -1,0 +1,125 @@
+"""A loopback HTTP server for a folder, with Range support and injectable faults.
+
+Faults are consumed one per GET of a path: ``("cut", n)`` sends the full
+headers and then closes the connection after ``n`` body bytes; ``("status", code)``
+answers ``code`` with no body. Every request is recorded for the test to inspect.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: str | None
+    status: int = 0
+    body_bytes: int = 0
+
+
+@dataclass
+class MirrorState:
+    root: Path
+    faults: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+
+
+def _handler(state: MirrorState):
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def translate_path(self, path):
+            return str(state.root / path.split("?", 1)[0].lstrip("/"))
+
+        def do_HEAD(self):
+            self._serve(head=True)
+
+        def do_GET(self):
+            self._serve(head=False)
+
+        def _serve(self, head: bool):
+            req = Request(self.command, self.path, self.headers.get("Range"))
+            state.requests.append(req)
+            fault = None
+            if not head and state.faults.get(self.path):
+                fault = state.faults[self.path].pop(0)
+            if fault and fault[0] == "status":
+                req.status = fault[1]
+                self.send_response(fault[1])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            file = Path(self.translate_path(self.path))
+            if not file.is_file():
+                req.status = 404
+                self.send_error(404)
+                return
+            data = file.read_bytes()
+            start = 0
+            match = re.fullmatch(r"bytes=(\d+)-", req.range or "")
+            if match:
+                start = int(match.group(1))
+                if start >= len(data):
+                    req.status = 416
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.end_headers()
+                    return
+                req.status = 206
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                req.status = 200
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if head:
+                return
+            if fault and fault[0] == "cut":
+                body = body[: fault[1]]
+            self.wfile.write(body)
+            req.body_bytes = len(body)
+            if fault and fault[0] == "cut":
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+
+    return Handler
+
+
+class HttpMirror:
+    def __init__(self, root: Path):
+        self.state = MirrorState(Path(root))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.state.requests
+
+    def fault(self, path: str, *faults: tuple[str, int]) -> None:
+        self.state.faults.setdefault(path, []).extend(faults)
+
+    def __enter__(self) -> "HttpMirror":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

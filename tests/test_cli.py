@@ -1,0 +1,58 @@
+"""The console command as a user runs it."""
+
+import json
+
+import pytest
+
+from conftest import captioning_cli
+
+
+@pytest.mark.slow
+def test_run_on_a_loopback_mirror_writes_the_summary(http_mirror, small_mirror, tmp_path):
+    summary_path = tmp_path / "out" / "summary.json"
+    proc = captioning_cli(
+        "run", "--workdir", str(tmp_path / "work"), "--summary-json", str(summary_path),
+        "--set", f"data.base_url={http_mirror.url}", "--set", "features.weights=none",
+        "--set", "data.val_images=5", "--set", "data.test_images=5", "--set", "data.max_images=50",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(summary_path.read_text())
+    steps = summary["steps"]
+    assert list(steps) == ["log_raw_data", "process_data", "train", "evaluate", "promote"]
+    assert steps["log_raw_data"]["status"] == "ok"
+    data = steps["process_data"]
+    assert data["status"] == "ok"
+    assert data["metrics"]["images"] + len([s for s in data["skipped"] if s["reason"] != "no usable caption"]) <= 50
+    assert data["metrics"]["val_images"] == 5 and data["metrics"]["test_images"] == 5
+    assert data["metrics"]["captions"] >= 4 * data["metrics"]["images"]
+    assert all(set(s) == {"file", "reason"} for s in data["skipped"])
+    assert (tmp_path / "work" / "processed" / "dataset.json").is_file()
+    assert data["outputs"]["dataset"] == str(tmp_path / "work" / "processed")
+    # everything stayed in the work dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "work"]
+
+
+def test_bad_setting_exits_non_zero_naming_the_key(tmp_path):
+    proc = captioning_cli("run", "--workdir", str(tmp_path), "--set", "train.epochz=3")
+    assert proc.returncode == 2
+    assert "train.epochz: unknown key" in proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_unreachable_mirror_fails_the_step_with_the_url(tmp_path):
+    proc = captioning_cli("run", "--workdir", str(tmp_path), "--set", f"data.base_url={tmp_path}/no-mirror",
+                          "--set", "data.retries=0")
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"]["log_raw_data"]["status"] == "failed"
+    assert "no-mirror/annotations/annotations_trainval2014.zip: file not found" in summary["steps"]["log_raw_data"]["error"]
+    assert summary["steps"]["process_data"]["status"] == "skipped"
+
+
+@pytest.mark.slow
+def test_bench_features_prints_one_json_line():
+    proc = captioning_cli("bench", "features", "--images", "8", "--batch", "4", "--repeats", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["bytes_per_image"] == 64 * 2048 * 2
+    assert line["images_per_s"] > 0 and line["model_only_images_per_s"] > 0

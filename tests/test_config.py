@@ -1,0 +1,74 @@
+import pytest
+
+from captioning.config import COCO_BASE_URL, load_config
+from captioning.errors import ConfigError
+
+
+def test_demo_is_default_and_runs_offline():
+    cfg = load_config()
+    assert cfg.data.base_url == "demo"
+    assert cfg.features.weights == "none"
+    assert cfg.data.max_images is None
+
+
+def test_coco_preset_uses_the_official_mirror_and_all_images():
+    cfg = load_config(preset="coco2014")
+    assert cfg.data.base_url == COCO_BASE_URL
+    assert cfg.data.max_images is None
+    assert cfg.data.val_images is None and cfg.data.test_images is None  # Karpathy-proportional
+    assert cfg.features.weights == "imagenet"
+
+
+def test_overrides_are_typed_from_yaml_scalars():
+    cfg = load_config(overrides=["data.max_images=250", "train.epochs=3", "features.weights=/tmp/w.h5",
+                                 "data.base_url=http://127.0.0.1:9/coco/"])
+    assert cfg.data.max_images == 250 and isinstance(cfg.data.max_images, int)
+    assert cfg.train.epochs == 3
+    assert cfg.features.weights == "/tmp/w.h5"
+    assert cfg.data.base_url == "http://127.0.0.1:9/coco"
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  units: 64\n")
+    cfg = load_config(path, ["train.units=32"])
+    assert (cfg.train.epochs, cfg.train.units) == (7, 32)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.max_imagez=3", "data.max_imagez: unknown key"),
+        ("nosuch.key=1", "nosuch: unknown key"),
+        ("train.epochs=many", "train.epochs: Input should be a valid integer"),
+        ("data.max_images=0", "data.max_images: Input should be greater than 0"),
+        ("train.dropout=1.5", "train.dropout: Input should be less than 1"),
+        ("data.base_url=ftp://x", "data.base_url: Value error, unsupported scheme 'ftp'"),
+    ],
+)
+def test_bad_settings_name_the_key_and_the_problem(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: a config file must be a mapping"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trian:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: trian: unknown key"):
+        load_config(typo)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(overrides=["epochs"])
+    with pytest.raises(ConfigError, match="must name a section and a key"):
+        load_config(overrides=["epochs=3"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(preset="imagenet")

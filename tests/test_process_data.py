@@ -1,0 +1,145 @@
+"""log_raw_data + process_data on a COCO-layout mirror served over loopback HTTP."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioning.config import load_config
+from captioning.errors import DataError
+from captioning.steps.process_data import held_out_sizes, split_images
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    from captioning.features import FeatureExtractor
+
+    return FeatureExtractor("none")
+
+
+@pytest.fixture(scope="session")
+def processed(small_mirror, extractor, tmp_path_factory):
+    from helpers.http_mirror import HttpMirror
+
+    from captioning.steps.log_raw_data import log_raw_data
+    from captioning.steps.process_data import process_data
+
+    work = tmp_path_factory.mktemp("work")
+    with HttpMirror(Path(small_mirror["root"])) as server:
+        cfg = load_config(overrides=[f"data.base_url={server.url}", "data.val_images=8", "data.test_images=8",
+                                     "features.shard_images=16", "features.batch_size=8"])
+        raw = log_raw_data(cfg.data, work / "raw")
+    result = process_data(cfg, work / "raw", work / "processed", extractor=extractor)
+    return {"cfg": cfg, "raw": raw, "result": result, "work": work, "mirror": small_mirror}
+
+
+def test_raw_manifest_records_sources_checksums_counts(processed):
+    manifest = json.loads((processed["work"] / "raw" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"annotations/annotations_trainval2014.zip", "zips/train2014.zip",
+                                      "zips/val2014.zip"}
+    for entry in manifest["files"].values():
+        assert len(entry["sha256"]) == 64 and entry["size"] > 0 and entry["source"].startswith("http://127.0.0.1")
+    # 40 annotated train images, one of them missing from the zip
+    assert manifest["counts"]["train2014_annotated_images"] == 40
+    assert manifest["counts"]["train2014_images"] == 39
+    assert manifest["counts"]["val2014_images"] == 30
+
+
+def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
+    result, awkward = processed["result"], processed["mirror"]["awkward"]
+    reasons = {Path(s["file"]).name: s["reason"] for s in result.extra["skipped"]}
+    by_case = {case: name for name, case in awkward.items()}
+    assert set(reasons) == {by_case[c] for c in ("truncated", "empty", "not_an_image", "missing")}
+    assert reasons[by_case["empty"]] == "empty file"
+    assert reasons[by_case["not_an_image"]] == "not an image"
+    assert reasons[by_case["missing"]] == "missing file"
+    assert reasons[by_case["truncated"]].startswith("truncated or corrupt image")
+    kept = set()
+    for split in ("train", "val", "test"):
+        records = json.loads((processed["work"] / "processed" / f"{split}.captions.json").read_text())
+        kept |= {Path(r["file"]).name for r in records}
+    assert {by_case["grayscale"], by_case["cmyk"], by_case["png_content"]} <= kept
+    assert result.metrics["images"] == 70 - 4 == len(kept)
+    report = json.loads((processed["work"] / "processed" / "report.json").read_text())
+    assert len(report["skipped"]) == 4 and report["blank_captions_dropped"] == 1
+
+
+def test_split_is_by_image_and_held_out_comes_from_val2014(processed):
+    out = processed["work"] / "processed"
+    ids = {}
+    for split in ("train", "val", "test"):
+        records = json.loads((out / f"{split}.captions.json").read_text())
+        ids[split] = {r["image_id"] for r in records}
+        if split != "train":
+            assert {r["source"] for r in records} == {"val2014"}
+            assert len(records) == 8
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["split"] == {"seed": 0, "max_images": None, "val_images": 8, "test_images": 8}
+    m = processed["result"].metrics
+    assert m["train_images"] + m["val_images"] + m["test_images"] == m["images"]
+
+
+def test_captions_are_clean_and_tokenised(processed):
+    out = processed["work"] / "processed"
+    vocab = json.loads((out / "vocab.json").read_text())["tokens"]
+    assert vocab[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert all(w.isalnum() for w in vocab[4:]), vocab  # no "left." or "circle," tokens
+    dataset = json.loads((out / "dataset.json").read_text())
+    records = json.loads((out / "train.captions.json").read_text())
+    lengths = [len(t) for r in records for t in r["tokens"]]
+    assert max(lengths) <= dataset["max_length"] < 50
+    assert all(t[0] == 1 and t[-1] == 2 for r in records for t in r["tokens"])
+    assert sum(len(r["captions"]) for r in records) == sum(len(r["tokens"]) for r in records)
+
+
+def test_features_are_float16_records_in_caption_order(processed, extractor):
+    import tensorflow as tf
+
+    from captioning.features import GRID, CHANNELS, load_image, read_features
+
+    out = processed["work"] / "processed"
+    dataset = json.loads((out / "dataset.json").read_text())
+    split = dataset["splits"]["test"]
+    records = json.loads((out / split["captions_file"]).read_text())
+    feats = np.stack([f.numpy() for f in read_features([str(out / s) for s in split["shards"]])])
+    assert feats.shape == (len(records), GRID, CHANNELS) and feats.dtype == np.float16
+    # record k holds the features of the k-th image of the captions file
+    k = 5
+    direct = extractor(tf.expand_dims(load_image(records[k]["file"]), 0)).numpy()[0]
+    np.testing.assert_allclose(feats[k].astype(np.float32), direct.astype(np.float32), rtol=1e-2, atol=1e-6)
+    assert not np.allclose(feats[k], feats[k - 1])
+    shard_bytes = sum((out / s).stat().st_size for s in split["shards"])
+    assert shard_bytes == len(records) * GRID * CHANNELS * 2
+    stats = json.loads((out / "feature_stats.json").read_text())
+    assert len(stats["mean"]) == CHANNELS and min(stats["std"]) >= 0
+
+
+def test_restart_reuses_finished_shards(processed, extractor):
+    from captioning.steps.process_data import process_data
+
+    out = processed["work"] / "processed"
+    shards = sorted((out / "features").glob("*.f16"))
+    victim = shards[1]
+    original = victim.read_bytes()
+    victim.unlink()  # as if the pod died while writing it
+    again = process_data(processed["cfg"], processed["work"] / "raw", out, extractor=extractor)
+    assert again.metrics["shards_reused"] == len(shards) - 1
+    assert victim.read_bytes() == original
+    assert again.metrics["images"] == processed["result"].metrics["images"]
+
+
+def test_held_out_sizes_follow_karpathy_or_settings():
+    assert held_out_sizes(40504, None, None) == (5000, 5000)
+    assert held_out_sizes(405, None, None) == (50, 50)
+    assert held_out_sizes(300, 100, 20) == (100, 20)
+    with pytest.raises(DataError, match="data.val_images=200 \\+ data.test_images=200"):
+        held_out_sizes(300, 200, 200)
+    a = split_images(list(range(100)), list(range(100, 200)), 10, 10, seed=1)
+    b = split_images(list(range(100)), list(range(100, 200)), 10, 10, seed=1)
+    c = split_images(list(range(100)), list(range(100, 200)), 10, 10, seed=2)
+    assert a == b and a["val"] != c["val"]
+    assert len(a["train"]) == 180

@@ -33,9 +33,16 @@ def _process_data(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepR
     return process_data(cfg, done["log_raw_data"].outputs["raw_data"], work / "processed")
 
 
+def _train(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepResult:
+    from captioning.steps.train import train
+
+    return train(cfg, done["process_data"].outputs["dataset"], work / "train")
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Config, Path, dict[str, StepResult]], StepResult]] = {
     "log_raw_data": _log_raw_data,
     "process_data": _process_data,
+    "train": _train,
 }
 
 

@@ -1,0 +1,133 @@
+"""Deterministic, batched decoding: greedy and beam search (no sampling).
+
+Both run the image encoder once per image and then only the recurrence per
+step, for a whole batch at once, and stop as soon as every caption has
+produced ``<end>``. The loops are compiled (``tf.function`` / ``jax.jit``).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from captioning.model import Captioner
+
+
+def _compile(fn):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn, static_argnums=(1, 2, 3))
+    return fn
+
+
+def greedy(model: Captioner, features, start_id: int, end_id: int, max_length: int):
+    """(B, P, C) -> tokens (B, max_length) int32 (padded with 0 after <end>), attention (B, max_length, P)."""
+    image, projected, state = model.encode(features)
+    batch = ops.shape(features)[0]
+    positions = ops.shape(features)[1]
+    token = ops.full((batch,), start_id, "int32")
+    tokens = ops.zeros((batch, max_length), "int32")
+    alphas = ops.zeros((batch, max_length, positions), "float32")
+    done = ops.zeros((batch,), "bool")
+
+    def cond(t, token, state, tokens, alphas, done):
+        return ops.logical_and(t < max_length, ops.logical_not(ops.all(done)))
+
+    def body(t, token, state, tokens, alphas, done):
+        embedded = model.embed(token)
+        state, context, alpha = model.recur(image, projected, state, embedded)
+        logits = model.readout(state, context, embedded)
+        nxt = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        nxt = ops.where(done, ops.zeros_like(nxt), nxt)
+        at_t = ops.expand_dims(ops.one_hot(t, max_length, dtype="int32"), 0)
+        tokens = tokens + ops.expand_dims(nxt, 1) * at_t
+        alphas = alphas + ops.expand_dims(ops.cast(alpha, "float32"), 1) * ops.expand_dims(ops.cast(at_t, "float32"), -1)
+        done = ops.logical_or(done, ops.equal(nxt, end_id))
+        return t + 1, nxt, state, tokens, alphas, done
+
+    _, _, _, tokens, alphas, _ = ops.while_loop(cond, body, (0, token, state, tokens, alphas, done))
+    return tokens, alphas
+
+
+def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int, width: int = 3,
+         length_penalty: float = 0.7):
+    """Beam search for a batch; returns the best beam's tokens (B, max_length) and attention (B, max_length, P).
+
+    Finished beams keep their score; the final choice divides each score by
+    length**length_penalty so short captions are not favoured unfairly.
+    """
+    image, projected, state = model.encode(features)
+    batch, positions = ops.shape(features)[0], ops.shape(features)[1]
+    k = width
+    vocab = model.vocab_size
+
+    def tile(x):  # (B, ...) -> (B*K, ...)
+        return ops.reshape(ops.repeat(ops.expand_dims(x, 1), k, axis=1), (-1, *ops.shape(x)[1:]))
+
+    image, projected, state = tile(image), tile(projected), tile(state)
+    token = ops.full((batch * k,), start_id, "int32")
+    # Only the first beam is live at the start, so the K beams do not all repeat one caption.
+    scores = ops.tile(ops.convert_to_tensor([[0.0] + [-1e9] * (k - 1)]), (batch, 1))  # (B, K)
+    tokens = ops.zeros((batch, k, max_length), "int32")
+    alphas = ops.zeros((batch, k, max_length, positions), "float32")
+    lengths = ops.zeros((batch, k), "float32")
+    done = ops.zeros((batch, k), "bool")
+    rows = ops.expand_dims(ops.arange(batch), 1)
+
+    def cond(t, token, state, scores, tokens, alphas, lengths, done):
+        return ops.logical_and(t < max_length, ops.logical_not(ops.all(done)))
+
+    def body(t, token, state, scores, tokens, alphas, lengths, done):
+        embedded = model.embed(token)
+        new_state, context, alpha = model.recur(image, projected, state, embedded)
+        logp = ops.log_softmax(ops.cast(model.readout(new_state, context, embedded), "float32"), axis=-1)
+        logp = ops.reshape(logp, (batch, k, vocab))
+        # A finished beam may only continue with padding, at no cost.
+        pad_only = ops.concatenate([ops.zeros((1,)), ops.full((vocab - 1,), -1e9)])
+        logp = ops.where(ops.expand_dims(done, -1), pad_only, logp)
+        total = ops.reshape(ops.expand_dims(scores, -1) + logp, (batch, k * vocab))
+        best, flat = ops.top_k(total, k)                                  # (B, K)
+        parent, word = flat // vocab, ops.cast(flat % vocab, "int32")
+        pick = lambda x: ops.take_along_axis(x, ops.reshape(parent, (batch, k) + (1,) * (len(x.shape) - 2)), axis=1)
+        was_done = pick(done)
+        at_t = ops.one_hot(t, max_length, dtype="int32")
+        tokens = pick(tokens) + ops.expand_dims(word, -1) * at_t
+        alpha = ops.reshape(ops.cast(alpha, "float32"), (batch, k, positions))
+        alphas = pick(alphas) + ops.expand_dims(pick(alpha), 2) * ops.reshape(ops.cast(at_t, "float32"), (1, 1, -1, 1))
+        lengths = pick(lengths) + ops.cast(ops.logical_not(was_done), "float32")
+        done = ops.logical_or(was_done, ops.equal(word, end_id))
+        flat_parent = ops.reshape(rows * k + parent, (-1,))
+        state = ops.take(new_state, flat_parent, axis=0)
+        return t + 1, ops.reshape(word, (-1,)), state, best, tokens, alphas, lengths, done
+
+    _, _, _, scores, tokens, alphas, lengths, _ = ops.while_loop(
+        cond, body, (0, token, state, scores, tokens, alphas, lengths, done))
+    normalised = scores / ops.power(ops.maximum(lengths, 1.0), length_penalty)
+    best = ops.argmax(normalised, axis=1)
+    pick_best = lambda x: ops.squeeze(ops.take_along_axis(x, ops.reshape(best, (-1, 1) + (1,) * (len(x.shape) - 2)), axis=1), 1)
+    return pick_best(tokens), pick_best(alphas)
+
+
+class Decoder:
+    """Compiled decoding for one model: ``decoder(features) -> (tokens, attention)`` as numpy."""
+
+    def __init__(self, model: Captioner, start_id: int, end_id: int, max_length: int,
+                 method: str = "greedy", beam_width: int = 3):
+        self.model = model
+        if method == "greedy" or beam_width == 1:
+            fn = lambda feats, s, e, m: greedy(model, feats, s, e, m)
+        else:
+            fn = lambda feats, s, e, m: beam(model, feats, s, e, m, beam_width)
+        self._fn = _compile(fn)
+        self.args = (start_id, end_id, max_length)
+
+    def __call__(self, features):
+        tokens, alphas = self._fn(ops.convert_to_tensor(features), *self.args)
+        return np.asarray(ops.convert_to_numpy(tokens)), np.asarray(ops.convert_to_numpy(alphas))

@@ -71,6 +71,34 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def caption(
+    images: List[Path] = typer.Argument(..., help="JPEG or PNG files."),
+    model: Path = typer.Option(..., "--model", "-m", help="The train step's model folder (or a registry version)."),
+    attention_png: Optional[Path] = typer.Option(None, help="Also write one attention figure per image here."),
+    decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: as evaluated)."),
+    beam_width: Optional[int] = typer.Option(None, min=1, max=20),
+) -> None:
+    """Print one caption per image: PATH<TAB>CAPTION."""
+    from captioning.caption import caption_images
+
+    if decoder not in (None, "greedy", "beam"):
+        _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
+    try:
+        results = caption_images(model, images, decoder, beam_width)
+    except CaptioningError as exc:
+        _fail(exc)
+    for item in results:
+        typer.echo(f"{item.path}\t{item.caption}")
+    if attention_png:
+        from captioning.attention import plot_attention, read_rgb
+
+        for item in results:
+            out = attention_png / f"{item.path.stem}.attention.png"
+            plot_attention(read_rgb(item.path), item.words, item.attention, out, title=item.caption)
+            typer.echo(f"attention: {out}", err=True)
+
+
 @app.command("demo-data")
 def demo_data(
     dest: Path = typer.Argument(..., help="Folder for the mirror (COCO 2014 layout)."),

@@ -109,6 +109,8 @@ class PromoteConfig(Section):
     metric: str = "CIDEr"
     margin: float = Field(0.0, ge=0, description="Promote only when candidate > production + margin.")
     alias: str = "production"
+    collection: str = Field("captioning-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                            description="Registry collection the model is linked into.")
     registry: str = Field("", description="Local registry folder; empty: <workdir>/registry.")
     min_metric: float = Field(0.0, description="The pipeline's gate: evaluate's metric must exceed this.")
 

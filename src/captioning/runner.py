@@ -39,10 +39,26 @@ def _train(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepResult:
     return train(cfg, done["process_data"].outputs["dataset"], work / "train")
 
 
+def _evaluate(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepResult:
+    from captioning.steps.evaluate import evaluate
+
+    return evaluate(cfg, done["train"].outputs["model"], done["process_data"].outputs["dataset"], work / "evaluate")
+
+
+def _promote(cfg: Config, work: Path, done: dict[str, StepResult]) -> StepResult:
+    from captioning.steps.promote import promote
+
+    registry = Path(cfg.promote.registry) if cfg.promote.registry else work / "registry"
+    return promote(cfg, done["train"].outputs["model"], done["evaluate"].outputs["metrics"], registry,
+                   work / "promote")
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Config, Path, dict[str, StepResult]], StepResult]] = {
     "log_raw_data": _log_raw_data,
     "process_data": _process_data,
     "train": _train,
+    "evaluate": _evaluate,
+    "promote": _promote,
 }
 
 

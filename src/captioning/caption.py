@@ -1,0 +1,64 @@
+"""Caption new images with a trained model folder (same preprocessing and backbone as training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from captioning.bundle import BACKBONE_FILE, ModelError, load_bundle
+from captioning.errors import CaptioningError
+
+
+@dataclass
+class Captioned:
+    path: Path
+    caption: str
+    words: list[str]
+    attention: np.ndarray  # (len(words), 64)
+
+
+def _load_images(paths: list[Path], image_size: int):
+    import tensorflow as tf
+
+    from captioning.features import decode_and_resize, why_unreadable
+
+    images = []
+    for path in paths:
+        if not path.is_file():
+            raise CaptioningError(f"{path}: no such image file")
+        try:
+            images.append(decode_and_resize(tf.io.read_file(str(path)), image_size))
+        except tf.errors.InvalidArgumentError:
+            raise CaptioningError(f"{path}: cannot decode the image ({why_unreadable(path)})") from None
+    return tf.stack(images)
+
+
+def caption_images(model_path: str | Path, images: list[str | Path], method: str | None = None,
+                   beam_width: int | None = None, batch_size: int = 16) -> list[Captioned]:
+    from captioning.decode import Decoder
+    from captioning.features import FeatureExtractor
+
+    bundle = load_bundle(model_path)
+    backbone = bundle.meta["backbone"]
+    image_size = int(backbone.get("image_size", 299))
+    paths = [Path(p) for p in images]
+    pixels = _load_images(paths, image_size)  # every image is checked before any work is done
+
+    extractor = FeatureExtractor("none", image_size)
+    try:
+        extractor.backbone.load_weights(str(bundle.root / BACKBONE_FILE))
+    except Exception as exc:
+        raise ModelError(f"{bundle.root / BACKBONE_FILE}: cannot load the backbone weights: {exc}") from None
+    evaluate_cfg = bundle.meta.get("config", {}).get("evaluate", {})
+    decoder = Decoder(bundle.model, bundle.vocab.start_id, bundle.vocab.end_id, bundle.max_length,
+                      method or evaluate_cfg.get("decoder", "beam"), beam_width or evaluate_cfg.get("beam_width", 3))
+    results = []
+    for start in range(0, len(paths), batch_size):
+        tokens, alphas = decoder(extractor(pixels[start : start + batch_size]))
+        for path, row, alpha in zip(paths[start : start + batch_size], tokens, alphas):
+            caption = bundle.vocab.decode(row)
+            words = caption.split() + ["<end>"]
+            results.append(Captioned(path, caption, words, alpha[: len(words)]))
+    return results

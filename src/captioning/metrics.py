@@ -1,0 +1,73 @@
+"""COCO caption metrics with pycocoevalcap's scorers and its PTB tokenizer (Java).
+
+``COCOEvalCap.evaluate()`` is not used: it always builds SPICE, which downloads
+Stanford CoreNLP and fails offline. The scorers are called directly instead.
+CIDEr here is coco-caption's CIDEr-D.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+from captioning.errors import CaptioningError
+
+METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise CaptioningError("evaluate: Java is needed for the PTB tokenizer and METEOR; install a JRE "
+                              "(e.g. apt-get install default-jre-headless)")
+
+
+def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _require_java()
+    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+
+
+def score(references: dict[int, list[str]], predictions: dict[int, str]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """Corpus metrics and per-image BLEU-4 / CIDEr for predictions against all references."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = sorted(predictions)
+    gts = tokenize({i: references[i] for i in ids})
+    res = tokenize({i: [predictions[i]] for i in ids})
+    metrics: dict[str, float] = {}
+    per_image: dict[str, dict[int, float]] = {}
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        metrics[f"BLEU-{n + 1}"] = float(bleu[n])
+    per_image["BLEU-4"] = dict(zip(ids, map(float, bleu_each[3])))
+    meteor = Meteor()  # a Java subprocess, stopped when the object is collected
+    try:
+        metrics["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    finally:
+        del meteor
+    metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    cider, cider_each = Cider().compute_score(gts, res)
+    metrics["CIDEr"] = float(cider)
+    per_image["CIDEr"] = dict(zip(ids, map(float, cider_each)))
+    return metrics, per_image
+
+
+def cider_only(references_tok: dict[int, list[str]], caption_tok: str) -> float:
+    from pycocoevalcap.cider.cider import Cider
+
+    return float(Cider().compute_score(references_tok, {i: [caption_tok] for i in references_tok})[0])
+
+
+def blind_baseline(train_captions: list[str], val_refs: dict[int, list[str]], test_refs: dict[int, list[str]],
+                   candidates: int = 20) -> tuple[str, float]:
+    """The best single constant caption: chosen on validation among the most common
+    training captions, scored on test. A model that ignores the image scores about this."""
+    common = [c for c, _ in Counter(train_captions).most_common(candidates)]
+    tokenized = tokenize({k: [c] for k, c in enumerate(common)})
+    val_tok, test_tok = tokenize(val_refs), tokenize(test_refs)
+    best = max(range(len(common)), key=lambda k: cider_only(val_tok, tokenized[k][0]))
+    return common[best], cider_only(test_tok, tokenized[best][0])

@@ -1,0 +1,90 @@
+"""evaluate: caption the test split deterministically and score it with the COCO metrics.
+
+Outputs ``metrics.json``, ``predictions.json`` (per image: caption, references,
+BLEU-4, CIDEr) and ``attention/<image_id>.png`` for a sample of test images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from captioning.bundle import load_bundle
+from captioning.config import Config
+from captioning.dataset import ProcessedDataset
+from captioning.decode import Decoder
+from captioning.io import write_json_atomic
+from captioning.metrics import blind_baseline, score
+from captioning.steps.result import StepResult
+
+log = logging.getLogger(__name__)
+
+
+def caption_split(decoder: Decoder, data: ProcessedDataset, split: str, batch_size: int, vocab):
+    """Captions and attention for every image of a split, in record order."""
+    captions, attention, lengths = [], [], []
+    for batch in data.features(split).batch(batch_size):
+        tokens, alphas = decoder(batch)
+        for row, alpha in zip(tokens, alphas):
+            text = vocab.decode(row)
+            captions.append(text)
+            attention.append(alpha)
+            lengths.append(len(text.split()))
+    return captions, attention
+
+
+def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path) -> StepResult:
+    from captioning.attention import plot_attention, read_rgb
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(model_dir)
+    data = ProcessedDataset.open(dataset_dir)
+    vocab = bundle.vocab
+    decoder = Decoder(bundle.model, vocab.start_id, vocab.end_id, bundle.max_length,
+                      cfg.evaluate.decoder, cfg.evaluate.beam_width)
+    records = data.records("test")
+    captions, attention = caption_split(decoder, data, "test", cfg.evaluate.batch_size, vocab)
+    refs = {r["image_id"]: r["captions"] for r in records}
+    predictions = {r["image_id"]: c for r, c in zip(records, captions)}
+    metrics, per_image = score(refs, predictions)
+
+    train_captions = [c for r in data.records("train") for c in r["captions"]]
+    val_refs = {r["image_id"]: r["captions"] for r in data.records("val")}
+    baseline_caption, baseline_cider = blind_baseline(train_captions, val_refs, refs)
+    metrics["baseline_CIDEr"] = baseline_cider
+
+    rows = []
+    for r, caption in zip(records, captions):
+        rows.append({"image_id": r["image_id"], "file": r["file"], "caption": caption, "references": r["captions"],
+                     "BLEU-4": per_image["BLEU-4"][r["image_id"]], "CIDEr": per_image["CIDEr"][r["image_id"]]})
+    write_json_atomic(out_dir / "predictions.json", rows)
+
+    figures = []
+    for r, caption, alpha in list(zip(records, captions, attention))[: cfg.evaluate.attention_samples]:
+        if not Path(r["file"]).is_file():
+            log.warning("evaluate: %s is not reachable here; no attention figure for it", r["file"])
+            continue
+        words = caption.split() + ["<end>"]
+        png = plot_attention(read_rgb(r["file"]), words, np.asarray(alpha)[: len(words)],
+                             out_dir / "attention" / f"{r['image_id']}.png", title=caption)
+        figures.append(str(png))
+
+    report = {
+        "metrics": metrics,
+        "decoder": cfg.evaluate.decoder, "beam_width": cfg.evaluate.beam_width,
+        "test_images": len(records), "baseline_caption": baseline_caption,
+        "mean_caption_words": float(np.mean([len(c.split()) for c in captions])) if captions else 0.0,
+        "distinct_captions": len(set(captions)),
+    }
+    write_json_atomic(out_dir / "metrics.json", report)
+    log.info("evaluate: CIDEr %.3f (blind baseline %.3f, %r), BLEU-4 %.3f", metrics["CIDEr"], baseline_cider,
+             baseline_caption, metrics["BLEU-4"])
+    return StepResult(
+        metrics={**metrics, "test_images": len(records), "distinct_captions": report["distinct_captions"]},
+        outputs={"metrics": str(out_dir / "metrics.json"), "predictions": str(out_dir / "predictions.json"),
+                 "attention": str(out_dir / "attention")},
+        extra={"baseline_caption": baseline_caption, "figures": figures},
+    )

@@ -1,0 +1,106 @@
+"""promote: make the candidate the production model only if it is better by a margin.
+
+The local registry (for in-process and offline runs) is a folder:
+
+```
+<registry>/<collection>/versions/vN/   model files + metrics.json
+<registry>/<collection>/aliases.json   {"production": "vN"}
+<registry>/<collection>/decisions.jsonl  every decision, promoted or not
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from captioning.config import Config
+from captioning.errors import ConfigError
+from captioning.io import read_json, write_json_atomic
+from captioning.steps.result import StepResult
+
+log = logging.getLogger(__name__)
+
+
+def decide(candidate: float, production: float | None, margin: float) -> bool:
+    return production is None or candidate > production + margin
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class LocalRegistry:
+    def __init__(self, root: Path, collection: str):
+        self.root = Path(root) / collection
+        self.aliases_file = self.root / "aliases.json"
+
+    def aliases(self) -> dict[str, str]:
+        return read_json(self.aliases_file) if self.aliases_file.exists() else {}
+
+    def holder(self, alias: str) -> tuple[str, dict] | None:
+        version = self.aliases().get(alias)
+        if not version:
+            return None
+        return version, read_json(self.root / "versions" / version / "metrics.json", "registered metrics")
+
+    def register(self, model_dir: Path, metrics: dict, alias: str) -> str:
+        versions = self.root / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        number = 1 + max((int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()), default=0)
+        version = f"v{number}"
+        staging = versions / f".{version}.staging"
+        shutil.copytree(model_dir, staging)
+        write_json_atomic(staging / "metrics.json", metrics)
+        staging.rename(versions / version)
+        write_json_atomic(self.aliases_file, {**self.aliases(), alias: version})
+        return version
+
+    def log_decision(self, decision: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "decisions.jsonl", "a") as fh:
+            fh.write(json.dumps(decision) + "\n")
+
+
+def promote(cfg: Config, model_dir: str | Path, metrics_file: str | Path, registry_dir: str | Path,
+            out_dir: str | Path) -> StepResult:
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    report = read_json(metrics_file, "evaluate metrics")
+    metrics = report.get("metrics", report)
+    name = cfg.promote.metric
+    if name not in metrics:
+        raise ConfigError(f"promote.metric={name!r}: not among the evaluated metrics ({', '.join(sorted(metrics))})")
+    registry = LocalRegistry(Path(registry_dir), cfg.promote.collection)
+    candidate = float(metrics[name])
+    holder = registry.holder(cfg.promote.alias)
+    production = float(holder[1]["metrics"][name]) if holder and name in holder[1].get("metrics", {}) else None
+    model_digest = _digest(model_dir / "captioner.keras")
+    same_model = bool(holder) and holder[1].get("model_sha256") == model_digest
+    promoted = not same_model and decide(candidate, production, cfg.promote.margin)
+    version = holder[0] if same_model else None
+    if promoted:
+        version = registry.register(model_dir, {"metrics": metrics, "model_sha256": model_digest}, cfg.promote.alias)
+    decision = {
+        "promoted": promoted, "metric": name, "candidate": candidate, "production": production,
+        "margin": cfg.promote.margin, "alias": cfg.promote.alias, "version": version,
+        "previous_version": holder[0] if holder else None, "already_production": same_model,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    registry.log_decision(decision)
+    write_json_atomic(out_dir / "decision.json", decision)
+    if same_model:
+        why = "this model already holds the alias"
+    elif production is None:
+        why = "no production model yet"
+    else:
+        why = f"{candidate:.4f} vs production {production:.4f} + margin {cfg.promote.margin}"
+    log.info("promote: %s (%s %s)", "promoted" if promoted else "kept the production model", name, why)
+    return StepResult(
+        metrics={"promoted": promoted, "candidate": candidate, "production": production, "metric": name},
+        outputs={"decision": str(out_dir / "decision.json"), "registry": str(registry.root)},
+        extra={"version": version, "reason": why},
+    )

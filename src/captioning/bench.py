@@ -46,3 +46,125 @@ def bench_features(images: int = 128, batch: int = 32, repeats: int = 3, weights
     }
     result["overlap_ratio"] = round(result["images_per_s"] / result["model_only_images_per_s"], 3)
     return result
+
+
+# ------------------------------------------------------------------ model benchmarks
+
+BENCH_SIZES = {"vocab_size": 5000, "embedding_dim": 256, "units": 512, "batch": 64}
+
+
+def coco_like_lengths(count: int, rng) -> "np.ndarray":
+    """Token counts with <start>/<end> like COCO's captions: mean about 12.5, at most 50."""
+    import numpy as np
+
+    words = 7 + rng.poisson(3.5, count)
+    long = rng.random(count) < 0.01
+    words[long] = rng.integers(16, 49, long.sum())
+    return np.minimum(words + 2, 50)
+
+
+def _bucketed_batches(lengths, batch: int, vocab: int, rng):
+    """Batches of token ids grouped by length bucket, each padded to its own longest."""
+    import numpy as np
+
+    from captioning.dataset import LENGTH_BUCKETS
+
+    buckets: dict[int, list[int]] = {}
+    for n in lengths:
+        buckets.setdefault(int(np.searchsorted(LENGTH_BUCKETS, n)), []).append(int(n))
+    batches = []
+    for members in buckets.values():
+        for start in range(0, len(members) - batch + 1, batch):
+            chunk = members[start : start + batch]
+            tokens = np.zeros((batch, max(chunk)), np.int32)
+            for row, n in enumerate(chunk):
+                tokens[row, 0], tokens[row, 1 : n - 1], tokens[row, n - 1] = 1, rng.integers(4, vocab, n - 2), 2
+            batches.append(tokens)
+    rng.shuffle(batches)
+    return batches
+
+
+def bench_train(steps: int = 20, repeats: int = 3, baseline: bool = True) -> dict:
+    """Teacher-forced training steps: captions per second, ours against the tutorial's."""
+    import numpy as np
+
+    from captioning.config import Config
+    from captioning.steps.train import build_model
+
+    import keras
+
+    rng = np.random.default_rng(0)
+    s = BENCH_SIZES
+    cfg = Config.model_validate({"train": {"embedding_dim": s["embedding_dim"], "units": s["units"]}})
+    model = build_model(cfg, s["vocab_size"])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    batches = _bucketed_batches(coco_like_lengths(steps * s["batch"] * 3, rng), s["batch"], s["vocab_size"], rng)
+    while len(batches) < steps:
+        batches += batches
+    features = rng.standard_normal((s["batch"], 64, 2048)).astype(np.float16)
+
+    def ours(batch_list):
+        for tokens in batch_list:
+            model.train_on_batch({"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:])
+
+    ours(batches[:8])  # trace the step for the first shapes
+    runs = _time_runs(lambda: ours(batches[:steps]), repeats, steps * s["batch"])
+    result = {"bench": "train", "steps": steps, "repeats": repeats, **s,
+              "mean_tokens": float(np.mean([t.shape[1] for t in batches[:steps]])),
+              "captions_per_s": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
+    if baseline:
+        from captioning.tutorial_baseline import make_tutorial, pad_to
+
+        _, train_step, _ = make_tutorial(s["vocab_size"], s["embedding_dim"], s["units"])
+        padded = [pad_to(t) for t in batches[:steps]]
+        train_step(features, padded[0])  # trace
+        base = _time_runs(lambda: [train_step(features, t) for t in padded], repeats, steps * s["batch"])
+        result["baseline_captions_per_s"] = round(statistics.median(base), 1)
+        result["speedup"] = round(result["captions_per_s"] / result["baseline_captions_per_s"], 2)
+    return result
+
+
+def bench_decode(captions: int = 256, repeats: int = 3, baseline: bool = True, baseline_captions: int = 8) -> dict:
+    """Greedy decoding of up to 50 tokens: batched and compiled, against one image at a time, eagerly."""
+    import numpy as np
+
+    from captioning.config import Config
+    from captioning.decode import Decoder
+    from captioning.steps.train import build_model
+
+    rng = np.random.default_rng(0)
+    s = BENCH_SIZES
+    cfg = Config.model_validate({"train": {"embedding_dim": s["embedding_dim"], "units": s["units"]}})
+    model = build_model(cfg, s["vocab_size"])
+    # end id outside the vocabulary: every caption runs the full 50 steps, the worst case
+    decoder = Decoder(model, start_id=1, end_id=-1, max_length=50, method="greedy")
+    batch = min(captions, 256)
+    features = rng.standard_normal((batch, 64, 2048)).astype(np.float16)
+    decoder(features)  # trace
+
+    def ours():
+        for start in range(0, captions, batch):
+            decoder(features[: min(batch, captions - start)])
+
+    runs = _time_runs(ours, repeats, captions)
+    result = {"bench": "decode", "captions": captions, "max_tokens": 50, "repeats": repeats, **s,
+              "captions_per_s": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
+    if baseline:
+        from captioning.tutorial_baseline import make_tutorial
+
+        _, _, caption_one = make_tutorial(s["vocab_size"], s["embedding_dim"], s["units"])
+        caption_one(features[0], 1, -1, max_length=2)  # build the layers
+        base = _time_runs(lambda: [caption_one(features[i % batch], 1, -1) for i in range(baseline_captions)],
+                          repeats, baseline_captions)
+        result["baseline_captions_per_s"] = round(statistics.median(base), 2)
+        result["speedup"] = round(result["captions_per_s"] / result["baseline_captions_per_s"], 1)
+    return result
+
+
+def _time_runs(fn, repeats: int, items: int) -> list[float]:
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        runs.append(items / (time.perf_counter() - started))
+    return runs

@@ -128,5 +128,34 @@ def bench_features_cmd(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    steps: int = typer.Option(20, min=1),
+    repeats: int = typer.Option(3, min=1),
+    baseline: bool = typer.Option(True, help="Also time the tutorial-style implementation."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Training steps at vocabulary 5000, embedding 256, units 512, batch 64, COCO-like lengths."""
+    from captioning.bench import bench_train
+
+    result = bench_train(steps, repeats, baseline)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    captions: int = typer.Option(256, min=1),
+    repeats: int = typer.Option(3, min=1),
+    baseline: bool = typer.Option(True, help="Also time tutorial-style decoding (one image, eager steps)."),
+    baseline_captions: int = typer.Option(8, min=1, help="Captions for the (slow) tutorial-style run."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Greedy decoding of up to 50 tokens at the same sizes."""
+    from captioning.bench import bench_decode
+
+    result = bench_decode(captions, repeats, baseline, baseline_captions)
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+
+
 if __name__ == "__main__":
     app()

@@ -129,7 +129,8 @@ def train(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, callbacks: 
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.train.patience),
         *(callbacks or []),
     ]
-    model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=fit_callbacks, verbose=2)
+    model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=fit_callbacks, verbose=2,
+              shuffle=False)  # tf.data shuffles, seeded
 
     history = _read_history(history_csv)
     if not history:

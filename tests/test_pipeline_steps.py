@@ -1,0 +1,165 @@
+"""train → evaluate → promote → caption, in-process on the small COCO-layout mirror."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from captioning.config import load_config
+from captioning.errors import ConfigError
+from conftest import captioning_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "train.embedding_dim=16",
+        "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(small_mirror, tmp_path_factory):
+    from captioning.runner import run_pipeline
+
+    work = tmp_path_factory.mktemp("pipeline")
+    cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", "train.epochs=3", *TINY])
+    summary = run_pipeline(cfg, work)
+    return {"summary": summary, "work": work, "cfg": cfg}
+
+
+def test_every_step_ran(pipeline_run):
+    steps = pipeline_run["summary"]["steps"]
+    assert {name: s["status"] for name, s in steps.items()} == dict.fromkeys(steps, "ok")
+
+
+def test_train_outputs_a_safe_loading_model_folder(pipeline_run):
+    train = pipeline_run["summary"]["steps"]["train"]
+    model_dir = Path(train["outputs"]["model"])
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "backbone.weights.h5", "captioner.keras", "history.json", "meta.json", "vocab.json"]
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["config"]["train"]["units"] == 32 and meta["backbone"]["weights"] == "none"
+    history = json.loads((model_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert len(list((model_dir.parent.parent / "train" / "checkpoints").glob("epoch-*.weights.h5"))) == 3
+
+
+def test_evaluate_reports_coco_metrics_baseline_and_figures(pipeline_run):
+    evaluate = pipeline_run["summary"]["steps"]["evaluate"]
+    keys = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "baseline_CIDEr"}
+    assert keys <= set(evaluate["metrics"])
+    assert all(0 <= evaluate["metrics"][k] for k in keys)
+    assert evaluate["metrics"]["BLEU-1"] >= evaluate["metrics"]["BLEU-4"]
+    predictions = json.loads(Path(evaluate["outputs"]["predictions"]).read_text())
+    assert len(predictions) == 8
+    assert all(isinstance(p["caption"], str) and len(p["references"]) >= 4 and "CIDEr" in p for p in predictions)
+    figures = evaluate["figures"]
+    assert len(figures) == 2
+    assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+
+
+def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
+    from captioning.steps.promote import LocalRegistry, decide, promote
+
+    summary, work, cfg = pipeline_run["summary"], pipeline_run["work"], pipeline_run["cfg"]
+    assert summary["steps"]["promote"]["metrics"]["promoted"] is True
+    assert summary["steps"]["promote"]["metrics"]["production"] is None
+    assert decide(1.0, None, 0.5) and decide(1.6, 1.0, 0.5) and not decide(1.4, 1.0, 0.5)
+
+    model_dir = summary["steps"]["train"]["outputs"]["model"]
+    registry = tmp_path / "registry"
+    better, worse = tmp_path / "better.json", tmp_path / "worse.json"
+    better.write_text(json.dumps({"metrics": {"CIDEr": 1.0}}))
+    worse.write_text(json.dumps({"metrics": {"CIDEr": 0.9}}))
+    first = promote(cfg, model_dir, better, registry, tmp_path / "p1")
+    assert first.metrics["promoted"] and first.extra["version"] == "v1"
+    # the same model again: already production, nothing new registered
+    again = promote(cfg, model_dir, worse, registry, tmp_path / "p2")
+    assert not again.metrics["promoted"] and again.extra["version"] == "v1"
+    aliases = LocalRegistry(registry, cfg.promote.collection).aliases()
+    assert aliases == {"production": "v1"}
+    decisions = (registry / cfg.promote.collection / "decisions.jsonl").read_text().splitlines()
+    assert [json.loads(d)["promoted"] for d in decisions] == [True, False]
+    with pytest.raises(ConfigError, match="promote.metric='SPICE': not among the evaluated metrics"):
+        promote(cfg.model_copy(update={"promote": cfg.promote.model_copy(update={"metric": "SPICE"})}),
+                model_dir, better, registry, tmp_path / "p3")
+
+
+def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
+    from PIL import Image
+
+    from captioning.data.demo import draw_scene
+    import random
+
+    model_dir = pipeline_run["summary"]["steps"]["train"]["outputs"]["model"]
+    png, jpg = tmp_path / "red.png", tmp_path / "blue.jpg"
+    draw_scene("red", "circle", "left", random.Random(0)).save(png)
+    draw_scene("blue", "square", "right", random.Random(1)).convert("L").save(jpg)  # grayscale JPEG
+    proc = captioning_cli("caption", "--model", model_dir, str(png), str(jpg), "--attention-png", str(tmp_path / "att"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(png), str(jpg)]
+    assert all(line.split("\t")[1].strip() for line in lines)
+    assert sorted(p.name for p in (tmp_path / "att").iterdir()) == ["blue.attention.png", "red.attention.png"]
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "att2"
+    proc = captioning_cli("caption", "--model", model_dir, str(png), str(bad), "--attention-png", str(out))
+    assert proc.returncode == 2
+    assert f"{bad}: cannot decode the image" in proc.stderr
+    assert not out.exists()  # nothing written when one input is bad
+
+    proc = captioning_cli("caption", "--model", str(tmp_path), str(png))
+    assert proc.returncode == 2 and "not a captioning model (no captioner.keras)" in proc.stderr
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "captioner.keras").write_text("pickle? no.")
+    proc = captioning_cli("caption", "--model", str(fake), str(png))
+    assert proc.returncode == 2 and "captioner.keras: not a Keras model archive" in proc.stderr
+
+
+def test_resuming_with_other_sizes_names_the_checkpoint(pipeline_run):
+    from captioning.steps.train import train
+
+    work, cfg = pipeline_run["work"], pipeline_run["cfg"]
+    bigger = cfg.model_copy(update={"train": cfg.train.model_copy(update={"units": 48})})
+    with pytest.raises(ConfigError, match=r"checkpoints: the checkpoint was written with other model sizes: units=48 \(checkpoint: 32\)"):
+        train(bigger, work / "processed", work / "train")
+    assert json.loads((work / "train" / "model" / "meta.json").read_text())["config"]["train"]["units"] == 32
+
+
+def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
+    """SIGKILL the whole `captioning run` mid-training, start it again: it continues."""
+    work = tmp_path / "work"
+    args = ["run", "--workdir", str(work), "--set", f"data.base_url={small_mirror['root']}",
+            "--set", "train.epochs=12", "--set", "train.patience=50", *sum((["--set", s] for s in TINY), [])]
+    exe = str(Path(sys.executable).parent / "captioning")
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    history = work / "train" / "history.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 4:  # header + 3 epochs
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed:\n" + proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    epochs_before = len(history.read_text().splitlines()) - 1
+    assert 3 <= epochs_before < 12
+
+    rerun = captioning_cli(*args, "--summary-json", str(tmp_path / "s.json"))
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    train = summary["steps"]["train"]["metrics"]
+    assert train["resumed_epochs"] >= epochs_before - 1  # the last epoch may have died before its checkpoint
+    assert train["epochs"] == 12
+    epochs = [int(line.split(",")[0]) for line in history.read_text().splitlines()[1:]]
+    assert sorted(set(epochs)) == list(range(12))
+    assert len(epochs) <= 13  # at most the interrupted epoch ran twice
+    assert summary["steps"]["process_data"]["metrics"]["shards_reused"] > 0

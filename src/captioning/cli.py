@@ -16,6 +16,8 @@ from captioning.errors import CaptioningError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Speed measurements (medians over repeats), one JSON line each.")
 app.add_typer(bench_app, name="bench")
+image_app = typer.Typer(no_args_is_help=True, help="The component image.")
+app.add_typer(image_app, name="image")
 
 log = logging.getLogger("captioning")
 
@@ -25,7 +27,9 @@ def _setup_logging(verbose: bool) -> None:
 
     # TensorFlow's C++ log repeats what the steps report themselves (e.g. each corrupt JPEG).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbose else "3")
-    handler = RichHandler(console=None, show_path=False, rich_tracebacks=False)
+    from rich.console import Console
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)
     for noisy in ("urllib3", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "google"):
@@ -43,6 +47,35 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     _setup_logging(verbose)
 
 
+HIGHLIGHTS = {
+    "log_raw_data": ("bytes", "bytes_downloaded"),
+    "process_data": ("images", "captions", "skipped_files", "vocab_size", "max_length"),
+    "train": ("epochs", "best_epoch", "val_loss", "resumed_epochs"),
+    "evaluate": ("BLEU-4", "METEOR", "CIDEr", "baseline_CIDEr"),
+    "promote": ("promoted", "candidate", "production"),
+}
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("step", "status", "seconds", "highlights", box=None, pad_edge=False)
+    for name, step in summary["steps"].items():
+        metrics = step.get("metrics", {})
+        shown = []
+        for key in HIGHLIGHTS.get(name, ()):
+            if key in metrics:
+                value = metrics[key]
+                shown.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
+        if step["status"] == "failed":
+            shown = [f"error: {step.get('error')}"]
+        elif step["status"] == "skipped":
+            shown = [step.get("reason", "")]
+        table.add_row(name, step["status"], str(step.get("seconds", "")), " ".join(shown))
+    Console(width=160).print(table)
+
+
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file over the preset."),
@@ -50,22 +83,27 @@ def run(
     preset: str = typer.Option("demo", help="Base settings: demo or coco2014."),
     workdir: Path = typer.Option(Path("work"), help="Where every step writes its outputs."),
     summary_json: Optional[Path] = typer.Option(None, help="Summary file (default: WORKDIR/summary.json)."),
+    runner: str = typer.Option("inprocess", help="inprocess, or docker: the compiled pipeline in containers (kfp.local)."),
+    image: str = typer.Option("captioning:0.1.0", help="Component image for --runner docker."),
 ) -> None:
-    """Run every step in order, in this process, and write a summary JSON."""
+    """Run every step in order and write a summary JSON."""
     from captioning.config import load_config
     from captioning.runner import run_pipeline, write_summary
 
+    if runner not in ("inprocess", "docker"):
+        _fail(CaptioningError(f"--runner {runner!r}: choose inprocess or docker"))
     try:
         cfg = load_config(config, set_, preset)
+        if runner == "docker":
+            from captioning.docker_runner import run_in_docker
+
+            summary = run_in_docker(cfg, workdir, image, preset)
+        else:
+            summary = run_pipeline(cfg, workdir)
     except CaptioningError as exc:
         _fail(exc)
-    summary = run_pipeline(cfg, workdir)
     path = write_summary(summary, summary_json or Path(workdir) / "summary.json")
-    for name, step in summary["steps"].items():
-        shown = {k: v for k, v in step.get("metrics", {}).items() if not isinstance(v, (dict, list))}
-        typer.echo(f"{name:13s} {step['status']:8s} {json.dumps(shown)[:160]}")
-        if step["status"] == "failed":
-            typer.echo(f"  error: {step.get('error')}", err=True)
+    _print_summary(summary)
     typer.echo(f"summary: {path}")
     if summary["status"] != "ok":
         raise typer.Exit(1)
@@ -97,6 +135,51 @@ def caption(
             out = attention_png / f"{item.path.stem}.attention.png"
             plot_attention(read_rgb(item.path), item.words, item.attention, out, title=item.caption)
             typer.echo(f"attention: {out}", err=True)
+
+
+@app.command("compile")
+def compile_cmd(
+    output: Path = typer.Option(Path("captioning_pipeline.yaml"), "--output", "-o"),
+    target: str = typer.Option("kubeflow", help="kubeflow or vertex (accelerator names and secrets differ)."),
+    image: str = typer.Option("captioning:0.1.0", help="The component image the pods run."),
+    accelerator_type: str = typer.Option("", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex)."),
+    accelerator_count: int = typer.Option(1, min=0),
+    preset: str = typer.Option("coco2014", help="Defaults of the pipeline parameters."),
+) -> None:
+    """Compile the pipeline to KFP IR YAML (same as `python pipeline.py`)."""
+    from pipeline import ACCELERATORS, BuildOptions, compile_pipeline
+
+    if target not in ACCELERATORS:
+        _fail(CaptioningError(f"--target {target!r}: choose kubeflow or vertex"))
+    from captioning.config import preset_dict
+
+    try:
+        preset_dict(preset)
+    except CaptioningError as exc:
+        _fail(exc)
+    path = compile_pipeline(output, BuildOptions(target=target, image=image, accelerator_type=accelerator_type,
+                                                 accelerator_count=accelerator_count, preset=preset))
+    typer.echo(str(path))
+
+
+@image_app.command("build")
+def image_build(
+    tag: str = typer.Option("captioning:0.1.0"),
+    base_image: Optional[str] = typer.Option(None, help="Build on this local image instead of the TF base."),
+    wheelhouse: Optional[Path] = typer.Option(None, help="Wheel folder (default build/wheelhouse-VARIANT)."),
+    variant: str = typer.Option("gpu", help="gpu: tensorflow[and-cuda]; cpu: tensorflow-cpu."),
+    debian_image: str = typer.Option("debian:bookworm-slim", help="Base of the TF base image."),
+    imagenet: bool = typer.Option(True, help="Try to bake the ImageNet weights into the image."),
+) -> None:
+    """Build the component image with the local Docker engine; Python packages come from a wheelhouse."""
+    from captioning.image import build_image
+
+    try:
+        result = build_image(tag, base_image, wheelhouse, variant, debian_image, imagenet)
+    except CaptioningError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"tag": result.tag, "base": result.base, "id": result.image_id,
+                           "size_bytes": result.size_bytes}))
 
 
 @app.command("demo-data")

@@ -35,7 +35,19 @@ def caption_split(decoder: Decoder, data: ProcessedDataset, split: str, batch_si
     return captions, attention
 
 
-def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path) -> StepResult:
+def _image_path(record: dict, raw_dir: Path | None) -> Path:
+    """Where the test image is here: under this pod's raw-data artifact if given, else where process_data saw it."""
+    if raw_dir is not None and record.get("relpath"):
+        from captioning.io import read_json
+        from captioning.steps.log_raw_data import MANIFEST
+
+        root = raw_dir / read_json(raw_dir / MANIFEST, "log_raw_data manifest")["root"]
+        return root / record["relpath"]
+    return Path(record["file"])
+
+
+def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path,
+             raw_dir: str | Path | None = None) -> StepResult:
     from captioning.attention import plot_attention, read_rgb
 
     out_dir = Path(out_dir)
@@ -64,11 +76,12 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
 
     figures = []
     for r, caption, alpha in list(zip(records, captions, attention))[: cfg.evaluate.attention_samples]:
-        if not Path(r["file"]).is_file():
-            log.warning("evaluate: %s is not reachable here; no attention figure for it", r["file"])
+        image_path = _image_path(r, Path(raw_dir) if raw_dir else None)
+        if not image_path.is_file():
+            log.warning("evaluate: %s is not reachable here; no attention figure for it", image_path)
             continue
         words = caption.split() + ["<end>"]
-        png = plot_attention(read_rgb(r["file"]), words, np.asarray(alpha)[: len(words)],
+        png = plot_attention(read_rgb(image_path), words, np.asarray(alpha)[: len(words)],
                              out_dir / "attention" / f"{r['image_id']}.png", title=caption)
         figures.append(str(png))
 

@@ -58,7 +58,8 @@ def load_coco_captions(path: Path, image_dir: Path, source: str):
         if not captions.get(image_id):
             skipped.append({"file": file, "reason": "no usable caption"})
             continue
-        images[image_id] = {"file": file, "captions": captions[image_id], "source": source}
+        images[image_id] = {"file": file, "relpath": f"{image_dir.name}/{name}", "captions": captions[image_id],
+                            "source": source}
     return images, blank, skipped
 
 
@@ -156,7 +157,7 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
             for image_id in shard.image_ids:
                 info = images[image_id]
                 records.append({
-                    "image_id": image_id, "file": info["file"], "source": info["source"],
+                    "image_id": image_id, "file": info["file"], "relpath": info["relpath"], "source": info["source"],
                     "captions": info["captions"],
                     "tokens": [vocab.encode(w, max_length) for w in words[image_id]],
                 })

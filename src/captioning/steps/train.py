@@ -80,14 +80,16 @@ def build_model(cfg: Config, vocab_size: int, stats: dict | None = None):
     return model
 
 
-def train(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, callbacks: list | None = None) -> StepResult:
+def train(cfg: Config, dataset_dir: str | Path, out_dir: str | Path, callbacks: list | None = None,
+          model_dir: str | Path | None = None) -> StepResult:
+    """Checkpoints and history go to ``out_dir``; the model folder to ``model_dir`` (default ``out_dir/model``)."""
     import keras
     import tensorflow as tf
 
     out_dir = Path(out_dir)
     data = ProcessedDataset.open(dataset_dir)
     signature = _signature(cfg, data)
-    model_dir = out_dir / "model"
+    model_dir = Path(model_dir) if model_dir else out_dir / "model"
     done_file = out_dir / "train_done.json"
     if done_file.exists() and (model_dir / MODEL_FILE).exists():
         done = read_json(done_file)

@@ -102,7 +102,7 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         promote_metric: str = d["promote_metric"],
         promote_margin: float = d["promote_margin"],
         promote_alias: str = d["promote_alias"],
-        min_score: float = 0.0,
+        min_score: float = d["min_score"],
         registry: str = "",
         checkpoint_dir: str = "",
         wandb_project: str = d["wandb_project"],
@@ -134,7 +134,7 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
             beam_width=beam_width, attention_samples=attention_samples, promote_metric=promote_metric, **wb)
         gpu(wandb_secret(scored)).set_caching_options(True).set_retry(options.retries, "60s")
 
-        with dsl.If(scored.outputs["score"] > min_score, name="score-above-floor"):
+        with dsl.If(scored.outputs["Output"] > min_score, name="score-above-floor"):
             decision = promote(
                 model=model.outputs["model"], metrics=scored.outputs["metrics"],
                 upstream_ref=scored.outputs["wandb_ref"], preset=preset, run_group=group, registry=registry,

@@ -23,8 +23,12 @@ def evaluate(
     promote_metric: str = "CIDEr",
     wandb_project: str = "captioning",
     wandb_entity: str = "",
-) -> NamedTuple("Outputs", [("score", float), ("wandb_ref", str)]):
-    """Caption the test split, score it (BLEU, METEOR, ROUGE-L, CIDEr-D, blind baseline), draw attention."""
+) -> NamedTuple("Outputs", [("Output", float), ("wandb_ref", str)]):
+    """Caption the test split, score it (BLEU, METEOR, ROUGE-L, CIDEr-D, blind baseline), draw attention.
+
+    ``Output`` is the score the promote gate reads (``promote_metric``). It keeps KFP's default
+    name because kfp.local 2.17 resolves only ``<task>-Output`` channels in ``dsl.If`` conditions.
+    """
     from collections import namedtuple
 
     from captioning.kfp_steps import run_evaluate
@@ -33,4 +37,4 @@ def evaluate(
         model, processed, raw_data, metrics, predictions, report, upstream_ref, preset, run_group,
         decoder=decoder, beam_width=beam_width, attention_samples=attention_samples,
         promote_metric=promote_metric, wandb_project=wandb_project, wandb_entity=wandb_entity)
-    return namedtuple("Outputs", ["score", "wandb_ref"])(score, ref)
+    return namedtuple("Outputs", ["Output", "wandb_ref"])(score, ref)

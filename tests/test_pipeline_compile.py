@@ -63,7 +63,7 @@ def test_typed_artifacts_flow_between_steps(kubeflow):
     assert artifacts("promote", "input") == {"model": "system.Model", "metrics": "system.Metrics"}
     outputs = comps["comp-process-data"]["outputDefinitions"]["parameters"]
     assert outputs["wandb_ref"]["parameterType"] == "STRING"  # W&B references travel as strings
-    assert comps["comp-evaluate"]["outputDefinitions"]["parameters"]["score"]["parameterType"] == "NUMBER_DOUBLE"
+    assert comps["comp-evaluate"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "NUMBER_DOUBLE"
 
 
 def test_gpu_steps_request_accelerators_and_others_do_not(kubeflow):
@@ -81,7 +81,7 @@ def test_gpu_steps_request_accelerators_and_others_do_not(kubeflow):
 def test_promote_is_gated_on_the_score_and_not_cached(kubeflow):
     root = kubeflow[1][0]["root"]["dag"]["tasks"]
     gate = next(t for t in root.values() if "triggerPolicy" in t)
-    assert "score" in gate["triggerPolicy"]["condition"] and "min_score" in gate["triggerPolicy"]["condition"]
+    assert "evaluate-Output" in gate["triggerPolicy"]["condition"] and "min_score" in gate["triggerPolicy"]["condition"]
     inner = kubeflow[1][0]["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
     assert list(inner) == ["promote"]
     assert inner["promote"]["cachingOptions"] == {}

@@ -36,6 +36,7 @@ PARAMETERS: dict[str, tuple[str, type, Any]] = {
     "promote_metric": ("promote.metric", str, "CIDEr"),
     "promote_margin": ("promote.margin", float, 0.0),
     "promote_alias": ("promote.alias", str, "production"),
+    "min_score": ("promote.min_metric", float, 0.0),
     "wandb_project": ("wandb.project", str, "captioning"),
     "wandb_entity": ("wandb.entity", str, ""),
 }

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench image image-offline compile clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/captioning bench features --images 128 --batch 32 --repeats 3 --json
+
+compile: $(STAMP)
+	$(VENV)/bin/captioning compile --output captioning_pipeline.yaml
+
+image: $(STAMP)
+	$(VENV)/bin/captioning image build
+
+# No registry reachable: a Debian base made with debootstrap, TensorFlow for CPUs.
+image-offline: $(STAMP)
+	docker/local-debian-base.sh debian-local:bookworm
+	$(VENV)/bin/captioning image build --base-image debian-local:bookworm --variant cpu
 
 clean:
 	rm -rf work .pytest_cache

@@ -1,0 +1,94 @@
+"""The component image and the pipeline in containers (kfp.local DockerRunner).
+
+Needs a Docker engine and the image built by `.ci/run` (or by hand:
+`captioning image build --base-image debian-local:bookworm --variant cpu`).
+In CI a missing engine or image fails these tests; elsewhere they skip.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import captioning_cli
+
+IMAGE = os.environ.get("CAPTIONING_TEST_IMAGE", "captioning:0.1.0")
+HOW = ("start dockerd, then run docker/local-debian-base.sh and "
+       "`captioning image build --base-image debian-local:bookworm --variant cpu` (what .ci/run does)")
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def image():
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+        return client.images.get(IMAGE)
+    except Exception as exc:
+        message = f"needs a Docker engine and the image {IMAGE} ({type(exc).__name__}: {exc}); {HOW}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def docker_run(*cmd):
+    return subprocess.run(["docker", "run", "--rm", IMAGE, *cmd], capture_output=True, text=True, timeout=300)
+
+
+def test_image_has_the_project_java_and_a_non_root_user(image):
+    assert image.attrs["Config"]["User"] == "1000:1000"
+    assert image.attrs["Config"]["WorkingDir"] == "/app"
+    assert not any("WANDB_API_KEY" in e for e in image.attrs["Config"]["Env"])
+    proc = docker_run("python", "-c", "import captioning, tensorflow, kfp, components.train; "
+                      "print(tensorflow.__version__, captioning.__version__)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2.21.0", "0.1.0"]
+    assert docker_run("java", "-version").returncode == 0
+    ini = docker_run("cat", "/app/kfp_config.ini").stdout
+    assert "train = components/train.py" in ini
+
+
+def test_pipeline_runs_end_to_end_in_containers(image, tmp_path):
+    from captioning.data.demo import write_coco_mirror
+
+    work = tmp_path / "work"
+    mirror = work / "kfp-root" / "mirror"  # under the pipeline root, which every container mounts
+    write_coco_mirror(mirror, train_images=40, val_images=30, seed=5)
+    proc = captioning_cli(
+        "run", "--runner", "docker", "--image", IMAGE, "--workdir", str(work),
+        "--set", f"data.base_url={mirror}", "--set", "data.val_images=8", "--set", "data.test_images=8",
+        "--set", "train.epochs=2", "--set", "train.units=32", "--set", "train.embedding_dim=16",
+        "--set", "promote.min_metric=-1", timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["runner"] == "docker"
+    assert {n: s["status"] for n, s in summary["steps"].items()} == dict.fromkeys(summary["steps"], "ok")
+    assert summary["steps"]["process_data"]["metrics"]["skipped_files"] == 4
+    assert summary["steps"]["promote"]["metrics"]["promoted"] is True
+    run_dir = Path(summary["run_dir"])
+    model = run_dir / "train" / "model"
+    assert (model / "captioner.keras").is_file()
+    assert model.stat().st_uid == os.getuid()  # containers ran as the host user: outputs are ours
+    assert (run_dir / "evaluate" / "report").read_text().startswith("<!doctype html>")
+
+    # The model trained in a container captions on the host.
+    from captioning.data.demo import draw_scene
+    import random
+
+    picture = tmp_path / "p.png"
+    draw_scene("green", "square", "left", random.Random(2)).save(picture)
+    proc = captioning_cli("caption", "--model", str(model), str(picture))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{picture}\t")
+
+
+def test_missing_image_is_a_clear_error(image, tmp_path):
+    proc = captioning_cli("run", "--runner", "docker", "--image", "captioning:no-such-tag",
+                          "--workdir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "captioning:no-such-tag: not in the local Docker engine" in proc.stderr

@@ -147,7 +147,7 @@ def bench_decode(captions: int = 256, repeats: int = 3, baseline: bool = True, b
             decoder(features[: min(batch, captions - start)])
 
     runs = _time_runs(ours, repeats, captions)
-    result = {"bench": "decode", "captions": captions, "max_tokens": 50, "repeats": repeats, **s,
+    result = {"bench": "decode", "captions": captions, "max_tokens": 50, "repeats": repeats, **s, "batch": batch,
               "captions_per_s": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
     if baseline:
         from captioning.tutorial_baseline import make_tutorial

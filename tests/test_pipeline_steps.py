@@ -163,3 +163,96 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
     assert sorted(set(epochs)) == list(range(12))
     assert len(epochs) <= 13  # at most the interrupted epoch ran twice
     assert summary["steps"]["process_data"]["metrics"]["shards_reused"] > 0
+
+
+# ---------------------------------------------------------------- W&B, read back offline
+
+
+def leet_records(run_dir):
+    import json as _json
+
+    exe = str(Path(sys.executable).parent / "wandb")
+    proc = subprocess.run([exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [_json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def wandb_runs(pipeline_run):
+    runs = {}
+    for run_dir in sorted((pipeline_run["work"] / "wandb" / "wandb").glob("offline-run-*")):
+        records = leet_records(run_dir)
+        run = next(r["run"] for r in records if r["type"] == "run")
+        runs[run["job_type"]] = {"run": run, "records": records}
+    return runs
+
+
+def test_one_offline_run_per_step_in_one_group(pipeline_run, wandb_runs):
+    assert sorted(wandb_runs) == sorted(["log_raw_data", "process_data", "train", "evaluate", "promote"])
+    groups = {r["run"]["run_group"] for r in wandb_runs.values()}
+    assert groups == {pipeline_run["summary"]["wandb_group"]}
+    config = wandb_runs["train"]["run"]["config"]["update"]
+    assert config["train"]["units"] == 32 and config["data"]["val_images"] == 8
+    # offline artifacts are staged beside the runs, so `wandb sync` finds them later
+    assert (pipeline_run["work"] / "wandb" / "artifact-staging").is_dir()
+
+
+def _artifacts(entry):
+    return {r["artifact"]["name"]: r["artifact"] for r in entry["records"] if r["type"] == "artifact"}
+
+
+def _history_keys(entry):
+    return {k for r in entry["records"] if r["type"] == "history" for k in r["history"]["item"]}
+
+
+def test_artifacts_and_offline_lineage(wandb_runs):
+    raw = _artifacts(wandb_runs["log_raw_data"])["coco-2014-raw"]
+    assert raw["type"] == "raw_data"
+    refs = [e["ref"] for e in raw["manifest"]["contents"] if e.get("ref")]
+    assert len(refs) == 3 and all(r.startswith("file://") for r in refs)  # referenced, not re-uploaded
+    assert _artifacts(wandb_runs["process_data"])["coco-2014-processed"]["type"] == "dataset"
+    assert _artifacts(wandb_runs["train"])["captioner"]["type"] == "model"
+    assert _artifacts(wandb_runs["evaluate"])["evaluation"]["type"] == "evaluation"
+    chain = [("process_data", "coco-2014-raw"), ("train", "coco-2014-processed"), ("evaluate", "captioner"),
+             ("promote", "evaluation")]
+    for step, upstream in chain:
+        (ref,) = wandb_runs[step]["run"]["config"]["update"]["upstream_artifacts"]
+        assert ref.startswith(f"captioning/{upstream}@offline-run-")
+
+
+def test_tables_history_and_pictures(wandb_runs):
+    process_keys = _history_keys(wandb_runs["process_data"])
+    assert {"samples._type", "skipped_files.nrows"} <= process_keys
+    skipped = next(r["history"]["item"] for r in wandb_runs["process_data"]["records"]
+                   if r["type"] == "history" and "skipped_files.nrows" in r["history"]["item"])
+    assert skipped["skipped_files.nrows"] == 4
+    train_keys = _history_keys(wandb_runs["train"])
+    assert {"batch/loss", "epoch/loss", "epoch/val_loss", "epoch/learning_rate", "examples._type"} <= train_keys
+    evaluate_keys = _history_keys(wandb_runs["evaluate"])
+    assert {"predictions._type", "attention.count"} <= evaluate_keys
+    summary = {}
+    for r in wandb_runs["evaluate"]["records"]:
+        if r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+    assert "CIDEr" in summary and "baseline_CIDEr" in summary
+
+
+def test_online_without_a_key_fails_at_the_start(tmp_path):
+    env = {"WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_MODE": ""}
+    proc = captioning_cli("run", "--workdir", str(tmp_path / "w"), "--set", "wandb.mode=online", env=env, timeout=120)
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    step = summary["steps"]["log_raw_data"]
+    assert step["status"] == "failed" and "wandb.mode=online but no W&B API key" in step["error"]
+    assert step["seconds"] < 30 and not (tmp_path / "w" / "raw").exists()  # nothing ran before the check
+
+
+def test_results_do_not_depend_on_the_wandb_mode(pipeline_run, small_mirror, tmp_path, monkeypatch):
+    from captioning.runner import run_pipeline
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    summary = run_pipeline(pipeline_run["cfg"], tmp_path)
+    assert summary["status"] == "ok"
+    assert not (tmp_path / "wandb").exists()
+    offline = pipeline_run["summary"]["steps"]["evaluate"]["metrics"]
+    assert summary["steps"]["evaluate"]["metrics"] == offline

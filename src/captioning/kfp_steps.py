@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ def _setup() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _tracker(cfg, step: str, run_group: str, upstream_ref: str = ""):
+    """W&B run of this pod; offline files go to CAPTIONING_WANDB_DIR (e.g. a volume) or /tmp."""
+    import tempfile
+
+    from captioning.tracking import StepTracker
+
+    workdir = Path(os.environ.get("CAPTIONING_WANDB_DIR") or tempfile.gettempdir())
+    return StepTracker(cfg, step, workdir, run_group, [upstream_ref])
+
+
 def _record(artifact, name: str, result: StepResult) -> None:
     """Scalar metrics become artifact metadata; the whole result goes to step.json."""
     for key, value in result.metrics.items():
@@ -41,20 +52,28 @@ def run_log_raw_data(raw_data, preset: str, run_group: str, **params: Any) -> st
     from captioning.steps.log_raw_data import log_raw_data
 
     _setup()
+    from captioning.tracked import record_log_raw_data
+
     cfg = config_from_parameters(preset, **params)
-    result = log_raw_data(cfg.data, Path(raw_data.path))
+    with _tracker(cfg, "log_raw_data", run_group) as t:
+        result = log_raw_data(cfg.data, Path(raw_data.path))
+        ref = record_log_raw_data(t, cfg, result, Path(raw_data.path))
     _record(raw_data, "log_raw_data", result)
-    return ""
+    return ref
 
 
 def run_process_data(raw_data, processed, upstream_ref: str, preset: str, run_group: str, **params: Any) -> str:
     from captioning.steps.process_data import process_data
 
     _setup()
+    from captioning.tracked import record_process_data
+
     cfg = config_from_parameters(preset, **params)
-    result = process_data(cfg, Path(raw_data.path), Path(processed.path))
+    with _tracker(cfg, "process_data", run_group, upstream_ref) as t:
+        result = process_data(cfg, Path(raw_data.path), Path(processed.path))
+        ref = record_process_data(t, cfg, result, Path(processed.path))
     _record(processed, "process_data", result)
-    return ""
+    return ref
 
 
 def run_train(processed, model, upstream_ref: str, preset: str, run_group: str, checkpoint_dir: str,
@@ -66,10 +85,16 @@ def run_train(processed, model, upstream_ref: str, preset: str, run_group: str, 
     _setup()
     cfg = config_from_parameters(preset, **params)
     # A checkpoint folder on a volume survives a pre-empted pod; without one, a retry starts over.
+    from captioning.tracked import record_train, train_callbacks
+
     work = Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="train-"))
-    result = train(cfg, Path(processed.path), work, model_dir=Path(model.path))
+    with _tracker(cfg, "train", run_group, upstream_ref) as t:
+        callbacks = train_callbacks(t, cfg, Path(processed.path), work)
+        result = train(cfg, Path(processed.path), work, callbacks=callbacks, model_dir=Path(model.path))
+        ref = record_train(t, result, Path(model.path))
     _record(model, "train", result)
-    return ""
+    model.metadata["wandb_ref"] = ref  # promote links this version into the W&B Registry
+    return ref
 
 
 def _html_report(report: dict, predictions: list[dict], figures: list[str]) -> str:
@@ -98,8 +123,12 @@ def run_evaluate(model, processed, raw_data, metrics, predictions, report, upstr
 
     _setup()
     cfg = config_from_parameters(preset, promote_metric=promote_metric, **params)
+    from captioning.tracked import record_evaluate
+
     out = Path(predictions.path)
-    result = evaluate(cfg, Path(model.path), Path(processed.path), out, raw_dir=Path(raw_data.path))
+    with _tracker(cfg, "evaluate", run_group, upstream_ref) as t:
+        result = evaluate(cfg, Path(model.path), Path(processed.path), out, raw_dir=Path(raw_data.path))
+        ref = record_evaluate(t, result, out)
     _record(predictions, "evaluate", result)
     for key, value in result.metrics.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -110,7 +139,7 @@ def run_evaluate(model, processed, raw_data, metrics, predictions, report, upstr
         from captioning.errors import ConfigError
 
         raise ConfigError(f"promote_metric={promote_metric!r}: not an evaluated metric")
-    return float(result.metrics[promote_metric]), ""
+    return float(result.metrics[promote_metric]), ref
 
 
 def run_promote(model, metrics, upstream_ref: str, preset: str, run_group: str, registry: str,
@@ -118,16 +147,24 @@ def run_promote(model, metrics, upstream_ref: str, preset: str, run_group: str, 
     import tempfile
 
     from captioning.steps.promote import promote
+    from captioning.tracked import promote_in_wandb_registry, record_promote
 
     _setup()
     cfg = config_from_parameters(preset, **params)
-    if not registry:
-        raise ValueError("promote: no registry folder given (set the pipeline parameter 'registry')")
     scores = {"metrics": dict(metrics.metadata)}
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics_file = Path(tmp) / "metrics.json"
-        metrics_file.write_text(json.dumps(scores))
-        result = promote(cfg, Path(model.path), metrics_file, Path(registry), Path(tmp) / "out")
-        decision = (Path(tmp) / "out" / "decision.json").read_text()
+    with _tracker(cfg, "promote", run_group, upstream_ref) as t:
+        if t.online:  # the W&B Registry holds the production model
+            model_ref = model.metadata.get("wandb_ref", "")
+            decision = promote_in_wandb_registry(t, cfg, float(scores["metrics"][cfg.promote.metric]), model_ref)
+            decision.update(metric=cfg.promote.metric, margin=cfg.promote.margin, alias=cfg.promote.alias)
+            return bool(decision["promoted"]), json.dumps(decision)
+        if not registry:
+            raise ValueError("promote: no registry folder given (set the pipeline parameter 'registry')")
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics_file = Path(tmp) / "metrics.json"
+            metrics_file.write_text(json.dumps(scores))
+            result = promote(cfg, Path(model.path), metrics_file, Path(registry), Path(tmp) / "out")
+            decision = (Path(tmp) / "out" / "decision.json").read_text()
+            record_promote(t, result)
     write_json_atomic(Path(registry) / "last_decision.json", json.loads(decision))
     return bool(result.metrics["promoted"]), decision

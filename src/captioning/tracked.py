@@ -1,0 +1,139 @@
+"""What each step logs to W&B: artifacts (with lineage), tables, pictures, history.
+
+Called by both runners (in-process and the KFP components) around the library
+steps, which stay free of tracking code. Each ``record_*`` returns the
+reference of the artifact it logged, which the next step gets as upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from captioning.config import Config
+from captioning.steps.result import StepResult
+from captioning.tracking import StepTracker, reference_uri
+
+log = logging.getLogger(__name__)
+
+SAMPLE_IMAGES = 48
+EMBEDDING_DIMS = 50  # W&B's projector reads at most 150 dimensions from the run files
+
+
+def record_log_raw_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path) -> str:
+    manifest = json.loads((raw_dir / "manifest.json").read_text())
+    base = manifest["resolved_base_url"]
+    refs = [reference_uri(f"{base}/{rel}") for rel in manifest["files"]]
+    t.summary(result.metrics)
+    t.table("raw_files", ["file", "source", "bytes", "sha256"],
+            [[rel, f["source"], f["size"], f["sha256"]] for rel, f in manifest["files"].items()])
+    return t.log_artifact("coco-2014-raw", "raw_data", files=[raw_dir / "manifest.json"], references=refs,
+                          metadata={"checksums": {k: v["sha256"] for k, v in manifest["files"].items()},
+                                    **manifest["counts"]})
+
+
+def _pca(x: np.ndarray, dims: int) -> np.ndarray:
+    x = x - x.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[: min(dims, vt.shape[0])].T
+
+
+def record_process_data(t: StepTracker, cfg: Config, result: StepResult, processed_dir: Path) -> str:
+    from captioning.dataset import ProcessedDataset
+
+    t.summary(result.metrics)
+    skipped = result.extra.get("skipped", [])
+    t.table("skipped_files", ["file", "reason"], [[s["file"], s["reason"]] for s in skipped])
+    data = ProcessedDataset.open(processed_dir)
+    if t.run is not None:
+        import wandb
+
+        records = data.records("train")[:SAMPLE_IMAGES]
+        feats = np.stack([f.numpy().astype(np.float32).mean(axis=0)
+                          for f in data.features("train").take(len(records))]) if records else np.zeros((0, 2048))
+        reduced = _pca(feats, EMBEDDING_DIMS) if len(records) > 1 else feats[:, :EMBEDDING_DIMS]
+        rows = []
+        for record, vector in zip(records, reduced):
+            picture = wandb.Image(record["file"]) if Path(record["file"]).is_file() else None
+            rows.append([record["image_id"], picture, "train", " | ".join(record["captions"]), vector.tolist()])
+        t.table("samples", ["image_id", "image", "split", "captions", "embedding"], rows)
+    files = [processed_dir / n for n in ("dataset.json", "vocab.json", "feature_stats.json", "report.json")]
+    files += [processed_dir / f"{s}.captions.json" for s in ("train", "val", "test")]
+    return t.log_artifact(
+        "coco-2014-processed", "dataset", files=files,
+        references=[reference_uri(processed_dir / "features")],  # GBs of features stay where they are
+        metadata={k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+
+
+def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Path) -> list:
+    if t.run is None:
+        return []
+    import keras
+    from wandb.integration.keras import WandbMetricsLogger, WandbModelCheckpoint
+
+    from captioning.dataset import ProcessedDataset
+    from captioning.decode import Decoder
+
+    data = ProcessedDataset.open(dataset_dir)
+    sample = data.records("val")[:8]
+    features = np.stack([f.numpy() for f in data.features("val").take(len(sample))]) if sample else None
+
+    class ExampleCaptions(keras.callbacks.Callback):
+        """Captions of a fixed validation sample after every epoch, as a table."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if features is None:
+                return
+            decoder = Decoder(self.model, data.vocab.start_id, data.vocab.end_id, data.max_length, "greedy")
+            tokens, _ = decoder(features)
+            rows = [[epoch + 1, r["image_id"], data.vocab.decode(tok), r["captions"][0]] for r, tok in zip(sample, tokens)]
+            t.table("examples", ["epoch", "image_id", "generated", "reference"], rows)
+
+    return [
+        WandbMetricsLogger(log_freq=10),  # per-batch and per-epoch loss, and the learning rate
+        # save_best_only stays off: it raises on the first epoch that does not improve (wandb#8842).
+        WandbModelCheckpoint(str(out_dir / "wandb-checkpoint.weights.h5"), save_weights_only=True),
+        ExampleCaptions(),
+    ]
+
+
+def record_train(t: StepTracker, result: StepResult, model_dir: Path) -> str:
+    t.summary(result.metrics)
+    return t.log_artifact("captioner", "model", dirs=[model_dir],
+                          metadata={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+
+
+def record_evaluate(t: StepTracker, result: StepResult, out_dir: Path) -> str:
+    t.summary(result.metrics)
+    predictions = json.loads((out_dir / "predictions.json").read_text())
+    if t.run is not None:
+        import wandb
+
+        rows = [[p["image_id"], wandb.Image(p["file"]) if Path(p["file"]).is_file() else None, p["caption"],
+                 " | ".join(p["references"]), p["BLEU-4"], p["CIDEr"]] for p in predictions[:500]]
+        t.table("predictions", ["image_id", "image", "caption", "references", "BLEU-4", "CIDEr"], rows)
+        figures = result.extra.get("figures", [])
+        if figures:
+            t.log({"attention": [wandb.Image(f, caption=Path(f).stem) for f in figures]})
+    files = [out_dir / "metrics.json", out_dir / "predictions.json"]
+    return t.log_artifact("evaluation", "evaluation", files=files,
+                          metadata={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+
+
+def record_promote(t: StepTracker, result: StepResult) -> str:
+    t.summary({k: v for k, v in result.metrics.items() if v is not None})
+    return ""
+
+
+def promote_in_wandb_registry(t: StepTracker, cfg: Config, candidate: float, model_ref: str) -> dict:
+    """Online: the W&B Registry is the registry; the holder's metric comes from its metadata."""
+    from captioning import wandb_online
+    from captioning.steps.promote import decide
+
+    production = wandb_online.registry_holder_metric(cfg.promote.collection, cfg.promote.alias, cfg.promote.metric)
+    promoted = decide(candidate, production, cfg.promote.margin)
+    target = wandb_online.link_to_registry(t.run, model_ref, cfg.promote.collection, cfg.promote.alias) if promoted else None
+    return {"promoted": promoted, "candidate": candidate, "production": production, "registry": target}

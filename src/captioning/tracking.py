@@ -1,0 +1,148 @@
+"""Weights & Biases tracking: one run per step, grouped per pipeline run.
+
+Modes: ``online`` needs an API key and fails at the start of the step without
+one; ``offline`` writes runs under ``<workdir>/wandb`` (syncable later with
+``wandb sync``: the artifact staging folder ``WANDB_DATA_DIR`` sits beside
+them); ``disabled`` logs nothing. ``WANDB_MODE`` in the environment overrides
+the setting. The pipeline's data never flows through W&B, so results are the
+same in every mode. Calls that need the server live in ``wandb_online``.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from captioning.config import Config
+from captioning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def new_group() -> str:
+    """A group name for the runs of one pipeline run (KFP passes its run name instead)."""
+    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def resolve_mode(cfg: Config) -> str:
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
+    if mode in ("dryrun",):
+        mode = "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"WANDB_MODE={mode!r}: use online, offline or disabled")
+    return mode
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class StepTracker:
+    """``with StepTracker(cfg, "train", workdir, group, upstream) as t: ...``"""
+
+    def __init__(self, cfg: Config, step: str, workdir: str | Path, group: str = "", upstream: Iterable[str] = ()):
+        self.cfg, self.step, self.workdir = cfg, step, Path(workdir)
+        self.group = group or os.environ.get("CAPTIONING_RUN_GROUP") or new_group()
+        self.upstream = [u for u in upstream if u]
+        self.mode = resolve_mode(cfg)
+        self.run = None
+
+    @property
+    def online(self) -> bool:
+        return self.mode == "online"
+
+    def __enter__(self) -> "StepTracker":
+        if self.mode == "disabled":
+            return self
+        if self.online and not has_api_key():
+            raise ConfigError(
+                "wandb.mode=online but no W&B API key: set WANDB_API_KEY (on Kubeflow, the 'wandb' Secret) "
+                "or run with wandb.mode=offline")
+        import wandb
+
+        wandb_dir = self.workdir / "wandb"
+        # Offline artifacts are staged under WANDB_DATA_DIR: keep it beside the runs so `wandb sync` finds them.
+        os.environ["WANDB_DIR"] = str(wandb_dir)
+        os.environ["WANDB_DATA_DIR"] = str(wandb_dir / "artifact-staging")
+        (wandb_dir / "artifact-staging").mkdir(parents=True, exist_ok=True)
+        config = self.cfg.model_dump(mode="json")
+        if not self.online:
+            config["upstream_artifacts"] = self.upstream  # lineage, recorded where use_artifact cannot run
+        try:
+            self.run = wandb.init(
+                project=self.cfg.wandb.project, entity=self.cfg.wandb.entity or None, group=self.group,
+                job_type=self.step, name=f"{self.step}-{self.group}", config=config, mode=self.mode,
+                dir=str(wandb_dir), settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as exc:
+            raise ConfigError(f"W&B refused to start the {self.step} run ({type(exc).__name__}: {exc}); "
+                              "check WANDB_API_KEY, wandb.entity and wandb.project") from None
+        if self.online:
+            from captioning import wandb_online
+
+            wandb_online.use_artifacts(self.run, self.upstream)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if exc_type else 0)
+            self.run = None
+
+    # -------------------------------------------------------------- logging
+
+    def log(self, data: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(data)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float, str, bool)) or value is None:
+                    self.run.summary[key] = value
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_artifact(self, name: str, kind: str, files: Iterable[Path] = (), dirs: Iterable[Path] = (),
+                     references: Iterable[str] = (), metadata: dict | None = None) -> str:
+        """Log an artifact; returns its reference (``entity/project/name:vN`` online)."""
+        if self.run is None:
+            return ""
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
+        for path in files:
+            artifact.add_file(str(path))
+        for path in dirs:
+            artifact.add_dir(str(path), name=Path(path).name)
+        for uri in references:
+            # checksum=False: record where the data lives without reading or re-uploading it.
+            artifact.add_reference(uri, checksum=False)
+        logged = self.run.log_artifact(artifact)
+        if self.online:
+            from captioning import wandb_online
+
+            return wandb_online.qualified_name(logged)
+        return f"{self.cfg.wandb.project}/{name}@offline-run-{self.run.id}"
+
+
+def reference_uri(location: str | Path) -> str:
+    """A W&B reference for data that stays where it is."""
+    text = str(location)
+    if "://" in text:
+        return text
+    return Path(text).resolve().as_uri()

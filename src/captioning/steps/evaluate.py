@@ -24,14 +24,12 @@ log = logging.getLogger(__name__)
 
 def caption_split(decoder: Decoder, data: ProcessedDataset, split: str, batch_size: int, vocab):
     """Captions and attention for every image of a split, in record order."""
-    captions, attention, lengths = [], [], []
+    captions, attention = [], []
     for batch in data.features(split).batch(batch_size):
         tokens, alphas = decoder(batch)
         for row, alpha in zip(tokens, alphas):
-            text = vocab.decode(row)
-            captions.append(text)
+            captions.append(vocab.decode(row))
             attention.append(alpha)
-            lengths.append(len(text.split()))
     return captions, attention
 
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
 
 IMAGE = "registry.example/captioning:1.2.3"
 SECRET_VALUE = "wandb-key-that-must-not-leak-0123456789"

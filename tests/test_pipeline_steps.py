@@ -65,7 +65,7 @@ def test_evaluate_reports_coco_metrics_baseline_and_figures(pipeline_run):
 def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
     from captioning.steps.promote import LocalRegistry, decide, promote
 
-    summary, work, cfg = pipeline_run["summary"], pipeline_run["work"], pipeline_run["cfg"]
+    summary, cfg = pipeline_run["summary"], pipeline_run["cfg"]
     assert summary["steps"]["promote"]["metrics"]["promoted"] is True
     assert summary["steps"]["promote"]["metrics"]["production"] is None
     assert decide(1.0, None, 0.5) and decide(1.6, 1.0, 0.5) and not decide(1.4, 1.0, 0.5)
@@ -90,8 +90,6 @@ def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
 
 
 def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
-    from PIL import Image
-
     from captioning.data.demo import draw_scene
     import random
 

@@ -53,7 +53,7 @@ def bench_features(images: int = 128, batch: int = 32, repeats: int = 3, weights
 BENCH_SIZES = {"vocab_size": 5000, "embedding_dim": 256, "units": 512, "batch": 64}
 
 
-def coco_like_lengths(count: int, rng) -> "np.ndarray":
+def coco_like_lengths(count: int, rng):
     """Token counts with <start>/<end> like COCO's captions: mean about 12.5, at most 50."""
     import numpy as np
 

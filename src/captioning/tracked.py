@@ -23,6 +23,11 @@ SAMPLE_IMAGES = 48
 EMBEDDING_DIMS = 50  # W&B's projector reads at most 150 dimensions from the run files
 
 
+def _numbers(metrics: dict) -> dict:
+    """Metric values W&B can keep in an artifact's metadata."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None}
+
+
 def record_log_raw_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path) -> str:
     manifest = json.loads((raw_dir / "manifest.json").read_text())
     base = manifest["resolved_base_url"]
@@ -65,7 +70,7 @@ def record_process_data(t: StepTracker, cfg: Config, result: StepResult, process
     return t.log_artifact(
         "coco-2014-processed", "dataset", files=files,
         references=[reference_uri(processed_dir / "features")],  # GBs of features stay where they are
-        metadata={k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+        metadata=_numbers(result.metrics))
 
 
 def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Path) -> list:
@@ -103,7 +108,7 @@ def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Pat
 def record_train(t: StepTracker, result: StepResult, model_dir: Path) -> str:
     t.summary(result.metrics)
     return t.log_artifact("captioner", "model", dirs=[model_dir],
-                          metadata={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+                          metadata=_numbers(result.metrics))
 
 
 def record_evaluate(t: StepTracker, result: StepResult, out_dir: Path) -> str:
@@ -120,7 +125,7 @@ def record_evaluate(t: StepTracker, result: StepResult, out_dir: Path) -> str:
             t.log({"attention": [wandb.Image(f, caption=Path(f).stem) for f in figures]})
     files = [out_dir / "metrics.json", out_dir / "predictions.json"]
     return t.log_artifact("evaluation", "evaluation", files=files,
-                          metadata={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+                          metadata=_numbers(result.metrics))
 
 
 def record_promote(t: StepTracker, result: StepResult) -> str:

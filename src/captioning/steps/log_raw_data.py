@@ -104,7 +104,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path) -> StepResult:
             entry["extracted"] = top_level
             files[rel] = entry
     counts = count_extracted(extracted)
-    for split, rel in ANNOTATION_FILES.items():
+    for rel in ANNOTATION_FILES.values():
         if not (extracted / rel).is_file():
             raise DataError(f"{base}: the archives hold no {rel}; is data.base_url a COCO 2014 mirror?")
     manifest = {

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.lock -e '.[cpu,dev]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[cpu,dev,vertex]'
 	touch $(STAMP)
 
 setup: $(STAMP)

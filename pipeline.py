@@ -2,11 +2,15 @@
 
     python pipeline.py --output captioning.yaml [--target kubeflow|vertex] [--image IMAGE]
                        [--accelerator-type nvidia.com/gpu] [--accelerator-count 1] [--preset coco2014]
+                       [--raw-cache-pvc coco-raw-cache] [--gpu-node-selector KEY=VALUE]
 
 (also ``captioning compile``). Data moves between pods as KFP artifacts; W&B
 references travel beside them as strings. process_data, train and evaluate ask
-for an accelerator; the W&B key reaches the pods from a Kubernetes Secret
-(kfp-kubernetes) on Kubeflow, never as a literal in the YAML.
+for an accelerator. On Kubeflow the W&B key reaches the pods from a Kubernetes
+Secret (kfp-kubernetes), GPU steps tolerate the GPU taint, and log_raw_data
+keeps the COCO archives on a PVC across runs (names match ``manifests/``); on
+Vertex AI the pods read the key from Secret Manager (the ``wandb_secret``
+parameter names it). Never is a key a literal in the YAML.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's types at runtime.
@@ -21,6 +25,16 @@ ACCELERATORS = {"kubeflow": "nvidia.com/gpu", "vertex": "NVIDIA_L4"}
 GPU_STEPS = ("process_data", "train", "evaluate")
 WANDB_SECRET = "wandb"  # kubectl create secret generic wandb --from-literal=api-key=...
 WANDB_SECRET_KEY = "api-key"
+# These names and settings are also in manifests/ (tests check that they agree).
+RAW_CACHE_PVC = "coco-raw-cache"
+RAW_CACHE_MOUNT = "/var/cache/captioning"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+DESCRIPTION = "Show, Attend and Tell on MS-COCO, tracked in W&B"
+
+
+def compiled_for(target: str) -> str:
+    """The marker in the pipeline description that ``captioning submit`` reads back."""
+    return f"[compiled for {target}]"
 
 
 @dataclass(frozen=True)
@@ -35,10 +49,18 @@ class BuildOptions:
     gpu_cpu: str = "8"
     gpu_memory: str = "32G"
     retries: int = 3
+    raw_cache_pvc: str = RAW_CACHE_PVC  # kubeflow only; "" keeps the archives in the step's artifact only
+    gpu_node_selector: str = ""  # kubeflow only; "KEY=VALUE", e.g. cloud.google.com/gke-accelerator=nvidia-l4
 
     @property
     def accelerator(self) -> str:
         return self.accelerator_type or ACCELERATORS[self.target]
+
+    def __post_init__(self):
+        if self.target not in ACCELERATORS:
+            raise ValueError(f"target {self.target!r}: choose kubeflow or vertex")
+        if self.gpu_node_selector and "=" not in self.gpu_node_selector:
+            raise ValueError(f"gpu_node_selector {self.gpu_node_selector!r}: expected KEY=VALUE")
 
 
 def build_pipeline(options: BuildOptions = BuildOptions()):
@@ -59,6 +81,13 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
     defaults = parameters_from_config(load_config(preset=options.preset))
 
     def gpu(task):
+        if options.target == "kubeflow":
+            from kfp import kubernetes
+
+            kubernetes.add_toleration(task, **GPU_TOLERATION)
+            if options.gpu_node_selector:
+                key, value = options.gpu_node_selector.split("=", 1)
+                kubernetes.add_node_selector(task, label_key=key, label_value=value)
         task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.accelerator_count)
         task.set_cpu_request(options.gpu_cpu).set_cpu_limit(options.gpu_cpu)
         return task.set_memory_request(options.gpu_memory).set_memory_limit(options.gpu_memory)
@@ -67,7 +96,7 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         task.set_cpu_request(options.cpu).set_cpu_limit(options.cpu)
         return task.set_memory_request(options.memory).set_memory_limit(options.memory)
 
-    def wandb_secret(task):
+    def with_wandb_key(task):
         if options.target == "kubeflow":
             from kfp import kubernetes
 
@@ -75,9 +104,19 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
                                          secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"}, optional=True)
         return task
 
+    def raw_cache(task):
+        if options.target == "kubeflow" and options.raw_cache_pvc:
+            from kfp import kubernetes
+
+            from captioning.kfp_steps import DOWNLOAD_CACHE_ENV
+
+            kubernetes.mount_pvc(task, pvc_name=options.raw_cache_pvc, mount_path=RAW_CACHE_MOUNT)
+            task.set_env_variable(DOWNLOAD_CACHE_ENV, f"{RAW_CACHE_MOUNT}/coco2014")
+        return task
+
     d = defaults
 
-    @dsl.pipeline(name="captioning", description="Show, Attend and Tell on MS-COCO, tracked in W&B")
+    @dsl.pipeline(name="captioning", description=f"{DESCRIPTION} {compiled_for(options.target)}")
     def captioning_pipeline(
         preset: str = options.preset,
         base_url: str = d["base_url"],
@@ -107,11 +146,14 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         checkpoint_dir: str = "",
         wandb_project: str = d["wandb_project"],
         wandb_entity: str = d["wandb_entity"],
+        wandb_mode: str = d["wandb_mode"],
+        wandb_secret: str = d["wandb_secret"],
     ):
         group = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-        wb = {"wandb_project": wandb_project, "wandb_entity": wandb_entity}
+        wb = {"wandb_project": wandb_project, "wandb_entity": wandb_entity, "wandb_mode": wandb_mode,
+              "wandb_secret": wandb_secret}
         raw = log_raw_data(base_url=base_url, preset=preset, run_group=group, **wb)
-        cpu(wandb_secret(raw)).set_caching_options(True).set_retry(options.retries, "60s")
+        raw_cache(cpu(with_wandb_key(raw))).set_caching_options(True).set_retry(options.retries, "60s")
         raw.set_display_name("log_raw_data")
 
         data = process_data(
@@ -119,20 +161,20 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
             run_group=group, max_images=max_images, val_images=val_images, test_images=test_images,
             data_seed=data_seed, weights=weights, feature_batch_size=feature_batch_size, min_count=min_count,
             max_vocab=max_vocab, **wb)
-        gpu(wandb_secret(data)).set_caching_options(True).set_retry(options.retries, "60s")
+        gpu(with_wandb_key(data)).set_caching_options(True).set_retry(options.retries, "60s")
 
         model = train(
             processed=data.outputs["processed"], upstream_ref=data.outputs["wandb_ref"], preset=preset,
             run_group=group, checkpoint_dir=checkpoint_dir, epochs=epochs, batch_size=batch_size,
             embedding_dim=embedding_dim, units=units, learning_rate=learning_rate, dropout=dropout,
             train_seed=train_seed, **wb)
-        gpu(wandb_secret(model)).set_caching_options(True).set_retry(options.retries, "60s")
+        gpu(with_wandb_key(model)).set_caching_options(True).set_retry(options.retries, "60s")
 
         scored = evaluate(
             model=model.outputs["model"], processed=data.outputs["processed"], raw_data=raw.outputs["raw_data"],
             upstream_ref=model.outputs["wandb_ref"], preset=preset, run_group=group, decoder=decoder,
             beam_width=beam_width, attention_samples=attention_samples, promote_metric=promote_metric, **wb)
-        gpu(wandb_secret(scored)).set_caching_options(True).set_retry(options.retries, "60s")
+        gpu(with_wandb_key(scored)).set_caching_options(True).set_retry(options.retries, "60s")
 
         with dsl.If(scored.outputs["Output"] > min_score, name="score-above-floor"):
             decision = promote(
@@ -140,7 +182,7 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
                 upstream_ref=scored.outputs["wandb_ref"], preset=preset, run_group=group, registry=registry,
                 promote_metric=promote_metric, promote_margin=promote_margin, promote_alias=promote_alias, **wb)
             # The registry changes between runs: never answer promote from the cache.
-            cpu(wandb_secret(decision)).set_caching_options(False)
+            cpu(with_wandb_key(decision)).set_caching_options(False)
 
     return captioning_pipeline
 
@@ -162,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator-type", default="", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex)")
     parser.add_argument("--accelerator-count", type=int, default=1)
     parser.add_argument("--preset", default="coco2014", help="Defaults of the pipeline parameters")
+    parser.add_argument("--raw-cache-pvc", default=RAW_CACHE_PVC, help="Kubeflow: PVC keeping the COCO archives")
+    parser.add_argument("--gpu-node-selector", default="", help="Kubeflow: KEY=VALUE node label of GPU nodes")
     args = parser.parse_args(argv)
     options = BuildOptions(target=args.target, image=args.image, accelerator_type=args.accelerator_type,
-                           accelerator_count=args.accelerator_count, preset=args.preset)
+                           accelerator_count=args.accelerator_count, preset=args.preset,
+                           raw_cache_pvc=args.raw_cache_pvc, gpu_node_selector=args.gpu_node_selector)
     print(compile_pipeline(args.output, options))
     return 0
 

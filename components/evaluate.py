@@ -23,6 +23,8 @@ def evaluate(
     promote_metric: str = "CIDEr",
     wandb_project: str = "captioning",
     wandb_entity: str = "",
+    wandb_mode: str = "online",
+    wandb_secret: str = "",
 ) -> NamedTuple("Outputs", [("Output", float), ("wandb_ref", str)]):
     """Caption the test split, score it (BLEU, METEOR, ROUGE-L, CIDEr-D, blind baseline), draw attention.
 
@@ -36,5 +38,6 @@ def evaluate(
     score, ref = run_evaluate(
         model, processed, raw_data, metrics, predictions, report, upstream_ref, preset, run_group,
         decoder=decoder, beam_width=beam_width, attention_samples=attention_samples,
-        promote_metric=promote_metric, wandb_project=wandb_project, wandb_entity=wandb_entity)
+        promote_metric=promote_metric, wandb_project=wandb_project, wandb_entity=wandb_entity,
+        wandb_mode=wandb_mode, wandb_secret=wandb_secret)
     return namedtuple("Outputs", ["Output", "wandb_ref"])(score, ref)

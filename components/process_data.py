@@ -23,6 +23,8 @@ def process_data(
     max_vocab: int = 10000,
     wandb_project: str = "captioning",
     wandb_entity: str = "",
+    wandb_mode: str = "online",
+    wandb_secret: str = "",
 ) -> NamedTuple("Outputs", [("wandb_ref", str)]):
     """Clean and split the captions, build the vocabulary, extract InceptionV3 grid features."""
     from collections import namedtuple
@@ -32,5 +34,6 @@ def process_data(
     ref = run_process_data(
         raw_data, processed, upstream_ref, preset, run_group, max_images=max_images, val_images=val_images,
         test_images=test_images, data_seed=data_seed, weights=weights, feature_batch_size=feature_batch_size,
-        min_count=min_count, max_vocab=max_vocab, wandb_project=wandb_project, wandb_entity=wandb_entity)
+        min_count=min_count, max_vocab=max_vocab, wandb_project=wandb_project, wandb_entity=wandb_entity,
+        wandb_mode=wandb_mode, wandb_secret=wandb_secret)
     return namedtuple("Outputs", ["wandb_ref"])(ref)

@@ -19,6 +19,8 @@ def promote(
     promote_alias: str = "production",
     wandb_project: str = "captioning",
     wandb_entity: str = "",
+    wandb_mode: str = "online",
+    wandb_secret: str = "",
 ) -> NamedTuple("Outputs", [("promoted", bool), ("decision", str)]):
     """Promote the candidate if it beats the production model by the margin."""
     from collections import namedtuple
@@ -28,5 +30,6 @@ def promote(
     promoted, decision = run_promote(
         model, metrics, upstream_ref, preset, run_group, registry, promote_metric=promote_metric,
         promote_margin=promote_margin, promote_alias=promote_alias, wandb_project=wandb_project,
-        wandb_entity=wandb_entity)
+        wandb_entity=wandb_entity,
+        wandb_mode=wandb_mode, wandb_secret=wandb_secret)
     return namedtuple("Outputs", ["promoted", "decision"])(promoted, decision)

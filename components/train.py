@@ -23,6 +23,8 @@ def train(
     train_seed: int = 0,
     wandb_project: str = "captioning",
     wandb_entity: str = "",
+    wandb_mode: str = "online",
+    wandb_secret: str = "",
 ) -> NamedTuple("Outputs", [("wandb_ref", str)]):
     """Train the captioner; checkpoints go to checkpoint_dir (a volume or bucket) so a retried pod resumes."""
     from collections import namedtuple
@@ -32,5 +34,6 @@ def train(
     ref = run_train(
         processed, model, upstream_ref, preset, run_group, checkpoint_dir, epochs=epochs, batch_size=batch_size,
         embedding_dim=embedding_dim, units=units, learning_rate=learning_rate, dropout=dropout,
-        train_seed=train_seed, wandb_project=wandb_project, wandb_entity=wandb_entity)
+        train_seed=train_seed, wandb_project=wandb_project, wandb_entity=wandb_entity,
+        wandb_mode=wandb_mode, wandb_secret=wandb_secret)
     return namedtuple("Outputs", ["wandb_ref"])(ref)

@@ -53,6 +53,9 @@ class DataConfig(Section):
     retries: int = Field(5, ge=0, le=100, description="Retries of a failed transfer (each resumes).")
     retry_backoff_s: float = Field(1.0, ge=0, description="First back-off; doubles each retry.")
     timeout_s: float = Field(60.0, gt=0, description="Socket timeout of one request.")
+    download_cache: str | None = Field(
+        None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); "
+        "null: the step's own output folder.")
 
     @field_validator("base_url")
     @classmethod
@@ -119,6 +122,10 @@ class WandbConfig(Section):
     project: str = "captioning"
     entity: str | None = None
     mode: Literal["online", "offline", "disabled"] = "offline"
+    api_key_secret: str = Field(
+        "", pattern=r"^$|^projects/[^/]+/secrets/[^/]+(/versions/[^/]+)?$",
+        description="Secret Manager secret holding the W&B key (Vertex AI): projects/P/secrets/S[/versions/V]; "
+        "read in the pod when the mode is online and WANDB_API_KEY is unset.")
 
 
 class Config(Section):

@@ -24,6 +24,8 @@ from captioning.steps.result import StepResult
 log = logging.getLogger(__name__)
 
 STEP_FILE = "step.json"
+# Set by pipeline.py where a volume keeps the COCO archives across runs (the raw-cache PVC).
+DOWNLOAD_CACHE_ENV = "CAPTIONING_DOWNLOAD_CACHE"
 
 
 def _setup() -> None:
@@ -55,6 +57,8 @@ def run_log_raw_data(raw_data, preset: str, run_group: str, **params: Any) -> st
     from captioning.tracked import record_log_raw_data
 
     cfg = config_from_parameters(preset, **params)
+    if os.environ.get(DOWNLOAD_CACHE_ENV):
+        cfg.data.download_cache = os.environ[DOWNLOAD_CACHE_ENV]
     with _tracker(cfg, "log_raw_data", run_group) as t:
         result = log_raw_data(cfg.data, Path(raw_data.path))
         ref = record_log_raw_data(t, cfg, result, Path(raw_data.path))

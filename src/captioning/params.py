@@ -39,7 +39,10 @@ PARAMETERS: dict[str, tuple[str, type, Any]] = {
     "min_score": ("promote.min_metric", float, 0.0),
     "wandb_project": ("wandb.project", str, "captioning"),
     "wandb_entity": ("wandb.entity", str, ""),
+    "wandb_mode": ("wandb.mode", str, "online"),
+    "wandb_secret": ("wandb.api_key_secret", str, ""),
 }
+BY_KEY = {key: name for name, (key, _, _) in PARAMETERS.items()}
 OPTIONAL_ZERO = {"max_images", "val_images", "test_images"}  # 0 -> null (all / Karpathy-proportional)
 OPTIONAL_EMPTY = {"wandb_entity"}
 

@@ -65,6 +65,10 @@ class StepTracker:
     def __enter__(self) -> "StepTracker":
         if self.mode == "disabled":
             return self
+        if self.online and self.cfg.wandb.api_key_secret and not os.environ.get("WANDB_API_KEY"):
+            from captioning.gcp_secrets import ensure_wandb_key
+
+            ensure_wandb_key(self.cfg.wandb.api_key_secret, self.mode)
         if self.online and not has_api_key():
             raise ConfigError(
                 "wandb.mode=online but no W&B API key: set WANDB_API_KEY (on Kubeflow, the 'wandb' Secret) "

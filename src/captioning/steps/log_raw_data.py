@@ -6,6 +6,7 @@ to the manifest) beside ``downloads/`` and ``extracted/``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import sys
@@ -66,6 +67,18 @@ def demo_mirror(out_dir: Path) -> Path:
     return root
 
 
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside ``path``: runs sharing one download cache (a PVC) take turns per file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def count_extracted(root: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for split, rel in ANNOTATION_FILES.items():
@@ -87,20 +100,22 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path) -> StepResult:
     if base == DEMO_SOURCE:
         base = str(demo_mirror(out_dir).resolve())
     extracted = out_dir / "extracted"
+    downloads = Path(cfg.download_cache) if cfg.download_cache else out_dir / "downloads"
     files = {}
     downloaded = 0
     with _progress_bar() as hook:
         for rel in cfg.files:
             url = join_url(base, rel)
-            dest = out_dir / "downloads" / rel
-            record = download(
-                url, dest, expected_sha256=cfg.sha256.get(rel), retries=cfg.retries,
-                backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, progress=hook,
-            )
+            dest = downloads / rel
+            with _locked(dest):
+                record = download(
+                    url, dest, expected_sha256=cfg.sha256.get(rel), retries=cfg.retries,
+                    backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, progress=hook,
+                )
+                top_level = safe_extract(dest, extracted, record.sha256)
             downloaded += record.size if record.downloaded else 0
-            top_level = safe_extract(dest, extracted, record.sha256)
             entry = record_dict(record)
-            entry["path"] = str(dest.relative_to(out_dir))
+            entry["path"] = str(dest.relative_to(out_dir)) if dest.is_relative_to(out_dir) else str(dest)
             entry["extracted"] = top_level
             files[rel] = entry
     counts = count_extracted(extracted)

@@ -17,6 +17,7 @@ parameter names it). Never is a key a literal in the YAML.
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,12 @@ class BuildOptions:
     def __post_init__(self):
         if self.target not in ACCELERATORS:
             raise ValueError(f"target {self.target!r}: choose kubeflow or vertex")
+        if self.target == "vertex" and not re.fullmatch(r"(NVIDIA|TPU)_[A-Z0-9_]+", self.accelerator):
+            raise ValueError(f"accelerator {self.accelerator!r}: Vertex AI names accelerators like NVIDIA_L4, "
+                             "NVIDIA_TESLA_T4, NVIDIA_H100_80GB")
+        if self.target == "kubeflow" and "/" not in self.accelerator:
+            raise ValueError(f"accelerator {self.accelerator!r}: Kubernetes names accelerators as extended "
+                             "resources, like nvidia.com/gpu or amd.com/gpu")
         if self.gpu_node_selector and "=" not in self.gpu_node_selector:
             raise ValueError(f"gpu_node_selector {self.gpu_node_selector!r}: expected KEY=VALUE")
 

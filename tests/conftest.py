@@ -37,3 +37,20 @@ def captioning_cli(*args, cwd=None, env=None, timeout=900):
     exe = shutil.which("captioning", path=str(Path(sys.executable).parent)) or "captioning"
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def gcs_emulator(monkeypatch):
+    """A GCS emulator on loopback; google-cloud-storage clients find it through STORAGE_EMULATOR_HOST."""
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    yield
+    server.stop()

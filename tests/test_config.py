@@ -26,6 +26,9 @@ def test_overrides_are_typed_from_yaml_scalars():
     assert cfg.train.epochs == 3
     assert cfg.features.weights == "/tmp/w.h5"
     assert cfg.data.base_url == "http://127.0.0.1:9/coco"
+    # YAML 1.1 reads a bare on/off as a boolean; the setting still means the word.
+    assert load_config(overrides=["train.mixed_precision=on"]).train.mixed_precision == "on"
+    assert load_config(overrides=["train.mixed_precision=off"]).train.mixed_precision == "off"
 
 
 def test_file_then_overrides(tmp_path):

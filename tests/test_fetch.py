@@ -87,20 +87,6 @@ def test_file_url_and_plain_path_resume(small_mirror, tmp_path):
         download(str(tmp_path / "nowhere.zip"), tmp_path / "c.zip")
 
 
-@pytest.fixture
-def gcs_emulator(monkeypatch):
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    yield
-    server.stop()
-
-
 def test_gcs_download_through_the_emulator(gcs_emulator, small_mirror, tmp_path):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage

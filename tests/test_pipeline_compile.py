@@ -117,3 +117,46 @@ def test_pipeline_parameters_default_to_the_preset(kubeflow, tmp_path):
     _, docs, _ = compile_in_subprocess(tmp_path, "--preset", "demo")
     demo = docs[0]["root"]["inputDefinitions"]["parameters"]
     assert demo["base_url"]["defaultValue"] == "demo" and demo["weights"]["defaultValue"] == "none"
+
+
+def test_kubeflow_gpu_steps_tolerate_the_gpu_taint_and_raw_data_keeps_a_cache_volume(kubeflow, tmp_path):
+    from pipeline import GPU_TOLERATION, RAW_CACHE_MOUNT, RAW_CACHE_PVC
+
+    _, docs, _ = kubeflow
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in STEP_NAMES:
+        expected = [GPU_TOLERATION] if name in ("process-data", "train", "evaluate") else None
+        assert platform[f"exec-{name}"].get("tolerations") == expected, name
+        assert "nodeSelector" not in platform[f"exec-{name}"]
+    (mount,) = platform["exec-log-raw-data"]["pvcMount"]
+    assert mount["constant"] == RAW_CACHE_PVC and mount["mountPath"] == RAW_CACHE_MOUNT
+    env = docs[0]["deploymentSpec"]["executors"]["exec-log-raw-data"]["container"]["env"]
+    assert {"name": "CAPTIONING_DOWNLOAD_CACHE", "value": f"{RAW_CACHE_MOUNT}/coco2014"} in env
+
+    _, docs, _ = compile_in_subprocess(tmp_path, "--raw-cache-pvc", "", "--gpu-node-selector",
+                                       "cloud.google.com/gke-accelerator=nvidia-l4")
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert "pvcMount" not in platform["exec-log-raw-data"]
+    assert platform["exec-train"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+
+
+def test_the_description_names_the_target_and_parameters_include_wandb_mode_and_secret(kubeflow, tmp_path):
+    _, docs, _ = kubeflow
+    assert docs[0]["pipelineInfo"]["description"].endswith("[compiled for kubeflow]")
+    params = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["wandb_mode"]["defaultValue"] == "online" and params["wandb_secret"]["defaultValue"] == ""
+    _, docs, _ = compile_in_subprocess(tmp_path, "--target", "vertex")
+    assert docs[0]["pipelineInfo"]["description"].endswith("[compiled for vertex]")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--target", "vertex", "--accelerator-type", "nvidia.com/gpu"), "NVIDIA_L4"),
+    (("--accelerator-type", "NVIDIA_L4"), "nvidia.com/gpu"),
+    (("--gpu-node-selector", "gpu"), "KEY=VALUE"),
+])
+def test_accelerator_names_are_checked_per_target(args, message):
+    from captioning.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["compile", "--output", "/dev/null", *args])
+    assert result.exit_code == 2 and message in result.output

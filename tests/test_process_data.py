@@ -143,3 +143,21 @@ def test_held_out_sizes_follow_karpathy_or_settings():
     c = split_images(list(range(100)), list(range(100, 200)), 10, 10, seed=2)
     assert a == b and a["val"] != c["val"]
     assert len(a["train"]) == 180
+
+
+def test_a_shared_download_cache_is_filled_once_across_runs(http_mirror, tmp_path):
+    """On Kubeflow the archives live on a PVC (data.download_cache): a second run downloads nothing."""
+    from captioning.steps.log_raw_data import log_raw_data
+
+    cache = tmp_path / "pvc" / "coco2014"
+    cfg = load_config(overrides=[f"data.base_url={http_mirror.url}", f"data.download_cache={cache}"]).data
+    first = log_raw_data(cfg, tmp_path / "run1")
+    gets_after_first = sum(r.method == "GET" for r in http_mirror.state.requests)
+    second = log_raw_data(cfg, tmp_path / "run2")
+    assert first.metrics["bytes_downloaded"] == first.metrics["bytes"] > 0
+    assert second.metrics["bytes_downloaded"] == 0
+    assert sum(r.method == "GET" for r in http_mirror.state.requests) == gets_after_first
+    assert not (tmp_path / "run2" / "downloads").exists()  # the archives stay on the volume
+    manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
+    assert manifest["files"]["zips/val2014.zip"]["path"] == str(cache / "zips" / "val2014.zip")
+    assert manifest["counts"] == json.loads((tmp_path / "run1" / "manifest.json").read_text())["counts"]

@@ -144,21 +144,181 @@ def compile_cmd(
     accelerator_type: str = typer.Option("", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex)."),
     accelerator_count: int = typer.Option(1, min=0),
     preset: str = typer.Option("coco2014", help="Defaults of the pipeline parameters."),
+    raw_cache_pvc: str = typer.Option("coco-raw-cache", help="Kubeflow: PVC keeping the COCO archives ('' for none)."),
+    gpu_node_selector: str = typer.Option("", help="Kubeflow: KEY=VALUE label of the GPU nodes."),
 ) -> None:
     """Compile the pipeline to KFP IR YAML (same as `python pipeline.py`)."""
-    from pipeline import ACCELERATORS, BuildOptions, compile_pipeline
-
-    if target not in ACCELERATORS:
-        _fail(CaptioningError(f"--target {target!r}: choose kubeflow or vertex"))
-    from captioning.config import preset_dict
+    from pipeline import compile_pipeline
 
     try:
-        preset_dict(preset)
+        options = _compile_options(target, image, accelerator_type, accelerator_count, preset, raw_cache_pvc,
+                                   gpu_node_selector)
     except CaptioningError as exc:
         _fail(exc)
-    path = compile_pipeline(output, BuildOptions(target=target, image=image, accelerator_type=accelerator_type,
-                                                 accelerator_count=accelerator_count, preset=preset))
-    typer.echo(str(path))
+    typer.echo(str(compile_pipeline(output, options)))
+
+
+def _compile_options(target, image, accelerator_type, accelerator_count, preset, raw_cache_pvc, gpu_node_selector):
+    from pipeline import BuildOptions
+
+    from captioning.config import preset_dict
+
+    preset_dict(preset)  # a clear error for an unknown preset
+    try:
+        return BuildOptions(target=target, image=image, accelerator_type=accelerator_type,
+                            accelerator_count=accelerator_count, preset=preset, raw_cache_pvc=raw_cache_pvc,
+                            gpu_node_selector=gpu_node_selector)
+    except ValueError as exc:
+        raise CaptioningError(str(exc)) from None
+
+
+SUBMIT_KUBEFLOW = "Kubeflow"
+SUBMIT_VERTEX = "Vertex AI"
+SUBMIT_PACKAGE = "Package"
+
+
+@app.command()
+def submit(
+    target: str = typer.Option(..., help="kubeflow or vertex."),
+    set_: List[str] = typer.Option([], "--set", help="A setting as section.key=value; becomes a runtime parameter."),
+    preset: str = typer.Option("coco2014", help="Base settings the parameters start from."),
+    package: Optional[Path] = typer.Option(None, help="A package from `captioning compile` (default: compile "
+                                           "now into ./captioning_pipeline.TARGET.yaml).", rich_help_panel=SUBMIT_PACKAGE),
+    image: str = typer.Option("captioning:0.1.0", envvar="CAPTIONING_IMAGE", help="Component image (when compiling).",
+                              rich_help_panel=SUBMIT_PACKAGE),
+    accelerator_type: str = typer.Option("", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex).",
+                                         rich_help_panel=SUBMIT_PACKAGE),
+    accelerator_count: int = typer.Option(1, min=0, rich_help_panel=SUBMIT_PACKAGE),
+    raw_cache_pvc: str = typer.Option("coco-raw-cache", help="Kubeflow: PVC keeping the COCO archives ('' for none).",
+                                      rich_help_panel=SUBMIT_PACKAGE),
+    gpu_node_selector: str = typer.Option("", help="Kubeflow: KEY=VALUE label of the GPU nodes.",
+                                          rich_help_panel=SUBMIT_PACKAGE),
+    experiment: Optional[str] = typer.Option(
+        None, help="Experiment, created when missing. Default: captioning (kubeflow), none (vertex)."),
+    run_name: Optional[str] = typer.Option(None, help="Default: captioning-YYYYmmdd-HHMMSS."),
+    pipeline_root: Optional[str] = typer.Option(None, help="Where artifacts go (Vertex: required, gs://...)."),
+    service_account: Optional[str] = typer.Option(
+        None, help="Identity of the pods. Default: captioning-runner (kubeflow, from manifests/); "
+        "the project's default (vertex)."),
+    host: Optional[str] = typer.Option(None, envvar="KF_PIPELINES_ENDPOINT", help="KFP API URL.",
+                                       rich_help_panel=SUBMIT_KUBEFLOW),
+    namespace: Optional[str] = typer.Option(None, envvar="KF_PIPELINES_NAMESPACE",
+                                            help="Profile namespace (multi-user Kubeflow).",
+                                            rich_help_panel=SUBMIT_KUBEFLOW),
+    token: Optional[str] = typer.Option(None, envvar="KF_PIPELINES_TOKEN", show_default=False,
+                                        help="Bearer token (default: the in-cluster service-account token).",
+                                        rich_help_panel=SUBMIT_KUBEFLOW),
+    cookie: Optional[str] = typer.Option(None, envvar="KF_PIPELINES_COOKIE", show_default=False,
+                                         help="Session cookie, e.g. authservice_session=...",
+                                         rich_help_panel=SUBMIT_KUBEFLOW),
+    ui_host: Optional[str] = typer.Option(None, envvar="KF_PIPELINES_UI_ENDPOINT", help="Base of the printed URL.",
+                                          rich_help_panel=SUBMIT_KUBEFLOW),
+    project: Optional[str] = typer.Option(None, envvar="GOOGLE_CLOUD_PROJECT", rich_help_panel=SUBMIT_VERTEX),
+    region: str = typer.Option("us-central1", envvar="GOOGLE_CLOUD_REGION", rich_help_panel=SUBMIT_VERTEX),
+    wandb_secret: Optional[str] = typer.Option(
+        None, help="Secret Manager secret with the W&B key. Default: projects/PROJECT/secrets/wandb-api-key/"
+        "versions/latest.", rich_help_panel=SUBMIT_VERTEX),
+    api_endpoint: Optional[str] = typer.Option(None, help="Vertex API endpoint (private service connect).",
+                                               rich_help_panel=SUBMIT_VERTEX),
+    access_token: Optional[str] = typer.Option(
+        None, envvar="GOOGLE_OAUTH_ACCESS_TOKEN", show_default=False,
+        help="OAuth access token (e.g. from `gcloud auth print-access-token`); default: application default "
+        "credentials.", rich_help_panel=SUBMIT_VERTEX),
+    wait: bool = typer.Option(False, help="Follow the run to its end; exit 1 unless it succeeds."),
+    timeout_s: float = typer.Option(7 * 24 * 3600, help="Give up waiting after this long."),
+    poll_s: float = typer.Option(10.0, min=0.01, help="Seconds between state checks."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be sent; contact nothing."),
+) -> None:
+    """Submit the pipeline to Kubeflow Pipelines or Vertex AI Pipelines."""
+    from captioning.submit.kubeflow import KubeflowTarget
+    from captioning.submit.package import check_package, read_package
+    from captioning.submit.parameters import runtime_parameters
+    from captioning.submit.vertex import VertexTarget
+
+    if target not in ("kubeflow", "vertex"):
+        _fail(CaptioningError(f"--target {target!r}: choose kubeflow or vertex"))
+    try:
+        parameters = runtime_parameters(preset, set_)
+        if target == "vertex" and not parameters["wandb_secret"] and parameters["wandb_mode"] == "online":
+            from captioning.submit.vertex import default_wandb_secret
+
+            if project:
+                parameters["wandb_secret"] = wandb_secret or default_wandb_secret(project)
+        if package is None:
+            from pipeline import compile_pipeline
+
+            options = _compile_options(target, image, accelerator_type, accelerator_count, preset, raw_cache_pvc,
+                                       gpu_node_selector)
+            package = compile_pipeline(Path(f"captioning_pipeline.{target}.yaml"), options)
+            typer.echo(f"compiled: {package}", err=True)
+        check_package(read_package(package), target, parameters)
+        if target == "kubeflow":
+            outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, KubeflowTarget(
+                host, namespace, token, cookie, experiment or "captioning", run_name, pipeline_root,
+                "captioning-runner" if service_account is None else service_account, ui_host))
+        else:
+            outcome = _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, VertexTarget(
+                project or "", region, pipeline_root or "", service_account, experiment, run_name, api_endpoint),
+                access_token)
+    except CaptioningError as exc:
+        _fail(exc)
+    if outcome.get("state") not in (None, "SUCCEEDED", "PIPELINE_STATE_SUCCEEDED"):
+        raise typer.Exit(1)
+
+
+def _state_echo(state: str) -> None:
+    typer.echo(f"state: {state}", err=True)
+
+
+def _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, target) -> dict:
+    from captioning.submit import kubeflow
+
+    if dry_run:
+        host = target.host or None
+        if host:
+            host = kubeflow.resolve_host(target)
+        plan = {"target": "kubeflow", "package": str(package), "host": host,
+                "namespace": kubeflow.resolve_namespace(target), "auth": kubeflow.resolve_auth(target).kind,
+                "experiment": target.experiment, "run_name": target.run_name, "pipeline_root": target.pipeline_root,
+                "service_account": target.service_account, "parameters": parameters}
+        typer.echo(json.dumps(plan, indent=1))
+        return {}
+    outcome = kubeflow.submit_kubeflow(package, parameters, target, wait=wait, timeout_s=timeout_s, poll_s=poll_s,
+                                       on_state=_state_echo)
+    typer.echo(f"experiment: {outcome['experiment']}" + (f" (namespace {outcome['namespace']})"
+                                                          if outcome["namespace"] else ""))
+    typer.echo(f"run: {outcome['url']}")
+    if outcome["state"]:
+        typer.echo(f"state: {outcome['state']}")
+    return outcome
+
+
+def _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, target, access_token) -> dict:
+    from captioning.submit import vertex
+
+    if dry_run:
+        from google.auth.credentials import AnonymousCredentials
+
+        job = vertex.build_job(package, parameters, target, credentials=AnonymousCredentials())
+        body = vertex.request_body(job)
+        body["pipelineSpec"] = f"<the pipeline spec in {package}>"
+        plan = {"target": "vertex", "package": str(package), "project": target.project, "region": target.region,
+                "experiment": target.experiment, "parent": job._parent, "pipeline_job_id": job.job_id,
+                "request": body}
+        typer.echo(json.dumps(plan, indent=1))
+        return {}
+    credentials = None
+    if access_token:
+        from google.oauth2.credentials import Credentials
+
+        credentials = Credentials(token=access_token)
+    outcome = vertex.submit_vertex(package, parameters, target, wait=wait, timeout_s=timeout_s, poll_s=poll_s,
+                                   credentials=credentials, on_state=_state_echo)
+    typer.echo(f"job: {outcome['job']}")
+    typer.echo(f"run: {outcome['url']}")
+    if outcome["state"]:
+        typer.echo(f"state: {outcome['state']}")
+    return outcome
 
 
 @image_app.command("build")

@@ -100,6 +100,12 @@ class TrainConfig(Section):
     seed: int = 0
     mixed_precision: Literal["auto", "on", "off"] = "auto"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class EvaluateConfig(Section):
     decoder: Literal["greedy", "beam"] = "beam"

@@ -19,3 +19,7 @@ class UnsafeArchiveError(CaptioningError):
 
 class DataError(CaptioningError):
     pass
+
+
+class SubmitError(CaptioningError):
+    """A pipeline package or a submission a backend (Kubeflow, Vertex AI) refused."""

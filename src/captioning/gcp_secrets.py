@@ -30,7 +30,7 @@ def read_secret(secret: str, client=None) -> str:
         client = secretmanager.SecretManagerServiceClient()
     try:
         response = client.access_secret_version(name=name)
-    except exceptions.PermissionDenied:
+    except (exceptions.PermissionDenied, exceptions.Forbidden):  # gRPC and REST spellings
         raise ConfigError(f"wandb.api_key_secret={name}: permission denied; grant the pipeline's service "
                           "account roles/secretmanager.secretAccessor on it") from None
     except exceptions.NotFound:

@@ -230,7 +230,7 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be sent; contact nothing."),
 ) -> None:
     """Submit the pipeline to Kubeflow Pipelines or Vertex AI Pipelines."""
-    from captioning.submit.kubeflow import KubeflowTarget
+    from captioning.submit.kubeflow import DEFAULT_SERVICE_ACCOUNT, KubeflowTarget
     from captioning.submit.package import check_package, read_package
     from captioning.submit.parameters import runtime_parameters
     from captioning.submit.vertex import VertexTarget
@@ -255,7 +255,7 @@ def submit(
         if target == "kubeflow":
             outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, KubeflowTarget(
                 host, namespace, token, cookie, experiment or "captioning", run_name, pipeline_root,
-                "captioning-runner" if service_account is None else service_account, ui_host))
+                DEFAULT_SERVICE_ACCOUNT if service_account is None else service_account, ui_host))
         else:
             outcome = _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, VertexTarget(
                 project or "", region, pipeline_root or "", service_account, experiment, run_name, api_endpoint),

@@ -25,6 +25,7 @@ from captioning.errors import SubmitError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SERVICE_ACCOUNT = "captioning-runner"  # from manifests/base
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 # Where Kubeflow mounts a projected token for pods that may call the KFP API (PodDefault
 # "access-ml-pipeline"); kfp's ServiceAccountTokenVolumeCredentials reads the same variable.

@@ -238,12 +238,13 @@ def submit(
     if target not in ("kubeflow", "vertex"):
         _fail(CaptioningError(f"--target {target!r}: choose kubeflow or vertex"))
     try:
+        if wandb_secret:
+            set_ = [*set_, f"wandb.api_key_secret={wandb_secret}"]  # validated like any setting
         parameters = runtime_parameters(preset, set_)
-        if target == "vertex" and not parameters["wandb_secret"] and parameters["wandb_mode"] == "online":
+        if target == "vertex" and project and not parameters["wandb_secret"] and parameters["wandb_mode"] == "online":
             from captioning.submit.vertex import default_wandb_secret
 
-            if project:
-                parameters["wandb_secret"] = wandb_secret or default_wandb_secret(project)
+            parameters["wandb_secret"] = default_wandb_secret(project)
         if package is None:
             from pipeline import compile_pipeline
 

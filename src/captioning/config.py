@@ -152,7 +152,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             why = "unknown key"
         else:
             why = item["msg"]
-            if "input" in item and not isinstance(item["input"], dict):
+            # Never echo what was given for a secret's setting: it may be the secret itself.
+            if "input" in item and not isinstance(item["input"], dict) and "secret" not in key:
                 why += f" (got {item['input']!r})"
         lines.append(f"{origin}: {key}: {why}")
     return "\n".join(lines)

@@ -133,6 +133,16 @@ def test_kubeflow_in_cluster_service_account_token_and_namespace(packages, tmp_p
         assert "(namespace team-a)" in proc.stdout
 
 
+def test_kubeflow_session_cookie(packages):
+    with FakeKfpApi(KfpBehaviour(cookie="authservice_session=abc123")) as api:
+        proc = _kfp_submit(api, packages["kubeflow"], "--cookie", "authservice_session=abc123")
+        assert proc.returncode == 0, proc.stderr
+        assert len(api.runs) == 1
+        assert all("authservice_session=abc123" in r.headers.get("cookie", "") for r in api.requests)
+        line = _one_line_error(_kfp_submit(api, packages["kubeflow"], "--cookie", "authservice_session=stale"))
+        assert "HTTP 401" in line and len(api.runs) == 1
+
+
 def test_kubeflow_host_and_token_from_the_environment(packages):
     with FakeKfpApi(KfpBehaviour(token="env-token")) as api:
         proc = captioning_cli("submit", "--target", "kubeflow", "--package", str(packages["kubeflow"]),

@@ -90,6 +90,7 @@ JSON = "application/json"
 @dataclass
 class KfpBehaviour:
     token: str | None = None  # when set, requests need "Authorization: Bearer <token>"
+    cookie: str | None = None  # when set, requests need this "name=value" in their Cookie header
     multi_user: bool = False
     namespaces: tuple[str, ...] = ("team-a",)  # profiles the caller may use (multi-user)
     run_states: list[str] = field(default_factory=lambda: ["RUNNING", "SUCCEEDED"])
@@ -119,6 +120,8 @@ class FakeKfpApi(_Server):
             return 200, {"multi_user": b.multi_user, "pipeline_store": "database"}, JSON
         if b.token and req.headers.get("authorization") != f"Bearer {b.token}":
             return self._error(401, "Unauthenticated: the request carries no valid token")
+        if b.cookie and b.cookie not in [c.strip() for c in req.headers.get("cookie", "").split(";")]:
+            return self._error(401, "Unauthenticated: no session cookie")
         if path == "/apis/v2beta1/experiments":
             namespace = (req.query.get("namespace") or [""])[0] if req.method == "GET" else \
                 (req.body or {}).get("namespace", "")

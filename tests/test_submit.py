@@ -258,13 +258,17 @@ def test_vertex_request_reaches_the_api_with_this_pipeline(packages, vertex_buck
         assert "console.cloud.google.com/vertex-ai/locations/europe-west4/pipelines/runs/r1" in proc.stdout
 
 
-def test_vertex_errors_are_one_line_each(packages, vertex_bucket):
+def test_vertex_errors_are_one_line_each(packages, vertex_bucket, tmp_path):
     line = _one_line_error(_vertex(packages["kubeflow"], "--dry-run"))
     assert "compiled for kubeflow, not vertex" in line
     line = _one_line_error(captioning_cli("submit", "--target", "vertex", "--project", "my-proj-1",
                                           "--pipeline-root", "/local/dir", "--package", str(packages["vertex"]),
                                           "--dry-run", env=_env()))
     assert "--pipeline-root" in line and "gs://" in line
+    line = _one_line_error(captioning_cli("submit", "--target", "vertex", "--pipeline-root", "gs://b/r", "--dry-run",
+                                          cwd=tmp_path, env=_env()))
+    assert "no Google Cloud project" in line
+    assert not list(tmp_path.iterdir())  # refused before compiling anything
     line = _one_line_error(captioning_cli("submit", "--target", "vertex", "--accelerator-type", "nvidia.com/gpu",
                                           "--project", "my-proj-1", "--pipeline-root", "gs://b/r", "--dry-run",
                                           env=_env()))

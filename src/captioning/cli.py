@@ -234,6 +234,7 @@ def submit(
     from captioning.submit.package import check_package, read_package
     from captioning.submit.parameters import runtime_parameters
     from captioning.submit.vertex import VertexTarget
+    from captioning.submit.vertex import check_target as check_vertex_target
 
     if target not in ("kubeflow", "vertex"):
         _fail(CaptioningError(f"--target {target!r}: choose kubeflow or vertex"))
@@ -245,6 +246,13 @@ def submit(
             from captioning.submit.vertex import default_wandb_secret
 
             parameters["wandb_secret"] = default_wandb_secret(project)
+        if target == "kubeflow":
+            where = KubeflowTarget(host, namespace, token, cookie, experiment or "captioning", run_name, pipeline_root,
+                                   DEFAULT_SERVICE_ACCOUNT if service_account is None else service_account, ui_host)
+        else:
+            where = VertexTarget(project or "", region, pipeline_root or "", service_account, experiment, run_name,
+                                 api_endpoint)
+            check_vertex_target(where)  # before compiling: a missing --project should not wait for that
         if package is None:
             from pipeline import compile_pipeline
 
@@ -254,13 +262,9 @@ def submit(
             typer.echo(f"compiled: {package}", err=True)
         check_package(read_package(package), target, parameters)
         if target == "kubeflow":
-            outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, KubeflowTarget(
-                host, namespace, token, cookie, experiment or "captioning", run_name, pipeline_root,
-                DEFAULT_SERVICE_ACCOUNT if service_account is None else service_account, ui_host))
+            outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, where)
         else:
-            outcome = _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, VertexTarget(
-                project or "", region, pipeline_root or "", service_account, experiment, run_name, api_endpoint),
-                access_token)
+            outcome = _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, where, access_token)
     except CaptioningError as exc:
         _fail(exc)
     if outcome.get("state") not in (None, "SUCCEEDED", "PIPELINE_STATE_SUCCEEDED"):

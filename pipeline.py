@@ -111,6 +111,11 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
                                          secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"}, optional=True)
         return task
 
+    def step(task, resources, cached: bool = True):
+        """W&B key and resources for every task; cached steps also retry (pre-empted GPU nodes)."""
+        resources(with_wandb_key(task)).set_caching_options(cached)
+        return task.set_retry(options.retries, "60s") if cached else task
+
     def raw_cache(task):
         if options.target == "kubeflow" and options.raw_cache_pvc:
             from kfp import kubernetes
@@ -160,7 +165,7 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         wb = {"wandb_project": wandb_project, "wandb_entity": wandb_entity, "wandb_mode": wandb_mode,
               "wandb_secret": wandb_secret}
         raw = log_raw_data(base_url=base_url, preset=preset, run_group=group, **wb)
-        raw_cache(cpu(with_wandb_key(raw))).set_caching_options(True).set_retry(options.retries, "60s")
+        step(raw_cache(raw), cpu)
         raw.set_display_name("log_raw_data")
 
         data = process_data(
@@ -168,20 +173,20 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
             run_group=group, max_images=max_images, val_images=val_images, test_images=test_images,
             data_seed=data_seed, weights=weights, feature_batch_size=feature_batch_size, min_count=min_count,
             max_vocab=max_vocab, **wb)
-        gpu(with_wandb_key(data)).set_caching_options(True).set_retry(options.retries, "60s")
+        step(data, gpu)
 
         model = train(
             processed=data.outputs["processed"], upstream_ref=data.outputs["wandb_ref"], preset=preset,
             run_group=group, checkpoint_dir=checkpoint_dir, epochs=epochs, batch_size=batch_size,
             embedding_dim=embedding_dim, units=units, learning_rate=learning_rate, dropout=dropout,
             train_seed=train_seed, **wb)
-        gpu(with_wandb_key(model)).set_caching_options(True).set_retry(options.retries, "60s")
+        step(model, gpu)
 
         scored = evaluate(
             model=model.outputs["model"], processed=data.outputs["processed"], raw_data=raw.outputs["raw_data"],
             upstream_ref=model.outputs["wandb_ref"], preset=preset, run_group=group, decoder=decoder,
             beam_width=beam_width, attention_samples=attention_samples, promote_metric=promote_metric, **wb)
-        gpu(with_wandb_key(scored)).set_caching_options(True).set_retry(options.retries, "60s")
+        step(scored, gpu)
 
         with dsl.If(scored.outputs["Output"] > min_score, name="score-above-floor"):
             decision = promote(
@@ -189,7 +194,7 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
                 upstream_ref=scored.outputs["wandb_ref"], preset=preset, run_group=group, registry=registry,
                 promote_metric=promote_metric, promote_margin=promote_margin, promote_alias=promote_alias, **wb)
             # The registry changes between runs: never answer promote from the cache.
-            cpu(with_wandb_key(decision)).set_caching_options(False)
+            step(decision, cpu, cached=False)
 
     return captioning_pipeline
 

@@ -279,9 +279,7 @@ def _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, targ
     from captioning.submit import kubeflow
 
     if dry_run:
-        host = target.host or None
-        if host:
-            host = kubeflow.resolve_host(target)
+        host = kubeflow.resolve_host(target) if target.host else None  # a dry run needs no host
         plan = {"target": "kubeflow", "package": str(package), "host": host,
                 "namespace": kubeflow.resolve_namespace(target), "auth": kubeflow.resolve_auth(target).kind,
                 "experiment": target.experiment, "run_name": target.run_name, "pipeline_root": target.pipeline_root,

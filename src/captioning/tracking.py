@@ -65,7 +65,7 @@ class StepTracker:
     def __enter__(self) -> "StepTracker":
         if self.mode == "disabled":
             return self
-        if self.online and self.cfg.wandb.api_key_secret and not os.environ.get("WANDB_API_KEY"):
+        if self.cfg.wandb.api_key_secret:  # Vertex AI: the key is read from Secret Manager when needed
             from captioning.gcp_secrets import ensure_wandb_key
 
             ensure_wandb_key(self.cfg.wandb.api_key_secret, self.mode)

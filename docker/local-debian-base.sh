@@ -8,7 +8,9 @@ if docker image inspect "$tag" >/dev/null 2>&1; then
   echo "$tag already present"
   exit 0
 fi
-mirror="$(grep -hoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list.d/* /etc/apt/sources.list 2>/dev/null | head -n1 || true)"
+# The first configured mirror (comment lines may name unreachable snapshot mirrors: skip them).
+mirror="$(grep -hvE '^[[:space:]]*#' /etc/apt/sources.list.d/* /etc/apt/sources.list 2>/dev/null \
+  | grep -oE 'https?://[^ ]+/debian/?' | head -n1 || true)"
 mirror="${mirror:-http://deb.debian.org/debian}"
 root="$(mktemp -d)"
 trap 'rm -rf "$root"' EXIT

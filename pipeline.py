@@ -4,26 +4,30 @@
                        [--accelerator-type nvidia.com/gpu] [--accelerator-count 1] [--preset coco2014]
                        [--raw-cache-pvc coco-raw-cache] [--gpu-node-selector KEY=VALUE]
 
-(also ``captioning compile``). Data moves between pods as KFP artifacts; W&B
-references travel beside them as strings. process_data, train and evaluate ask
-for an accelerator. On Kubeflow the W&B key reaches the pods from a Kubernetes
-Secret (kfp-kubernetes), GPU steps tolerate the GPU taint, and log_raw_data
-keeps the COCO archives on a PVC across runs (names match ``manifests/``); on
-Vertex AI the pods read the key from Secret Manager (the ``wandb_secret``
-parameter names it). Never is a key a literal in the YAML.
+(the same as ``captioning compile``). Data moves between pods as KFP artifacts,
+wired as ``captioning.workflow`` declares; W&B references travel beside them as
+strings. The pipeline parameters are ``captioning.parameters``' table, with the
+preset's values as defaults. process_data, train and evaluate ask for an
+accelerator. On Kubeflow the W&B key reaches the pods from a Kubernetes Secret
+(kfp-kubernetes), GPU steps tolerate the GPU taint, and log_raw_data keeps the
+COCO archives on a PVC across runs (names match ``manifests/``); on Vertex AI
+the pods read the key from Secret Manager (the ``wandb_secret`` parameter names
+it). Never is a key a literal in the YAML.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's types at runtime.
 
-import argparse
-import os
+import inspect
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from captioning import DEFAULT_IMAGE
 
 ACCELERATORS = {"kubeflow": "nvidia.com/gpu", "vertex": "NVIDIA_L4"}
 GPU_STEPS = ("process_data", "train", "evaluate")
+UNCACHED_STEPS = ("promote",)  # the registry changes between runs: never answer promote from the cache
 WANDB_SECRET = "wandb"  # kubectl create secret generic wandb --from-literal=api-key=...
 WANDB_SECRET_KEY = "api-key"
 # These names and settings are also in manifests/ (tests check that they agree).
@@ -31,6 +35,7 @@ RAW_CACHE_PVC = "coco-raw-cache"
 RAW_CACHE_MOUNT = "/var/cache/captioning"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 DESCRIPTION = "Show, Attend and Tell on MS-COCO, tracked in W&B"
+GATE = "score-above-floor"  # promote runs only when evaluate's score exceeds min_score
 
 
 def compiled_for(target: str) -> str:
@@ -38,28 +43,40 @@ def compiled_for(target: str) -> str:
     return f"[compiled for {target}]"
 
 
+def _option(default, help: str, **cli):
+    """A build option: its default, its help, and how the command line shows it (``envvar``, ``min``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True)
 class BuildOptions:
-    target: str = "kubeflow"
-    image: str = "captioning:0.1.0"
-    accelerator_type: str = ""  # default per target
-    accelerator_count: int = 1
-    preset: str = "coco2014"
-    cpu: str = "4"
-    memory: str = "16G"
-    gpu_cpu: str = "8"
-    gpu_memory: str = "32G"
-    retries: int = 3
-    raw_cache_pvc: str = RAW_CACHE_PVC  # kubeflow only; "" keeps the archives in the step's artifact only
-    gpu_node_selector: str = ""  # kubeflow only; "KEY=VALUE", e.g. cloud.google.com/gke-accelerator=nvidia-l4
+    """How the pipeline is compiled; ``captioning compile``, ``captioning submit`` and ``main`` take these."""
+
+    target: str = _option("kubeflow", "kubeflow or vertex (accelerator names and secrets differ).")
+    image: str = _option(DEFAULT_IMAGE, "The component image the pods run.", envvar="CAPTIONING_IMAGE")
+    accelerator_type: str = _option("", "Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex).")
+    accelerator_count: int = _option(1, "Accelerators per GPU step.", min=0)
+    preset: str = _option("coco2014", "Defaults of the pipeline parameters: demo or coco2014.")
+    cpu: str = _option("4", "CPU request and limit of the CPU steps.")
+    memory: str = _option("16G", "Memory request and limit of the CPU steps.")
+    gpu_cpu: str = _option("8", "CPU request and limit of the GPU steps.")
+    gpu_memory: str = _option("32G", "Memory request and limit of the GPU steps.")
+    retries: int = _option(3, "Retries of a failed cached step (pre-empted GPU nodes).", min=0)
+    raw_cache_pvc: str = _option(RAW_CACHE_PVC, "Kubeflow: PVC keeping the COCO archives ('' for none).")
+    gpu_node_selector: str = _option("", "Kubeflow: KEY=VALUE label of the GPU nodes, e.g. "
+                                         "cloud.google.com/gke-accelerator=nvidia-l4.")
 
     @property
     def accelerator(self) -> str:
         return self.accelerator_type or ACCELERATORS[self.target]
 
     def __post_init__(self):
+        from captioning.config import PRESETS
+
         if self.target not in ACCELERATORS:
             raise ValueError(f"target {self.target!r}: choose kubeflow or vertex")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
         if self.target == "vertex" and not re.fullmatch(r"(NVIDIA|TPU)_[A-Z0-9_]+", self.accelerator):
             raise ValueError(f"accelerator {self.accelerator!r}: Vertex AI names accelerators like NVIDIA_L4, "
                              "NVIDIA_TESLA_T4, NVIDIA_H100_80GB")
@@ -70,136 +87,85 @@ class BuildOptions:
             raise ValueError(f"gpu_node_selector {self.gpu_node_selector!r}: expected KEY=VALUE")
 
 
+def pipeline_signature(preset: str) -> inspect.Signature:
+    """``preset`` and every pipeline parameter, typed as its setting, defaulting to the preset's value."""
+    from captioning.config import load_config
+    from captioning.parameters import PARAMETERS, PRESET_PARAMETER, parameter_type, parameters_from_config
+
+    defaults = parameters_from_config(load_config(preset=preset))
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(
+        [inspect.Parameter(PRESET_PARAMETER, kind, annotation=str, default=preset)]
+        + [inspect.Parameter(name, kind, annotation=parameter_type(name), default=defaults[name])
+           for name in PARAMETERS])
+
+
 def build_pipeline(options: BuildOptions = BuildOptions()):
-    """The pipeline function for these build options (image, target, accelerators)."""
-    os.environ["CAPTIONING_IMAGE"] = options.image
-    for name in [m for m in sys.modules if m == "components" or m.startswith("components.")]:
-        del sys.modules[name]  # the decorators read the image when the modules load
+    """The pipeline function for these build options (image, target, accelerators, parameter defaults)."""
     from kfp import dsl
 
-    from captioning.config import load_config
-    from captioning.params import parameters_from_config
-    from components.evaluate import evaluate
-    from components.log_raw_data import log_raw_data
-    from components.process_data import process_data
-    from components.promote import promote
-    from components.train import train
+    from captioning.parameters import PRESET_PARAMETER
+    from captioning.workflow import STEPS, upstream_of
+    from components.factory import DOWNLOAD_CACHE_ENV, RUN_GROUP, UPSTREAM_REF, step_component, step_parameters
 
-    defaults = parameters_from_config(load_config(preset=options.preset))
+    def kubernetes_settings(task, name):
+        from kfp import kubernetes
 
-    def gpu(task):
-        if options.target == "kubeflow":
-            from kfp import kubernetes
-
+        # The key reaches the pods from a Secret, never as a value in the YAML.
+        kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET,
+                                     secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"}, optional=True)
+        if name in GPU_STEPS:
             kubernetes.add_toleration(task, **GPU_TOLERATION)
             if options.gpu_node_selector:
                 key, value = options.gpu_node_selector.split("=", 1)
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
-        task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.accelerator_count)
-        task.set_cpu_request(options.gpu_cpu).set_cpu_limit(options.gpu_cpu)
-        return task.set_memory_request(options.gpu_memory).set_memory_limit(options.gpu_memory)
-
-    def cpu(task):
-        task.set_cpu_request(options.cpu).set_cpu_limit(options.cpu)
-        return task.set_memory_request(options.memory).set_memory_limit(options.memory)
-
-    def with_wandb_key(task):
-        if options.target == "kubeflow":
-            from kfp import kubernetes
-
-            kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET,
-                                         secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"}, optional=True)
-        return task
-
-    def step(task, resources, cached: bool = True):
-        """W&B key and resources for every task; cached steps also retry (pre-empted GPU nodes)."""
-        resources(with_wandb_key(task)).set_caching_options(cached)
-        return task.set_retry(options.retries, "60s") if cached else task
-
-    def raw_cache(task):
-        if options.target == "kubeflow" and options.raw_cache_pvc:
-            from kfp import kubernetes
-
-            from captioning.kfp_steps import DOWNLOAD_CACHE_ENV
-
+        if name == "log_raw_data" and options.raw_cache_pvc:
             kubernetes.mount_pvc(task, pvc_name=options.raw_cache_pvc, mount_path=RAW_CACHE_MOUNT)
             task.set_env_variable(DOWNLOAD_CACHE_ENV, f"{RAW_CACHE_MOUNT}/coco2014")
-        return task
 
-    d = defaults
+    def add_step(name, params, tasks):
+        """One task: its artifacts from the upstream tasks, its parameters from the pipeline's."""
+        step = STEPS[name]
+        arguments = {i: tasks[src].outputs[out] for i, (src, out) in step.inputs.items()}
+        if upstream_of(name):
+            arguments[UPSTREAM_REF] = tasks[upstream_of(name)].outputs["wandb_ref"]
+        arguments.update({p: params[p] for p in (PRESET_PARAMETER, *step_parameters(step))})
+        arguments[RUN_GROUP] = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+        task = step_component(name)(**arguments).set_container_image(options.image)
+        if options.target == "kubeflow":
+            kubernetes_settings(task, name)
+        if name in GPU_STEPS:
+            task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.accelerator_count)
+            cpu, memory = options.gpu_cpu, options.gpu_memory
+        else:
+            cpu, memory = options.cpu, options.memory
+        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+        cached = name not in UNCACHED_STEPS
+        task.set_caching_options(cached)
+        if cached:
+            task.set_retry(options.retries, "60s")
+        task.set_display_name(name)
+        tasks[name] = task
 
-    @dsl.pipeline(name="captioning", description=f"{DESCRIPTION} {compiled_for(options.target)}")
-    def captioning_pipeline(
-        preset: str = options.preset,
-        base_url: str = d["base_url"],
-        max_images: int = d["max_images"],
-        val_images: int = d["val_images"],
-        test_images: int = d["test_images"],
-        data_seed: int = d["data_seed"],
-        weights: str = d["weights"],
-        feature_batch_size: int = d["feature_batch_size"],
-        min_count: int = d["min_count"],
-        max_vocab: int = d["max_vocab"],
-        epochs: int = d["epochs"],
-        batch_size: int = d["batch_size"],
-        embedding_dim: int = d["embedding_dim"],
-        units: int = d["units"],
-        learning_rate: float = d["learning_rate"],
-        dropout: float = d["dropout"],
-        train_seed: int = d["train_seed"],
-        decoder: str = d["decoder"],
-        beam_width: int = d["beam_width"],
-        attention_samples: int = d["attention_samples"],
-        promote_metric: str = d["promote_metric"],
-        promote_margin: float = d["promote_margin"],
-        promote_alias: str = d["promote_alias"],
-        min_score: float = d["min_score"],
-        registry: str = "",
-        checkpoint_dir: str = "",
-        wandb_project: str = d["wandb_project"],
-        wandb_entity: str = d["wandb_entity"],
-        wandb_mode: str = d["wandb_mode"],
-        wandb_secret: str = d["wandb_secret"],
-    ):
-        group = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-        wb = {"wandb_project": wandb_project, "wandb_entity": wandb_entity, "wandb_mode": wandb_mode,
-              "wandb_secret": wandb_secret}
-        raw = log_raw_data(base_url=base_url, preset=preset, run_group=group, **wb)
-        step(raw_cache(raw), cpu)
-        raw.set_display_name("log_raw_data")
+    signature = pipeline_signature(options.preset)
 
-        data = process_data(
-            raw_data=raw.outputs["raw_data"], upstream_ref=raw.outputs["wandb_ref"], preset=preset,
-            run_group=group, max_images=max_images, val_images=val_images, test_images=test_images,
-            data_seed=data_seed, weights=weights, feature_batch_size=feature_batch_size, min_count=min_count,
-            max_vocab=max_vocab, **wb)
-        step(data, gpu)
+    def captioning_pipeline(*args):
+        params = dict(zip(signature.parameters, args))
+        tasks = {}
+        for name in STEPS:
+            if name == "promote":
+                with dsl.If(tasks["evaluate"].outputs["Output"] > params["min_score"], name=GATE):
+                    add_step(name, params, tasks)
+            else:
+                add_step(name, params, tasks)
 
-        model = train(
-            processed=data.outputs["processed"], upstream_ref=data.outputs["wandb_ref"], preset=preset,
-            run_group=group, checkpoint_dir=checkpoint_dir, epochs=epochs, batch_size=batch_size,
-            embedding_dim=embedding_dim, units=units, learning_rate=learning_rate, dropout=dropout,
-            train_seed=train_seed, **wb)
-        step(model, gpu)
-
-        scored = evaluate(
-            model=model.outputs["model"], processed=data.outputs["processed"], raw_data=raw.outputs["raw_data"],
-            upstream_ref=model.outputs["wandb_ref"], preset=preset, run_group=group, decoder=decoder,
-            beam_width=beam_width, attention_samples=attention_samples, promote_metric=promote_metric, **wb)
-        step(scored, gpu)
-
-        with dsl.If(scored.outputs["Output"] > min_score, name="score-above-floor"):
-            decision = promote(
-                model=model.outputs["model"], metrics=scored.outputs["metrics"],
-                upstream_ref=scored.outputs["wandb_ref"], preset=preset, run_group=group, registry=registry,
-                promote_metric=promote_metric, promote_margin=promote_margin, promote_alias=promote_alias, **wb)
-            # The registry changes between runs: never answer promote from the cache.
-            step(decision, cpu, cached=False)
-
-    return captioning_pipeline
+    captioning_pipeline.__signature__ = signature
+    captioning_pipeline.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    return dsl.pipeline(name="captioning", description=f"{DESCRIPTION} {compiled_for(options.target)}")(
+        captioning_pipeline)
 
 
-def compile_pipeline(output: str | Path, options: BuildOptions = BuildOptions()) -> Path:
+def compile_pipeline(output, options: BuildOptions = BuildOptions()) -> Path:
     from kfp import compiler
 
     output = Path(output)
@@ -209,21 +175,18 @@ def compile_pipeline(output: str | Path, options: BuildOptions = BuildOptions())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", "-o", default="captioning_pipeline.yaml")
-    parser.add_argument("--target", choices=sorted(ACCELERATORS), default="kubeflow")
-    parser.add_argument("--image", default=os.environ.get("CAPTIONING_IMAGE", "captioning:0.1.0"))
-    parser.add_argument("--accelerator-type", default="", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex)")
-    parser.add_argument("--accelerator-count", type=int, default=1)
-    parser.add_argument("--preset", default="coco2014", help="Defaults of the pipeline parameters")
-    parser.add_argument("--raw-cache-pvc", default=RAW_CACHE_PVC, help="Kubeflow: PVC keeping the COCO archives")
-    parser.add_argument("--gpu-node-selector", default="", help="Kubeflow: KEY=VALUE node label of GPU nodes")
-    args = parser.parse_args(argv)
-    options = BuildOptions(target=args.target, image=args.image, accelerator_type=args.accelerator_type,
-                           accelerator_count=args.accelerator_count, preset=args.preset,
-                           raw_cache_pvc=args.raw_cache_pvc, gpu_node_selector=args.gpu_node_selector)
-    print(compile_pipeline(args.output, options))
-    return 0
+    """``python pipeline.py ...`` is ``captioning compile ...``: one set of options, one command."""
+    import click
+
+    from captioning.cli import app
+
+    try:
+        code = app(["compile", *(sys.argv[1:] if argv is None else argv)], prog_name="pipeline.py",
+                   standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from captioning import DEFAULT_IMAGE, __version__
 from conftest import captioning_cli
 
-IMAGE = os.environ.get("CAPTIONING_TEST_IMAGE", "captioning:0.1.0")
+IMAGE = os.environ.get("CAPTIONING_TEST_IMAGE", DEFAULT_IMAGE)
 HOW = ("start dockerd, then run docker/local-debian-base.sh and "
        "`captioning image build --base-image debian-local:bookworm --variant cpu` (what .ci/run does)")
 
@@ -47,7 +48,7 @@ def test_image_has_the_project_java_and_a_non_root_user(image):
     proc = docker_run("python", "-c", "import captioning, tensorflow, kfp, components.train; "
                       "print(tensorflow.__version__, captioning.__version__)")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["2.21.0", "0.1.0"]
+    assert proc.stdout.split() == ["2.21.0", __version__]
     assert docker_run("java", "-version").returncode == 0
     ini = docker_run("cat", "/app/kfp_config.ini").stdout
     assert "train = components/train.py" in ini

@@ -114,3 +114,12 @@ def test_the_wandb_secret_template_renders_the_secret_the_pipeline_reads(tmp_pat
     validate(secret)
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == WANDB_SECRET
     assert base64.b64decode(secret["data"][WANDB_SECRET_KEY]).decode() == "0123abcd" * 5
+
+
+def test_every_overlay_runs_the_image_of_this_version(rendered):
+    """The version lives in captioning.__version__; the base kustomization's tag must follow it."""
+    from captioning import DEFAULT_IMAGE
+
+    for overlay, docs in rendered.items():
+        (container,) = by_kind(docs, "Job")["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == DEFAULT_IMAGE, overlay

@@ -22,7 +22,7 @@ TINY = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "
 
 @pytest.fixture(scope="module")
 def pipeline_run(small_mirror, tmp_path_factory):
-    from captioning.runner import run_pipeline
+    from captioning.runners.inprocess import run_pipeline
 
     work = tmp_path_factory.mktemp("pipeline")
     cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", "train.epochs=3", *TINY])
@@ -246,7 +246,7 @@ def test_online_without_a_key_fails_at_the_start(tmp_path):
 
 
 def test_results_do_not_depend_on_the_wandb_mode(pipeline_run, small_mirror, tmp_path, monkeypatch):
-    from captioning.runner import run_pipeline
+    from captioning.runners.inprocess import run_pipeline
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     summary = run_pipeline(pipeline_run["cfg"], tmp_path)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
+from captioning import DEFAULT_IMAGE
 from captioning.errors import CaptioningError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -83,18 +87,18 @@ def run(
     workdir: Path = typer.Option(Path("work"), help="Where every step writes its outputs."),
     summary_json: Optional[Path] = typer.Option(None, help="Summary file (default: WORKDIR/summary.json)."),
     runner: str = typer.Option("inprocess", help="inprocess, or docker: the compiled pipeline in containers (kfp.local)."),
-    image: str = typer.Option("captioning:0.1.0", help="Component image for --runner docker."),
+    image: str = typer.Option(DEFAULT_IMAGE, help="Component image for --runner docker."),
 ) -> None:
     """Run every step in order and write a summary JSON."""
     from captioning.config import load_config
-    from captioning.runner import run_pipeline, write_summary
+    from captioning.runners.inprocess import run_pipeline, write_summary
 
     if runner not in ("inprocess", "docker"):
         _fail(CaptioningError(f"--runner {runner!r}: choose inprocess or docker"))
     try:
         cfg = load_config(config, set_, preset)
         if runner == "docker":
-            from captioning.docker_runner import run_in_docker
+            from captioning.runners.kfp_local import run_in_docker
 
             summary = run_in_docker(cfg, workdir, image, preset)
         else:
@@ -136,40 +140,54 @@ def caption(
             typer.echo(f"attention: {out}", err=True)
 
 
+BUILD_PANEL = "Building the pipeline"
+
+
+def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = None):
+    """Give a command every field of ``pipeline.BuildOptions`` as an option; it receives them as ``build``.
+
+    The build options are declared once, in ``BuildOptions``: ``compile``, ``submit``
+    and ``python pipeline.py`` all take them from there.
+    """
+    from pipeline import BuildOptions
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        options = []
+        for field in dataclasses.fields(BuildOptions):
+            meta = field.metadata
+            flag = "--" + field.name.replace("_", "-")
+            default = ... if field.name in required else field.default
+            option = typer.Option(default, flag, help=meta["help"], envvar=meta.get("envvar"), min=meta.get("min"),
+                                  rich_help_panel=panel, show_default=field.name not in required)
+            options.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                             annotation=field.type))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            values = {field.name: kwargs.pop(field.name) for field in dataclasses.fields(BuildOptions)}
+            try:
+                build = BuildOptions(**values)
+            except ValueError as exc:
+                _fail(CaptioningError(str(exc)))
+            return command(build=build, **kwargs)
+
+        kept = [p for p in signature.parameters.values() if p.name != "build"]
+        wrapper.__signature__ = signature.replace(parameters=kept + options)
+        wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "build"},
+                                   **{p.name: p.annotation for p in options}}
+        return wrapper
+
+    return decorate
+
+
 @app.command("compile")
-def compile_cmd(
-    output: Path = typer.Option(Path("captioning_pipeline.yaml"), "--output", "-o"),
-    target: str = typer.Option("kubeflow", help="kubeflow or vertex (accelerator names and secrets differ)."),
-    image: str = typer.Option("captioning:0.1.0", help="The component image the pods run."),
-    accelerator_type: str = typer.Option("", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex)."),
-    accelerator_count: int = typer.Option(1, min=0),
-    preset: str = typer.Option("coco2014", help="Defaults of the pipeline parameters."),
-    raw_cache_pvc: str = typer.Option("coco-raw-cache", help="Kubeflow: PVC keeping the COCO archives ('' for none)."),
-    gpu_node_selector: str = typer.Option("", help="Kubeflow: KEY=VALUE label of the GPU nodes."),
-) -> None:
+@with_build_options()
+def compile_cmd(build, output: Path = typer.Option(Path("captioning_pipeline.yaml"), "--output", "-o")) -> None:
     """Compile the pipeline to KFP IR YAML (same as `python pipeline.py`)."""
     from pipeline import compile_pipeline
 
-    try:
-        options = _compile_options(target, image, accelerator_type, accelerator_count, preset, raw_cache_pvc,
-                                   gpu_node_selector)
-    except CaptioningError as exc:
-        _fail(exc)
-    typer.echo(str(compile_pipeline(output, options)))
-
-
-def _compile_options(target, image, accelerator_type, accelerator_count, preset, raw_cache_pvc, gpu_node_selector):
-    from pipeline import BuildOptions
-
-    from captioning.config import preset_dict
-
-    preset_dict(preset)  # a clear error for an unknown preset
-    try:
-        return BuildOptions(target=target, image=image, accelerator_type=accelerator_type,
-                            accelerator_count=accelerator_count, preset=preset, raw_cache_pvc=raw_cache_pvc,
-                            gpu_node_selector=gpu_node_selector)
-    except ValueError as exc:
-        raise CaptioningError(str(exc)) from None
+    typer.echo(str(compile_pipeline(output, build)))
 
 
 SUBMIT_KUBEFLOW = "Kubeflow"
@@ -178,21 +196,12 @@ SUBMIT_PACKAGE = "Package"
 
 
 @app.command()
+@with_build_options(required=("target",), panel=SUBMIT_PACKAGE)
 def submit(
-    target: str = typer.Option(..., help="kubeflow or vertex."),
+    build,
     set_: List[str] = typer.Option([], "--set", help="A setting as section.key=value; becomes a runtime parameter."),
-    preset: str = typer.Option("coco2014", help="Base settings the parameters start from."),
     package: Optional[Path] = typer.Option(None, help="A package from `captioning compile` (default: compile "
                                            "now into ./captioning_pipeline.TARGET.yaml).", rich_help_panel=SUBMIT_PACKAGE),
-    image: str = typer.Option("captioning:0.1.0", envvar="CAPTIONING_IMAGE", help="Component image (when compiling).",
-                              rich_help_panel=SUBMIT_PACKAGE),
-    accelerator_type: str = typer.Option("", help="Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex).",
-                                         rich_help_panel=SUBMIT_PACKAGE),
-    accelerator_count: int = typer.Option(1, min=0, rich_help_panel=SUBMIT_PACKAGE),
-    raw_cache_pvc: str = typer.Option("coco-raw-cache", help="Kubeflow: PVC keeping the COCO archives ('' for none).",
-                                      rich_help_panel=SUBMIT_PACKAGE),
-    gpu_node_selector: str = typer.Option("", help="Kubeflow: KEY=VALUE label of the GPU nodes.",
-                                          rich_help_panel=SUBMIT_PACKAGE),
     experiment: Optional[str] = typer.Option(
         None, help="Experiment, created when missing. Default: captioning (kubeflow), none (vertex)."),
     run_name: Optional[str] = typer.Option(None, help="Default: captioning-YYYYmmdd-HHMMSS."),
@@ -230,18 +239,17 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be sent; contact nothing."),
 ) -> None:
     """Submit the pipeline to Kubeflow Pipelines or Vertex AI Pipelines."""
+    from captioning.parameters import runtime_parameters
     from captioning.submit.kubeflow import DEFAULT_SERVICE_ACCOUNT, KubeflowTarget
     from captioning.submit.package import check_package, read_package
-    from captioning.submit.parameters import runtime_parameters
     from captioning.submit.vertex import VertexTarget
     from captioning.submit.vertex import check_target as check_vertex_target
 
-    if target not in ("kubeflow", "vertex"):
-        _fail(CaptioningError(f"--target {target!r}: choose kubeflow or vertex"))
+    target = build.target
     try:
         if wandb_secret:
             set_ = [*set_, f"wandb.api_key_secret={wandb_secret}"]  # validated like any setting
-        parameters = runtime_parameters(preset, set_)
+        parameters = runtime_parameters(build.preset, set_)
         if target == "vertex" and project and not parameters["wandb_secret"] and parameters["wandb_mode"] == "online":
             from captioning.submit.vertex import default_wandb_secret
 
@@ -256,9 +264,7 @@ def submit(
         if package is None:
             from pipeline import compile_pipeline
 
-            options = _compile_options(target, image, accelerator_type, accelerator_count, preset, raw_cache_pvc,
-                                       gpu_node_selector)
-            package = compile_pipeline(Path(f"captioning_pipeline.{target}.yaml"), options)
+            package = compile_pipeline(Path(f"captioning_pipeline.{target}.yaml"), build)
             typer.echo(f"compiled: {package}", err=True)
         check_package(read_package(package), target, parameters)
         if target == "kubeflow":
@@ -279,12 +285,7 @@ def _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, targ
     from captioning.submit import kubeflow
 
     if dry_run:
-        host = kubeflow.resolve_host(target) if target.host else None  # a dry run needs no host
-        plan = {"target": "kubeflow", "package": str(package), "host": host,
-                "namespace": kubeflow.resolve_namespace(target), "auth": kubeflow.resolve_auth(target).kind,
-                "experiment": target.experiment, "run_name": target.run_name, "pipeline_root": target.pipeline_root,
-                "service_account": target.service_account, "parameters": parameters}
-        typer.echo(json.dumps(plan, indent=1))
+        typer.echo(json.dumps(kubeflow.dry_run_plan(package, parameters, target), indent=1))
         return {}
     outcome = kubeflow.submit_kubeflow(package, parameters, target, wait=wait, timeout_s=timeout_s, poll_s=poll_s,
                                        on_state=_state_echo)
@@ -300,23 +301,10 @@ def _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, target
     from captioning.submit import vertex
 
     if dry_run:
-        from google.auth.credentials import AnonymousCredentials
-
-        job = vertex.build_job(package, parameters, target, credentials=AnonymousCredentials())
-        body = vertex.request_body(job)
-        body["pipelineSpec"] = f"<the pipeline spec in {package}>"
-        plan = {"target": "vertex", "package": str(package), "project": target.project, "region": target.region,
-                "experiment": target.experiment, "parent": job._parent, "pipeline_job_id": job.job_id,
-                "request": body}
-        typer.echo(json.dumps(plan, indent=1))
+        typer.echo(json.dumps(vertex.dry_run_plan(package, parameters, target), indent=1))
         return {}
-    credentials = None
-    if access_token:
-        from google.oauth2.credentials import Credentials
-
-        credentials = Credentials(token=access_token)
     outcome = vertex.submit_vertex(package, parameters, target, wait=wait, timeout_s=timeout_s, poll_s=poll_s,
-                                   credentials=credentials, on_state=_state_echo)
+                                   access_token=access_token, on_state=_state_echo)
     typer.echo(f"job: {outcome['job']}")
     typer.echo(f"run: {outcome['url']}")
     if outcome["state"]:
@@ -326,7 +314,7 @@ def _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, target
 
 @image_app.command("build")
 def image_build(
-    tag: str = typer.Option("captioning:0.1.0"),
+    tag: str = typer.Option(DEFAULT_IMAGE),
     base_image: Optional[str] = typer.Option(None, help="Build on this local image instead of the TF base."),
     wheelhouse: Optional[Path] = typer.Option(None, help="Wheel folder (default build/wheelhouse-VARIANT)."),
     variant: str = typer.Option("gpu", help="gpu: tensorflow[and-cuda]; cpu: tensorflow-cpu."),
@@ -334,7 +322,7 @@ def image_build(
     imagenet: bool = typer.Option(True, help="Try to bake the ImageNet weights into the image."),
 ) -> None:
     """Build the component image with the local Docker engine; Python packages come from a wheelhouse."""
-    from captioning.image import build_image
+    from captioning.image_build import build_image
 
     try:
         result = build_image(tag, base_image, wheelhouse, variant, debian_image, imagenet)
@@ -359,47 +347,53 @@ def demo_data(
     typer.echo(json.dumps(info, indent=1))
 
 
+# Options every bench command takes.
+Repeats = Annotated[int, typer.Option(min=1, help="Timed runs; medians are reported.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print only the JSON line.")]
+
+
+def _print_bench(result: dict, as_json: bool) -> None:
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+
+
 @bench_app.command("features")
 def bench_features_cmd(
     images: int = typer.Option(128, min=1),
     batch: int = typer.Option(32, min=1),
-    repeats: int = typer.Option(3, min=1),
-    as_json: bool = typer.Option(False, "--json", help="Print only the JSON line."),
+    repeats: Repeats = 3,
+    as_json: AsJson = False,
 ) -> None:
     """JPEG files -> features written, vs the backbone on in-memory tensors; storage per image."""
     from captioning.bench import bench_features
 
-    result = bench_features(images, batch, repeats)
-    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+    _print_bench(bench_features(images, batch, repeats), as_json)
 
 
 @bench_app.command("train")
 def bench_train_cmd(
     steps: int = typer.Option(20, min=1),
-    repeats: int = typer.Option(3, min=1),
+    repeats: Repeats = 3,
     baseline: bool = typer.Option(True, help="Also time the tutorial-style implementation."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: AsJson = False,
 ) -> None:
     """Training steps at vocabulary 5000, embedding 256, units 512, batch 64, COCO-like lengths."""
     from captioning.bench import bench_train
 
-    result = bench_train(steps, repeats, baseline)
-    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+    _print_bench(bench_train(steps, repeats, baseline), as_json)
 
 
 @bench_app.command("decode")
 def bench_decode_cmd(
     captions: int = typer.Option(256, min=1),
-    repeats: int = typer.Option(3, min=1),
+    repeats: Repeats = 3,
     baseline: bool = typer.Option(True, help="Also time tutorial-style decoding (one image, eager steps)."),
     baseline_captions: int = typer.Option(8, min=1, help="Captions for the (slow) tutorial-style run."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: AsJson = False,
 ) -> None:
     """Greedy decoding of up to 50 tokens at the same sizes."""
     from captioning.bench import bench_decode
 
-    result = bench_decode(captions, repeats, baseline, baseline_captions)
-    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=1))
+    _print_bench(bench_decode(captions, repeats, baseline, baseline_captions), as_json)
 
 
 if __name__ == "__main__":

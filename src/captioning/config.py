@@ -1,5 +1,8 @@
 """One typed configuration for every step.
 
+The model's defaults are the full MS-COCO 2014 run (the ``coco2014`` preset);
+a preset file holds only what differs from them (``presets/demo.yaml``).
+
 The same model backs the YAML files, ``--set section.key=value`` overrides,
 the in-process runner, the KFP components and the pipeline parameters, so a
 setting means the same thing everywhere.
@@ -74,14 +77,14 @@ class FeaturesConfig(Section):
         "imagenet", description="InceptionV3 weights: 'imagenet', 'none' (random init) or a path to a .weights.h5/.h5 file."
     )
     seed: int = Field(0, description="Initialisation seed when weights is 'none', so restarts reproduce the features.")
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096)
     shard_images: int = Field(1000, ge=1, description="Images per feature shard (the unit of resume).")
     image_size: Literal[299] = 299
 
 
 class TextConfig(Section):
     min_count: int = Field(5, ge=1, description="Words seen fewer times become <unk>.")
-    max_vocab: int = Field(5000, ge=10, description="Vocabulary cap, special tokens included.")
+    max_vocab: int = Field(10000, ge=10, description="Vocabulary cap, special tokens included.")
     max_length_percentile: float = Field(
         99.0, gt=0, le=100, description="Longest caption kept, as a percentile of training caption lengths."
     )
@@ -99,6 +102,9 @@ class TrainConfig(Section):
     patience: int = Field(3, ge=1, description="Early stopping on validation loss.")
     seed: int = 0
     mixed_precision: Literal["auto", "on", "off"] = "auto"
+    checkpoint_dir: str = Field(
+        "", description="Checkpoints and history (the unit of resume); on a cluster, a mounted volume. "
+        "Empty: <workdir>/train in-process, a temporary folder in a pod.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -127,7 +133,7 @@ class PromoteConfig(Section):
 class WandbConfig(Section):
     project: str = "captioning"
     entity: str | None = None
-    mode: Literal["online", "offline", "disabled"] = "offline"
+    mode: Literal["online", "offline", "disabled"] = "online"
     api_key_secret: str = Field(
         "", pattern=r"^$|^projects/[^/]+/secrets/[^/]+(/versions/[^/]+)?$",
         description="Secret Manager secret holding the W&B key (Vertex AI): projects/P/secrets/S[/versions/V]; "

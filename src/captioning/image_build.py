@@ -16,12 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioning import DEFAULT_IMAGE
 from captioning.errors import CaptioningError
 
 log = logging.getLogger(__name__)
 
 TF_REQUIREMENTS = {"gpu": "tensorflow[and-cuda]==2.21.0", "cpu": "tensorflow-cpu==2.21.0"}
-DEFAULT_TAG = "captioning:0.1.0"
 
 
 class ImageBuildError(CaptioningError):
@@ -95,7 +95,7 @@ def _build(client, context: Path, dockerfile: str, tag: str, buildargs: dict[str
     return image_id
 
 
-def build_image(tag: str = DEFAULT_TAG, base_image: str | None = None, wheelhouse: Path | None = None,
+def build_image(tag: str = DEFAULT_IMAGE, base_image: str | None = None, wheelhouse: Path | None = None,
                 variant: str = "gpu", debian_image: str = "debian:bookworm-slim", fetch_imagenet: bool = True) -> BuildResult:
     """Build the shared TensorFlow base (unless ``base_image`` is given) and the component image on it."""
     if variant not in TF_REQUIREMENTS:

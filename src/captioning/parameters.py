@@ -1,75 +1,132 @@
-"""Pipeline parameters: one flat, typed name per setting a user tunes in the KFP UI.
+"""Pipeline parameters: one flat, typed name per setting a user tunes in the KFP UI or with ``submit --set``.
 
-The table maps each pipeline parameter to its configuration key, so the KFP
-components, ``pipeline.py`` and ``captioning submit`` build the same validated
-``Config`` as ``captioning run --set``. Integers use 0 for "not set" where the
-setting is optional (KFP parameters cannot be null).
+``PARAMETERS`` is the only list. Each parameter's type and default come from
+the configuration model and the preset; the steps it reaches come from what
+each step reads (``captioning.workflow``). So exposing a setting is one line
+here, and the components, the pipeline signature and ``captioning submit``
+follow. KFP parameters cannot be null: an optional count is 0 and an optional
+text is "" when not set.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 from captioning.config import Config, load_config
+from captioning.errors import ConfigError
 
-# parameter -> (config key, type, default for the pipeline)
-PARAMETERS: dict[str, tuple[str, type, Any]] = {
-    "base_url": ("data.base_url", str, "http://images.cocodataset.org"),
-    "max_images": ("data.max_images", int, 0),
-    "val_images": ("data.val_images", int, 5000),
-    "test_images": ("data.test_images", int, 5000),
-    "data_seed": ("data.seed", int, 0),
-    "weights": ("features.weights", str, "imagenet"),
-    "feature_batch_size": ("features.batch_size", int, 64),
-    "min_count": ("text.min_count", int, 5),
-    "max_vocab": ("text.max_vocab", int, 10000),
-    "epochs": ("train.epochs", int, 20),
-    "batch_size": ("train.batch_size", int, 64),
-    "embedding_dim": ("train.embedding_dim", int, 256),
-    "units": ("train.units", int, 512),
-    "learning_rate": ("train.learning_rate", float, 1e-3),
-    "dropout": ("train.dropout", float, 0.3),
-    "train_seed": ("train.seed", int, 0),
-    "decoder": ("evaluate.decoder", str, "beam"),
-    "beam_width": ("evaluate.beam_width", int, 3),
-    "attention_samples": ("evaluate.attention_samples", int, 4),
-    "promote_metric": ("promote.metric", str, "CIDEr"),
-    "promote_margin": ("promote.margin", float, 0.0),
-    "promote_alias": ("promote.alias", str, "production"),
-    "min_score": ("promote.min_metric", float, 0.0),
-    "wandb_project": ("wandb.project", str, "captioning"),
-    "wandb_entity": ("wandb.entity", str, ""),
-    "wandb_mode": ("wandb.mode", str, "online"),
-    "wandb_secret": ("wandb.api_key_secret", str, ""),
+# pipeline parameter -> configuration key
+PARAMETERS: dict[str, str] = {
+    "base_url": "data.base_url",
+    "max_images": "data.max_images",
+    "val_images": "data.val_images",
+    "test_images": "data.test_images",
+    "data_seed": "data.seed",
+    "weights": "features.weights",
+    "feature_batch_size": "features.batch_size",
+    "min_count": "text.min_count",
+    "max_vocab": "text.max_vocab",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "embedding_dim": "train.embedding_dim",
+    "units": "train.units",
+    "learning_rate": "train.learning_rate",
+    "dropout": "train.dropout",
+    "train_seed": "train.seed",
+    "checkpoint_dir": "train.checkpoint_dir",
+    "decoder": "evaluate.decoder",
+    "beam_width": "evaluate.beam_width",
+    "attention_samples": "evaluate.attention_samples",
+    "promote_metric": "promote.metric",
+    "promote_margin": "promote.margin",
+    "promote_alias": "promote.alias",
+    "registry": "promote.registry",
+    "min_score": "promote.min_metric",
+    "wandb_project": "wandb.project",
+    "wandb_entity": "wandb.entity",
+    "wandb_mode": "wandb.mode",
+    "wandb_secret": "wandb.api_key_secret",
 }
-BY_KEY = {key: name for name, (key, _, _) in PARAMETERS.items()}
-OPTIONAL_ZERO = {"max_images", "val_images", "test_images"}  # 0 -> null (all / Karpathy-proportional)
-OPTIONAL_EMPTY = {"wandb_entity"}
+BY_KEY = {key: name for name, key in PARAMETERS.items()}
+# Every component also takes the preset its pods start from (settings that are no parameter keep its values).
+PRESET_PARAMETER = "preset"
+PIPELINE_PRESET = "coco2014"
+
+
+def _field(key: str):
+    section, name = key.split(".")
+    sections = Config.model_fields
+    if section not in sections or name not in sections[section].annotation.model_fields:
+        raise ConfigError(f"captioning/parameters.py: {key!r} is not a configuration key (captioning/config.py)")
+    return sections[section].annotation.model_fields[name]
+
+
+def parameter_type(name: str) -> type:
+    """The KFP type of a parameter: the config field's type, without None (KFP has no null)."""
+    annotation = _field(PARAMETERS[name]).annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0] if len(args) == 1 else annotation
+    if annotation not in (str, int, float, bool):
+        raise ConfigError(f"captioning/parameters.py: {name} ({PARAMETERS[name]}) has type {annotation!r}; "
+                          "a pipeline parameter must be a str, int, float or bool setting")
+    return annotation
+
+
+def is_nullable(name: str) -> bool:
+    annotation = _field(PARAMETERS[name]).annotation
+    return type(None) in typing.get_args(annotation)
+
+
+def unset_value(name: str) -> Any:
+    """What stands for null in KFP: 0 for a count, "" for a text."""
+    return parameter_type(name)()
 
 
 def to_overrides(values: dict[str, Any]) -> list[str]:
+    """``section.key=value`` overrides for the given parameters; None means "as the preset says"."""
     overrides = []
     for name, value in values.items():
         if name not in PARAMETERS:
-            raise KeyError(name)
-        key = PARAMETERS[name][0]
-        if (name in OPTIONAL_ZERO and value == 0) or (name in OPTIONAL_EMPTY and value == ""):
+            raise ConfigError(f"{name}: not a pipeline parameter")
+        if value is None:
+            continue
+        if is_nullable(name) and value == unset_value(name):
             value = "null"
-        overrides.append(f"{key}={value}")
+        overrides.append(f"{PARAMETERS[name]}={value}")
     return overrides
 
 
-def config_from_parameters(preset: str = "coco2014", **values: Any) -> Config:
+def config_from_parameters(preset: str = PIPELINE_PRESET, **values: Any) -> Config:
+    """The configuration a pod runs with: the preset, then each parameter it was given."""
     return load_config(preset=preset, overrides=to_overrides(values))
 
 
 def parameters_from_config(cfg: Config) -> dict[str, Any]:
-    """The pipeline parameters that reproduce ``cfg`` (for compile defaults and submit)."""
+    """The pipeline parameters that reproduce ``cfg`` (compile defaults, submit, the Docker runner)."""
     out = {}
-    for name, (key, kind, _) in PARAMETERS.items():
+    for name, key in PARAMETERS.items():
         section, field = key.split(".")
         value = getattr(getattr(cfg, section), field)
-        if value is None:
-            value = 0 if name in OPTIONAL_ZERO else ""
-        out[name] = kind(value)
+        out[name] = unset_value(name) if value is None else parameter_type(name)(value)
     return out
+
+
+def runtime_parameters(preset: str, overrides: list[str]) -> dict[str, Any]:
+    """Every pipeline parameter for ``preset`` + ``overrides`` (``section.key=value``), validated.
+
+    A setting the pipeline does not expose as a parameter is refused: the pods
+    would never see it.
+    """
+    cfg = load_config(None, overrides, preset)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key not in BY_KEY:
+            raise ConfigError(
+                f"--set {text}: {key} is not a pipeline parameter, so the pods would not see it; "
+                f"settable here: {', '.join(sorted(BY_KEY))}")
+    return {PRESET_PARAMETER: preset, **parameters_from_config(cfg)}

@@ -3,9 +3,9 @@
 The same DAG as on a cluster, run by kfp.local's DockerRunner on the project's
 image: every step in its own container, artifacts passed through the pipeline
 root (a host folder mounted into each container). The summary is read back
-from the ``step.json`` each step writes into its output, not from the runner's
-status, because DockerRunner can report success for a failed container
-(kubeflow/pipelines#13332).
+from what each step wrote (its ``step.json``, or the output parameter that holds
+its result), not from the runner's status, because DockerRunner can report
+success for a failed container (kubeflow/pipelines#13332).
 """
 
 from __future__ import annotations
@@ -16,16 +16,14 @@ import os
 import time
 from pathlib import Path
 
-from captioning import STEPS
 from captioning.config import Config
 from captioning.errors import CaptioningError
-from captioning.params import parameters_from_config
+from captioning.parameters import parameters_from_config
+from captioning.workflow import STEPS, Step, read_result
 
 log = logging.getLogger(__name__)
 
-# The artifact each step writes its step.json into.
-MAIN_OUTPUT = {"log_raw_data": "raw_data", "process_data": "processed", "train": "model",
-               "evaluate": "predictions"}
+EXECUTOR_OUTPUT = "executor_output.json"  # where kfp.local keeps a task's output parameters
 
 
 def _latest_run(root: Path, since: float) -> Path | None:
@@ -33,32 +31,35 @@ def _latest_run(root: Path, since: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def collect_summary(run_dir: Path | None, registry: Path, cfg: Config, started: float) -> dict:
+def _step_result(step: Step, task_dir: Path) -> dict | None:
+    if step.result_in:
+        output = task_dir / EXECUTOR_OUTPUT
+        if not output.is_file():
+            return None
+        value = json.loads(output.read_text()).get("parameterValues", {}).get(step.result_in)
+        return json.loads(value) if value else None
+    return read_result(task_dir / step.result_output) or None
+
+
+def collect_summary(run_dir: Path | None, cfg: Config) -> dict:
     steps: dict[str, dict] = {}
-    for name in STEPS:
-        if name == "promote":
-            decision_file = registry / "last_decision.json"
-            if decision_file.exists() and decision_file.stat().st_mtime >= started:
-                d = json.loads(decision_file.read_text())
-                steps[name] = {"status": "ok", "metrics": {"promoted": d["promoted"], "candidate": d["candidate"],
-                                                           "production": d["production"], "metric": d["metric"]},
-                               "outputs": {"registry": str(registry)}, "version": d["version"]}
-            else:
-                steps[name] = {"status": "skipped" if steps.get("evaluate", {}).get("status") == "ok" else "failed",
-                               "reason": "the gate did not open or the step did not finish", "metrics": {},
-                               "outputs": {}}
-            continue
-        found = sorted(run_dir.glob(f"{name.replace('_', '-')}/{MAIN_OUTPUT[name]}/step.json")) if run_dir else []
+    failed = None
+    for name, step in STEPS.items():
+        found = _step_result(step, run_dir / name.replace("_", "-")) if run_dir else None
         if found:
-            data = json.loads(found[-1].read_text())
-            data.pop("step", None)
-            steps[name] = data
-        else:
-            steps[name] = {"status": "failed", "error": "the container left no step.json (see its log above)",
+            found.pop("step", None)
+            steps[name] = found
+        elif failed or name == "promote":
+            steps[name] = {"status": "skipped" if not failed else "failed",
+                           "reason": f"{failed} failed" if failed else "the gate did not open",
                            "metrics": {}, "outputs": {}}
-    failed = any(s["status"] == "failed" for s in steps.values())
+        else:
+            failed = name
+            steps[name] = {"status": "failed", "error": "the container left no result (see its log above)",
+                           "metrics": {}, "outputs": {}}
+    status = "failed" if any(s["status"] == "failed" for s in steps.values()) else "ok"
     return {"runner": "docker", "run_dir": str(run_dir) if run_dir else None, "config": cfg.model_dump(mode="json"),
-            "steps": steps, "status": "failed" if failed else "ok"}
+            "steps": steps, "status": status}
 
 
 def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str) -> dict:
@@ -89,7 +90,8 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str) -> 
                pipeline_root=str(root), raise_on_error=False)
     pipeline_func = build_pipeline(BuildOptions(image=image, preset=preset))
     params = parameters_from_config(cfg)
+    params["registry"] = params["registry"] or str(registry)  # the local registry lives beside the artifacts
     started = time.time()
     log.info("running the pipeline in containers of %s (pipeline root %s)", image, root)
-    pipeline_func(preset=preset, registry=str(registry), **params)
-    return collect_summary(_latest_run(root, started), registry, cfg, started)
+    pipeline_func(preset=preset, **params)
+    return collect_summary(_latest_run(root, started), cfg)

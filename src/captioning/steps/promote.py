@@ -99,8 +99,13 @@ def promote(cfg: Config, model_dir: str | Path, metrics_file: str | Path, regist
     else:
         why = f"{candidate:.4f} vs production {production:.4f} + margin {cfg.promote.margin}"
     log.info("promote: %s (%s %s)", "promoted" if promoted else "kept the production model", name, why)
-    return StepResult(
-        metrics={"promoted": promoted, "candidate": candidate, "production": production, "metric": name},
-        outputs={"decision": str(out_dir / "decision.json"), "registry": str(registry.root)},
-        extra={"version": version, "reason": why},
-    )
+    result = promote_result(cfg, {**decision, "reason": why})
+    result.outputs = {"decision": str(out_dir / "decision.json"), "registry": str(registry.root)}
+    return result
+
+
+def promote_result(cfg: Config, decision: dict) -> StepResult:
+    """The step's result from a decision, whichever registry made it (local folder or W&B Registry)."""
+    decision = {"metric": cfg.promote.metric, "margin": cfg.promote.margin, "alias": cfg.promote.alias, **decision}
+    metrics = {key: decision[key] for key in ("promoted", "candidate", "production", "metric")}
+    return StepResult(metrics=metrics, extra=decision)

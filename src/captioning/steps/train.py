@@ -30,7 +30,8 @@ SIZE_KEYS = ("embedding_dim", "units")
 
 
 def _signature(cfg: Config, data: ProcessedDataset) -> str:
-    payload = {"train": cfg.train.model_dump(), "dataset": data.manifest}
+    # Where checkpoints live does not change the model.
+    payload = {"train": cfg.train.model_dump(exclude={"checkpoint_dir"}), "dataset": data.manifest}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

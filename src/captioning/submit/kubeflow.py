@@ -119,6 +119,14 @@ def check_endpoint(host: str, auth: Auth, namespace: str | None, timeout_s: floa
     return health
 
 
+def dry_run_plan(package: Path, parameters: dict[str, Any], target: KubeflowTarget) -> dict:
+    """What ``submit_kubeflow`` would send, as JSON; contacts nothing (and needs no host)."""
+    return {"target": "kubeflow", "package": str(package), "host": resolve_host(target) if target.host else None,
+            "namespace": resolve_namespace(target), "auth": resolve_auth(target).kind,
+            "experiment": target.experiment, "run_name": target.run_name, "pipeline_root": target.pipeline_root,
+            "service_account": target.service_account, "parameters": parameters}
+
+
 def submit_kubeflow(package: Path, parameters: dict[str, Any], target: KubeflowTarget, *, wait: bool = False,
                     timeout_s: float = 7 * 24 * 3600, poll_s: float = 10.0,
                     on_state: Callable[[str], None] | None = None) -> dict:

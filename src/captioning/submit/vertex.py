@@ -82,9 +82,26 @@ def request_body(job) -> dict:
     return json_format.MessageToDict(type(resource).pb(resource))
 
 
+def dry_run_plan(package: Path, parameters: dict[str, Any], target: VertexTarget) -> dict:
+    """The ``PipelineJob`` create request that ``submit_vertex`` would send (without the spec); contacts nothing."""
+    from google.auth.credentials import AnonymousCredentials
+
+    job = build_job(package, parameters, target, credentials=AnonymousCredentials())
+    body = request_body(job)
+    body["pipelineSpec"] = f"<the pipeline spec in {package}>"
+    return {"target": "vertex", "package": str(package), "project": target.project, "region": target.region,
+            "experiment": target.experiment, "parent": job._parent, "pipeline_job_id": job.job_id, "request": body}
+
+
 def submit_vertex(package: Path, parameters: dict[str, Any], target: VertexTarget, *, wait: bool = False,
-                  timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, credentials=None,
+                  timeout_s: float = 7 * 24 * 3600, poll_s: float = 30.0, access_token: str | None = None,
                   on_state: Callable[[str], None] | None = None) -> dict:
+    """Submit; with ``wait``, follow the job to its end. No ``access_token``: application default credentials."""
+    credentials = None
+    if access_token:
+        from google.oauth2.credentials import Credentials
+
+        credentials = Credentials(token=access_token)
     job = build_job(package, parameters, target, credentials)
     logging.disable(logging.INFO)  # the SDK prints its own INFO lines to stdout; we print the outcome
     try:

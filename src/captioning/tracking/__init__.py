@@ -93,7 +93,7 @@ class StepTracker:
             raise ConfigError(f"W&B refused to start the {self.step} run ({type(exc).__name__}: {exc}); "
                               "check WANDB_API_KEY, wandb.entity and wandb.project") from None
         if self.online:
-            from captioning import wandb_online
+            from captioning.tracking import online as wandb_online
 
             wandb_online.use_artifacts(self.run, self.upstream)
         return self
@@ -138,7 +138,7 @@ class StepTracker:
             artifact.add_reference(uri, checksum=False)
         logged = self.run.log_artifact(artifact)
         if self.online:
-            from captioning import wandb_online
+            from captioning.tracking import online as wandb_online
 
             return wandb_online.qualified_name(logged)
         return f"{self.cfg.wandb.project}/{name}@offline-run-{self.run.id}"

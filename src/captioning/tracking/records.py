@@ -135,7 +135,7 @@ def record_promote(t: StepTracker, result: StepResult) -> str:
 
 def promote_in_wandb_registry(t: StepTracker, cfg: Config, candidate: float, model_ref: str) -> dict:
     """Online: the W&B Registry is the registry; the holder's metric comes from its metadata."""
-    from captioning import wandb_online
+    from captioning.tracking import online as wandb_online
     from captioning.steps.promote import decide
 
     production = wandb_online.registry_holder_metric(cfg.promote.collection, cfg.promote.alias, cfg.promote.metric)

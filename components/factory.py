@@ -1,0 +1,108 @@
+"""One containerized KFP component per step, made from the step's declaration in ``captioning.workflow``.
+
+A component's signature is written out from that declaration: its artifacts
+(typed ``Input``/``Output``), ``upstream_ref`` (the previous step's W&B
+reference), ``preset``, ``run_group``, and one parameter per pipeline parameter
+the step reads (``captioning.parameters``). Those parameters default to None,
+"as the preset says": a pod builds its configuration from ``preset`` and what it
+was given, so a component used on its own means the same as in the pipeline.
+
+The body is the same for every step: artifacts become paths, the step runs
+with its W&B tracker, and the result goes into the artifacts' metadata (what
+the KFP UI shows), ``step.json`` and the output parameters. Nothing here
+imports TensorFlow, Keras or W&B: compiling stays light.
+"""
+
+import functools
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from kfp import dsl
+from kfp.dsl import Input, Output
+
+from captioning import DEFAULT_IMAGE
+from captioning.parameters import PIPELINE_PRESET, PRESET_PARAMETER, PARAMETERS, parameter_type
+from captioning.workflow import STEPS, Step, upstream_of
+
+RUN_GROUP = "run_group"
+UPSTREAM_REF = "upstream_ref"
+# Set by pipeline.py where a volume keeps the COCO archives across runs (the raw-cache PVC).
+DOWNLOAD_CACHE_ENV = "CAPTIONING_DOWNLOAD_CACHE"
+
+
+def step_parameters(step: Step) -> list[str]:
+    """The pipeline parameters a step's component takes: those whose setting the step reads."""
+    return [name for name, key in PARAMETERS.items() if step.reads_key(key)]
+
+
+@functools.cache
+def _signature(name: str) -> inspect.Signature:
+    step = STEPS[name]
+    def param(name, annotation, default=inspect.Parameter.empty):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    params = [param(name, Input[getattr(dsl, STEPS[src].outputs[out].kind)])
+              for name, (src, out) in step.inputs.items()]
+    params += [param(name, Output[getattr(dsl, spec.kind)]) for name, spec in step.outputs.items()]
+    if upstream_of(step.name):
+        params.append(param(UPSTREAM_REF, str, ""))
+    params += [param(PRESET_PARAMETER, str, PIPELINE_PRESET), param(RUN_GROUP, str, "")]
+    params += [param(name, Optional[parameter_type(name)], None) for name in step_parameters(step)]
+    returns = NamedTuple("Outputs", list(step.returns.items()))
+    return inspect.Signature(params, return_annotation=returns)
+
+
+def _run_in_pod(step: Step, **kwargs):
+    """What every component does inside its container."""
+    from captioning.parameters import config_from_parameters
+    from captioning.tracking import StepTracker
+    from captioning.workflow import StepIO, read_result, returned, scratch_folder, write_result
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = {name: kwargs[name] for name in step_parameters(step)}
+    cfg = config_from_parameters(kwargs[PRESET_PARAMETER], **given)
+    if step.name == "log_raw_data" and os.environ.get(DOWNLOAD_CACHE_ENV):
+        cfg.data.download_cache = os.environ[DOWNLOAD_CACHE_ENV]
+    artifacts = {name: kwargs[name] for name in (*step.inputs, *step.outputs)}
+    inputs = {name: Path(kwargs[name].path) for name in step.inputs}
+    io = StepIO(inputs=inputs, outputs={name: Path(kwargs[name].path) for name in step.outputs},
+                scratch=scratch_folder(step.name), produced_by={name: read_result(p) for name, p in inputs.items()})
+    # Offline W&B files go to CAPTIONING_WANDB_DIR (e.g. a volume), else the pod's scratch.
+    wandb_root = Path(os.environ.get("CAPTIONING_WANDB_DIR") or io.scratch)
+    with StepTracker(cfg, step.name, wandb_root, kwargs[RUN_GROUP], [kwargs.get(UPSTREAM_REF, "")]) as tracker:
+        result = step.run(cfg, io, tracker)
+    for name, spec in step.outputs.items():
+        artifact = artifacts[name]
+        if spec.kind == "Metrics":  # the KFP UI's metrics view
+            for key, value in result.metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    artifact.log_metric(key, float(value))
+        elif name == step.result_output:
+            for key, value in {**result.metrics, "wandb_ref": result.extra.get("wandb_ref", "")}.items():
+                if isinstance(value, (int, float, str, bool)):
+                    artifact.metadata[key] = value
+    write_result(step, io, result)
+    values = returned(step, result)
+    return _signature(step.name).return_annotation(**values)
+
+
+def step_component(name: str):
+    """The KFP component of one step, on the project's image (``set_container_image`` overrides it per task)."""
+    step = STEPS[name]
+
+    signature = _signature(name)
+
+    def component(**kwargs):
+        arguments = signature.bind(**kwargs)  # what a written-out signature would do: refuse unknowns, fill defaults
+        arguments.apply_defaults()
+        return _run_in_pod(step, **arguments.arguments)
+
+    component.__name__ = component.__qualname__ = name
+    component.__doc__ = step.summary
+    component.__signature__ = signature
+    component.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    component.__annotations__["return"] = signature.return_annotation
+    return dsl.component(base_image=DEFAULT_IMAGE, target_image=DEFAULT_IMAGE)(component)

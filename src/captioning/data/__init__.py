@@ -1,0 +1,1 @@
+"""Getting COCO: resumable downloads, safe archive extraction, and the synthetic demo mirror."""

@@ -1,0 +1,230 @@
+"""The five steps as every runner runs them: what each reads and writes, and one function each.
+
+``STEPS[name].run(cfg, io, tracker)`` runs the library step (``captioning.steps``)
+and logs it to W&B (``captioning.tracking.records``). The in-process runner
+calls it with folders under the work dir; the KFP components (in pods, or in
+Docker under kfp.local) call it with their artifacts' paths. The declarations
+here are the wiring: ``inputs`` say which step's output feeds which input (the
+DAG in ``pipeline.py`` and the in-process runner both follow them), ``reads``
+says which settings a step uses (so which pipeline parameters its component
+takes), ``outputs`` name the artifacts and where the in-process runner puts them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import tempfile
+from base64 import b64encode
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from captioning.config import Config
+from captioning.errors import ConfigError
+from captioning.io import read_json, write_json_atomic
+from captioning.steps.result import StepResult
+from captioning.tracking import StepTracker
+
+# Every step reads the W&B settings.
+TRACKING_KEYS = ("wandb",)
+# Where a step writes its StepResult: into its first artifact folder, as this file.
+RESULT_FILE = "step.json"
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str  # the KFP artifact type: Dataset, Model, Metrics, HTML
+    local: str  # where the in-process runner puts it, relative to the work dir
+    folder: bool = True  # False: a single file (KFP's Metrics and HTML artifacts)
+
+
+@dataclass(frozen=True)
+class StepIO:
+    """The paths one run of a step works on."""
+
+    inputs: dict[str, Path]
+    outputs: dict[str, Path]
+    scratch: Path  # the step's own working folder; never an artifact
+    # Per input, the summary of the step that produced it (e.g. the model's W&B reference for promote).
+    produced_by: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    summary: str  # one line: the component's description
+    run: Callable[[Config, StepIO, StepTracker], StepResult]
+    reads: tuple[str, ...]  # configuration keys or whole sections
+    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)  # input -> (step, output)
+    outputs: dict[str, Output] = field(default_factory=dict)
+    returns: dict[str, type] = field(default_factory=lambda: {"wandb_ref": str})  # KFP output parameters
+    result_in: str = ""  # the output parameter holding the StepResult when the step has no artifact
+
+    def reads_key(self, key: str) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in (*self.reads, *TRACKING_KEYS))
+
+    @property
+    def result_output(self) -> str:
+        return self.result_in or next(iter(self.outputs))
+
+
+def write_result(step: Step, io: StepIO, result: StepResult) -> None:
+    """In a pod: the StepResult inside the step's first artifact, for the next steps and the Docker runner."""
+    if not step.result_in:
+        write_json_atomic(io.outputs[step.result_output] / RESULT_FILE, {"step": step.name, **result.summary()})
+
+
+def read_result(folder: Path) -> dict:
+    """The StepResult a pod left in an artifact folder; empty where none was written."""
+    path = Path(folder) / RESULT_FILE
+    return read_json(path, "step result") if path.is_file() else {}
+
+
+# ------------------------------------------------------------------ the steps
+
+
+def _log_raw_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
+    from captioning.steps.log_raw_data import log_raw_data
+    from captioning.tracking.records import record_log_raw_data
+
+    out = io.outputs["raw_data"]
+    result = log_raw_data(cfg.data, out)
+    return _tracked(result, record_log_raw_data(t, cfg, result, out))
+
+
+def _process_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
+    from captioning.steps.process_data import process_data
+    from captioning.tracking.records import record_process_data
+
+    out = io.outputs["processed"]
+    result = process_data(cfg, io.inputs["raw_data"], out)
+    return _tracked(result, record_process_data(t, cfg, result, out))
+
+
+def _train(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
+    from captioning.steps.train import train
+    from captioning.tracking.records import record_train, train_callbacks
+
+    dataset, model = io.inputs["processed"], io.outputs["model"]
+    # Checkpoints on a volume (train.checkpoint_dir) survive a pre-empted pod; otherwise the step's own folder.
+    work = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else io.scratch
+    result = train(cfg, dataset, work, callbacks=train_callbacks(t, cfg, dataset, work), model_dir=model)
+    return _tracked(result, record_train(t, result, model))
+
+
+def _evaluate(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
+    from captioning.steps.evaluate import evaluate
+    from captioning.tracking.records import record_evaluate
+
+    out = io.outputs["predictions"]
+    result = evaluate(cfg, io.inputs["model"], io.inputs["processed"], out, raw_dir=io.inputs["raw_data"])
+    metric = cfg.promote.metric
+    if metric not in result.metrics:
+        raise ConfigError(f"promote.metric={metric!r}: not among the evaluated metrics "
+                          f"({', '.join(sorted(result.metrics))})")
+    if io.outputs["metrics"] != out / "metrics.json":
+        shutil.copyfile(out / "metrics.json", io.outputs["metrics"])  # promote reads the scores from here
+    io.outputs["report"].write_text(html_report(out, result.extra["figures"]))
+    result.outputs["report"] = str(io.outputs["report"])
+    tracked = _tracked(result, record_evaluate(t, result, out))
+    tracked.returns["Output"] = float(result.metrics[metric])  # what the pipeline's promote gate compares
+    return tracked
+
+
+def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
+    from captioning.steps.promote import promote, promote_result
+    from captioning.tracking.records import promote_in_wandb_registry, record_promote
+
+    model = io.inputs["model"]
+    if t.online:  # the W&B Registry holds the production model
+        candidate = float(read_json(io.inputs["metrics"], "evaluate metrics")["metrics"][cfg.promote.metric])
+        model_ref = io.produced_by.get("model", {}).get("wandb_ref", "")
+        result = promote_result(cfg, promote_in_wandb_registry(t, cfg, candidate, model_ref))
+    else:
+        if not cfg.promote.registry:
+            raise ConfigError("promote.registry: no registry folder given (the pipeline parameter 'registry'), "
+                              "and wandb.mode is not online")
+        result = promote(cfg, model, io.inputs["metrics"], Path(cfg.promote.registry), io.scratch)
+    record_promote(t, result)
+    result.returns.update(promoted=bool(result.metrics["promoted"]), decision=json.dumps(result.summary()))
+    return result
+
+
+def _tracked(result: StepResult, wandb_ref: str) -> StepResult:
+    result.extra["wandb_ref"] = wandb_ref
+    result.returns["wandb_ref"] = wandb_ref
+    return result
+
+
+def html_report(out_dir: Path, figures: list[str]) -> str:
+    """evaluate's page for the KFP UI: metrics, attention figures, the first predictions."""
+    report, predictions = read_json(out_dir / "metrics.json"), read_json(out_dir / "predictions.json")
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in report["metrics"].items())
+    images = "".join(
+        f'<figure><img src="data:image/png;base64,{b64encode(Path(f).read_bytes()).decode()}" '
+        f'style="max-width:100%"></figure>' for f in figures)
+    preds = "".join(
+        f"<tr><td>{p['image_id']}</td><td>{html.escape(p['caption'])}</td>"
+        f"<td>{html.escape(' | '.join(p['references'][:3]))}</td><td>{p['CIDEr']:.3f}</td></tr>"
+        for p in predictions[:50])
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Captioning evaluation</title></head><body>"
+        f"<h1>Test split: {report['test_images']} images, {html.escape(report['decoder'])} decoding</h1>"
+        f"<table border=1><tr><th>metric</th><th>value</th></tr>{rows}</table>"
+        f"<p>Blind baseline caption: <em>{html.escape(report['baseline_caption'])}</em></p>"
+        f"<h2>Attention</h2>{images}"
+        f"<h2>Predictions</h2><table border=1><tr><th>image</th><th>caption</th><th>references</th>"
+        f"<th>CIDEr</th></tr>{preds}</table></body></html>")
+
+
+DOWNLOAD_KEYS = ("data.base_url", "data.files", "data.sha256", "data.retries", "data.retry_backoff_s",
+                 "data.timeout_s", "data.download_cache")
+SPLIT_KEYS = ("data.max_images", "data.seed", "data.val_images", "data.test_images")
+
+STEPS: dict[str, Step] = {s.name: s for s in (
+    Step("log_raw_data", "Fetch, verify and extract the COCO 2014 archives; the artifact is the extracted data "
+         "and its manifest.", _log_raw_data, reads=DOWNLOAD_KEYS,
+         outputs={"raw_data": Output("Dataset", "raw")}),
+    Step("process_data", "Clean and split the captions, build the vocabulary, extract InceptionV3 grid features.",
+         _process_data, reads=(*SPLIT_KEYS, "features", "text"),
+         inputs={"raw_data": ("log_raw_data", "raw_data")},
+         outputs={"processed": Output("Dataset", "processed")}),
+    Step("train", "Train the captioner; checkpoints go to checkpoint_dir (a volume or bucket) so a retried pod "
+         "resumes.", _train, reads=("train",),
+         inputs={"processed": ("process_data", "processed")},
+         outputs={"model": Output("Model", "train/model")}),
+    Step("evaluate", "Caption the test split, score it (BLEU, METEOR, ROUGE-L, CIDEr-D, blind baseline), draw "
+         "attention. ``Output`` is the score the promote gate reads (promote_metric); it keeps KFP's default name "
+         "because kfp.local 2.17 resolves only ``<task>-Output`` channels in ``dsl.If`` conditions.",
+         _evaluate, reads=("evaluate", "promote.metric"),
+         inputs={"model": ("train", "model"), "processed": ("process_data", "processed"),
+                 "raw_data": ("log_raw_data", "raw_data")},
+         outputs={"predictions": Output("Dataset", "evaluate"),
+                  "metrics": Output("Metrics", "evaluate/metrics.json", folder=False),
+                  "report": Output("HTML", "evaluate/report.html", folder=False)},
+         returns={"Output": float, "wandb_ref": str}),
+    Step("promote", "Promote the candidate if it beats the production model by the margin.", _promote,
+         reads=("promote.metric", "promote.margin", "promote.alias", "promote.collection", "promote.registry"),
+         inputs={"model": ("train", "model"), "metrics": ("evaluate", "metrics")},
+         returns={"promoted": bool, "decision": str}, result_in="decision"),
+)}
+
+
+def scratch_folder(step: str) -> Path:
+    """A pod's working folder for a step (lost with the pod)."""
+    return Path(tempfile.mkdtemp(prefix=f"{step}-"))
+
+
+def upstream_of(step: str) -> str:
+    """The step whose W&B artifact this step's run records as its upstream (the previous one)."""
+    names = list(STEPS)
+    return names[names.index(step) - 1] if names.index(step) else ""
+
+
+def returned(step: Step, result: StepResult) -> dict[str, Any]:
+    missing = set(step.returns) - set(result.returns)
+    if missing:
+        raise RuntimeError(f"{step.name} returned no {', '.join(sorted(missing))}")
+    return {name: result.returns[name] for name in step.returns}

@@ -74,17 +74,17 @@ class BuildOptions:
         from captioning.config import PRESETS
 
         if self.target not in ACCELERATORS:
-            raise ValueError(f"target {self.target!r}: choose kubeflow or vertex")
+            raise ValueError(f"--target {self.target!r}: choose kubeflow or vertex")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
         if self.target == "vertex" and not re.fullmatch(r"(NVIDIA|TPU)_[A-Z0-9_]+", self.accelerator):
-            raise ValueError(f"accelerator {self.accelerator!r}: Vertex AI names accelerators like NVIDIA_L4, "
+            raise ValueError(f"--accelerator-type {self.accelerator!r}: Vertex AI names accelerators like NVIDIA_L4, "
                              "NVIDIA_TESLA_T4, NVIDIA_H100_80GB")
         if self.target == "kubeflow" and "/" not in self.accelerator:
-            raise ValueError(f"accelerator {self.accelerator!r}: Kubernetes names accelerators as extended "
+            raise ValueError(f"--accelerator-type {self.accelerator!r}: Kubernetes names accelerators as extended "
                              "resources, like nvidia.com/gpu or amd.com/gpu")
         if self.gpu_node_selector and "=" not in self.gpu_node_selector:
-            raise ValueError(f"gpu_node_selector {self.gpu_node_selector!r}: expected KEY=VALUE")
+            raise ValueError(f"--gpu-node-selector {self.gpu_node_selector!r}: expected KEY=VALUE")
 
 
 def pipeline_signature(preset: str) -> inspect.Signature:
@@ -176,17 +176,16 @@ def compile_pipeline(output, options: BuildOptions = BuildOptions()) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python pipeline.py ...`` is ``captioning compile ...``: one set of options, one command."""
-    import click
+    import typer
 
     from captioning.cli import app
 
+    command = typer.main.get_command(app).commands["compile"]
     try:
-        code = app(["compile", *(sys.argv[1:] if argv is None else argv)], prog_name="pipeline.py",
-                   standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return code if isinstance(code, int) else 0
+        command.main(sys.argv[1:] if argv is None else argv, prog_name="pipeline.py")  # exits, as a CLI does
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -55,6 +55,19 @@ def _signature(name: str) -> inspect.Signature:
     return inspect.Signature(params, return_annotation=returns)
 
 
+def _input_path(artifact) -> Path:
+    """Where an input artifact is; a Metrics artifact without its file (one written before evaluate
+    kept its scores there, e.g. from the KFP cache) is rebuilt from its metadata."""
+    import json
+    import tempfile
+
+    path = Path(artifact.path)
+    if artifact.schema_title == "system.Metrics" and not path.is_file():
+        path = Path(tempfile.mkdtemp(prefix="metrics-")) / "metrics.json"
+        path.write_text(json.dumps({"metrics": dict(artifact.metadata)}))
+    return path
+
+
 def _run_in_pod(step: Step, **kwargs):
     """What every component does inside its container."""
     from captioning.parameters import config_from_parameters
@@ -67,7 +80,7 @@ def _run_in_pod(step: Step, **kwargs):
     if step.name == "log_raw_data" and os.environ.get(DOWNLOAD_CACHE_ENV):
         cfg.data.download_cache = os.environ[DOWNLOAD_CACHE_ENV]
     artifacts = {name: kwargs[name] for name in (*step.inputs, *step.outputs)}
-    inputs = {name: Path(kwargs[name].path) for name in step.inputs}
+    inputs = {name: _input_path(kwargs[name]) for name in step.inputs}
     io = StepIO(inputs=inputs, outputs={name: Path(kwargs[name].path) for name in step.outputs},
                 scratch=scratch_folder(step.name), produced_by={name: read_result(p) for name, p in inputs.items()})
     # Offline W&B files go to CAPTIONING_WANDB_DIR (e.g. a volume), else the pod's scratch.

@@ -7,4 +7,3 @@ in-process runner and the KFP components all call the same functions.
 __version__ = "0.1.0"  # the one place: pyproject.toml, the image tag and the components read it
 
 DEFAULT_IMAGE = f"captioning:{__version__}"
-STEPS = ("log_raw_data", "process_data", "train", "evaluate", "promote")

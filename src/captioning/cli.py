@@ -143,7 +143,8 @@ def caption(
 BUILD_PANEL = "Building the pipeline"
 
 
-def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = None):
+def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = None,
+                       unpanelled: tuple[str, ...] = ()):
     """Give a command every field of ``pipeline.BuildOptions`` as an option; it receives them as ``build``.
 
     The build options are declared once, in ``BuildOptions``: ``compile``, ``submit``
@@ -159,7 +160,8 @@ def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = No
             flag = "--" + field.name.replace("_", "-")
             default = ... if field.name in required else field.default
             option = typer.Option(default, flag, help=meta["help"], envvar=meta.get("envvar"), min=meta.get("min"),
-                                  rich_help_panel=panel, show_default=field.name not in required)
+                                  rich_help_panel=None if field.name in unpanelled else panel,
+                                  show_default=field.name not in required)
             options.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                              annotation=field.type))
 
@@ -196,7 +198,7 @@ SUBMIT_PACKAGE = "Package"
 
 
 @app.command()
-@with_build_options(required=("target",), panel=SUBMIT_PACKAGE)
+@with_build_options(required=("target",), panel=SUBMIT_PACKAGE, unpanelled=("target", "preset"))
 def submit(
     build,
     set_: List[str] = typer.Option([], "--set", help="A setting as section.key=value; becomes a runtime parameter."),

@@ -121,13 +121,22 @@ class EvaluateConfig(Section):
 
 
 class PromoteConfig(Section):
-    metric: str = "CIDEr"
+    metric: str = Field("CIDEr", description="The evaluate metric that decides: BLEU-1..4, METEOR, ROUGE-L or CIDEr.")
     margin: float = Field(0.0, ge=0, description="Promote only when candidate > production + margin.")
     alias: str = "production"
     collection: str = Field("captioning-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             description="Registry collection the model is linked into.")
     registry: str = Field("", description="Local registry folder; empty: <workdir>/registry.")
     min_metric: float = Field(0.0, description="The pipeline's gate: evaluate's metric must exceed this.")
+
+    @field_validator("metric")
+    @classmethod
+    def _evaluated(cls, value: str) -> str:
+        from captioning.metrics import METRIC_KEYS
+
+        if value not in METRIC_KEYS:
+            raise ValueError(f"not a metric evaluate computes; choose one of {', '.join(METRIC_KEYS)}")
+        return value
 
 
 class WandbConfig(Section):

@@ -35,9 +35,8 @@ RESULT_FILE = "step.json"
 
 @dataclass(frozen=True)
 class Output:
-    kind: str  # the KFP artifact type: Dataset, Model, Metrics, HTML
+    kind: str  # the KFP artifact type: Dataset, Model, Metrics (a file), HTML (a file)
     local: str  # where the in-process runner puts it, relative to the work dir
-    folder: bool = True  # False: a single file (KFP's Metrics and HTML artifacts)
 
 
 @dataclass(frozen=True)
@@ -202,8 +201,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          inputs={"model": ("train", "model"), "processed": ("process_data", "processed"),
                  "raw_data": ("log_raw_data", "raw_data")},
          outputs={"predictions": Output("Dataset", "evaluate"),
-                  "metrics": Output("Metrics", "evaluate/metrics.json", folder=False),
-                  "report": Output("HTML", "evaluate/report.html", folder=False)},
+                  "metrics": Output("Metrics", "evaluate/metrics.json"),
+                  "report": Output("HTML", "evaluate/report.html")},
          returns={"Output": float, "wandb_ref": str}),
     Step("promote", "Promote the candidate if it beats the production model by the margin.", _promote,
          reads=("promote.metric", "promote.margin", "promote.alias", "promote.collection", "promote.registry"),

@@ -31,12 +31,14 @@ def _latest_run(root: Path, since: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
+def _output_parameter(task_dir: Path, name: str):
+    output = task_dir / EXECUTOR_OUTPUT
+    return json.loads(output.read_text()).get("parameterValues", {}).get(name) if output.is_file() else None
+
+
 def _step_result(step: Step, task_dir: Path) -> dict | None:
     if step.result_in:
-        output = task_dir / EXECUTOR_OUTPUT
-        if not output.is_file():
-            return None
-        value = json.loads(output.read_text()).get("parameterValues", {}).get(step.result_in)
+        value = _output_parameter(task_dir, step.result_in)
         return json.loads(value) if value else None
     return read_result(task_dir / step.result_output) or None
 
@@ -45,18 +47,25 @@ def collect_summary(run_dir: Path | None, cfg: Config) -> dict:
     steps: dict[str, dict] = {}
     failed = None
     for name, step in STEPS.items():
-        found = _step_result(step, run_dir / name.replace("_", "-")) if run_dir else None
+        task_dir = run_dir / name.replace("_", "-") if run_dir else None
+        found = _step_result(step, task_dir) if task_dir else None
         if found:
             found.pop("step", None)
             steps[name] = found
-        elif failed or name == "promote":
-            steps[name] = {"status": "skipped" if not failed else "failed",
-                           "reason": f"{failed} failed" if failed else "the gate did not open",
-                           "metrics": {}, "outputs": {}}
-        else:
-            failed = name
-            steps[name] = {"status": "failed", "error": "the container left no result (see its log above)",
-                           "metrics": {}, "outputs": {}}
+            continue
+        if failed:
+            steps[name] = {"status": "failed", "reason": f"{failed} failed", "metrics": {}, "outputs": {}}
+            continue
+        if name == "promote":  # behind the gate: skipped when evaluate's score did not exceed min_score
+            score = _output_parameter(run_dir / "evaluate", "Output")
+            if score is not None and float(score) <= cfg.promote.min_metric:
+                steps[name] = {"status": "skipped", "reason": f"the gate did not open ({cfg.promote.metric} "
+                               f"{float(score):.4f} <= min_score {cfg.promote.min_metric})", "metrics": {},
+                               "outputs": {}}
+                continue
+        failed = name
+        steps[name] = {"status": "failed", "error": "the container left no result (see its log above)",
+                       "metrics": {}, "outputs": {}}
     status = "failed" if any(s["status"] == "failed" for s in steps.values()) else "ok"
     return {"runner": "docker", "run_dir": str(run_dir) if run_dir else None, "config": cfg.model_dump(mode="json"),
             "steps": steps, "status": status}
@@ -72,6 +81,11 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str) -> 
     root = work / "kfp-root"
     registry = root / "registry"
     registry.mkdir(parents=True, exist_ok=True)
+    # Only the pipeline root is mounted into the containers: a folder elsewhere would be written inside one.
+    for key, value in (("promote.registry", cfg.promote.registry), ("train.checkpoint_dir", cfg.train.checkpoint_dir)):
+        if value and not Path(value).resolve().is_relative_to(root):
+            raise CaptioningError(f"{key}={value}: with --runner docker only {root} is mounted into the "
+                                  f"containers; leave it empty or put it under that folder")
     try:
         client = docker.from_env()
         client.ping()

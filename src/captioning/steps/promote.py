@@ -107,5 +107,6 @@ def promote(cfg: Config, model_dir: str | Path, metrics_file: str | Path, regist
 def promote_result(cfg: Config, decision: dict) -> StepResult:
     """The step's result from a decision, whichever registry made it (local folder or W&B Registry)."""
     decision = {"metric": cfg.promote.metric, "margin": cfg.promote.margin, "alias": cfg.promote.alias, **decision}
-    metrics = {key: decision[key] for key in ("promoted", "candidate", "production", "metric")}
+    metrics = {key: decision[key] for key in ("promoted", "candidate", "production", "metric", "registry")
+               if key in decision}
     return StepResult(metrics=metrics, extra=decision)

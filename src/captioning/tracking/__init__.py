@@ -5,7 +5,8 @@ one; ``offline`` writes runs under ``<workdir>/wandb`` (syncable later with
 ``wandb sync``: the artifact staging folder ``WANDB_DATA_DIR`` sits beside
 them); ``disabled`` logs nothing. ``WANDB_MODE`` in the environment overrides
 the setting. The pipeline's data never flows through W&B, so results are the
-same in every mode. Calls that need the server live in ``wandb_online``.
+same in every mode. Calls that need the server live in ``tracking.online``;
+what each step logs, in ``tracking.records``.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _run_in_pod(step: Step, **kwargs):
     """What every component does inside its container."""
     from captioning.parameters import config_from_parameters
     from captioning.tracking import StepTracker
-    from captioning.workflow import StepIO, read_result, returned, scratch_folder, write_result
+    from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, write_result
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {name: kwargs[name] for name in step_parameters(step)}
@@ -86,14 +86,17 @@ def _run_in_pod(step: Step, **kwargs):
     # Offline W&B files go to CAPTIONING_WANDB_DIR (e.g. a volume), else the pod's scratch.
     wandb_root = Path(os.environ.get("CAPTIONING_WANDB_DIR") or io.scratch)
     with StepTracker(cfg, step.name, wandb_root, kwargs[RUN_GROUP], [kwargs.get(UPSTREAM_REF, "")]) as tracker:
-        result = step.run(cfg, io, tracker)
+        result = run_step(step, cfg, io, tracker)
     for name, spec in step.outputs.items():
         artifact = artifacts[name]
         if spec.kind == "Metrics":  # the KFP UI's metrics view
             for key, value in result.metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     artifact.log_metric(key, float(value))
-        elif name == step.result_output:
+            continue
+        figures = result.extra["artifacts"]["outputs"][name]  # what the pod uploads, for the KFP UI
+        artifact.metadata.update(artifact_files=figures["files"], artifact_bytes=figures["bytes"])
+        if name == step.result_output:
             for key, value in {**result.metrics, "wandb_ref": result.extra.get("wandb_ref", "")}.items():
                 if isinstance(value, (int, float, str, bool)):
                     artifact.metadata[key] = value

@@ -43,6 +43,13 @@ def test_artifact_metadata_shows_what_a_user_wants(chain):
     assert chain["processed"].metadata["images"] == 66 and chain["processed"].metadata["skipped_files"] == 4
     assert chain["model"].metadata["epochs"] == 2
     assert {"BLEU-4", "CIDEr", "METEOR", "baseline_CIDEr"} <= set(chain["metrics"].metadata)
+    processed = Path(chain["processed"].path)  # what the pod uploads, in the metadata the KFP UI shows
+    on_disk = [p for p in processed.rglob("*") if p.is_file() and p.name != "step.json"]
+    assert chain["processed"].metadata["artifact_files"] == len(on_disk)
+    assert chain["processed"].metadata["artifact_bytes"] == sum(p.stat().st_size for p in on_disk)
+    record = json.loads((processed / "step.json").read_text())
+    assert record["artifacts"]["outputs"]["processed"]["files"] == len(on_disk)
+    assert record["artifacts"]["inputs"]["raw_data"]["files"] == chain["raw"].metadata["artifact_files"]
 
 
 def test_outputs_are_folders_the_next_step_reads(chain):

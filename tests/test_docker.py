@@ -63,6 +63,10 @@ def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
     assert summary["runner"] == "docker"
     assert {n: s["status"] for n, s in summary["steps"].items()} == dict.fromkeys(summary["steps"], "ok")
     assert summary["steps"]["process_data"]["metrics"]["skipped_files"] == 4
+    raw = summary["steps"]["log_raw_data"]["artifacts"]["outputs"]["raw_data"]  # what each container moved
+    assert raw["files"] > 0 and summary["steps"]["process_data"]["artifacts"]["inputs"]["raw_data"] == raw
+    assert summary["steps"]["promote"]["artifacts"]["inputs"]["model"] == \
+        summary["steps"]["train"]["artifacts"]["outputs"]["model"]
     metrics = summary["steps"]["evaluate"]["metrics"]
     assert metrics["CIDEr"] >= 2 * metrics["baseline_CIDEr"]
     assert summary["steps"]["promote"]["metrics"]["promoted"] is True

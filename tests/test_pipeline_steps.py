@@ -62,6 +62,25 @@ def test_evaluate_reports_coco_metrics_baseline_and_figures(pipeline_run):
     assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
 
 
+def test_the_summary_shows_what_each_step_moves(pipeline_run):
+    """Per step, the files and bytes of each artifact it read and wrote, under the components' names."""
+    from captioning.workflow import STEPS
+
+    steps = pipeline_run["summary"]["steps"]
+    for name, step in STEPS.items():
+        moved = steps[name]["artifacts"]
+        assert set(moved["inputs"]) == set(step.inputs) and set(moved["outputs"]) == set(step.outputs), name
+        for figures in (*moved["inputs"].values(), *moved["outputs"].values()):
+            assert figures["files"] >= 1 and figures["bytes"] > 0, (name, figures)
+        for input_name, (source, output) in step.inputs.items():  # what one step wrote is what the next reads
+            assert moved["inputs"][input_name] == steps[source]["artifacts"]["outputs"][output], (name, input_name)
+    evaluate = steps["evaluate"]["artifacts"]["outputs"]
+    assert evaluate["metrics"]["files"] == 1 and evaluate["report"]["files"] == 1
+    predictions = Path(pipeline_run["work"]) / "evaluate"
+    on_disk = sum(1 for p in predictions.rglob("*") if p.is_file())
+    assert evaluate["predictions"]["files"] == on_disk - 2  # metrics.json and report.html counted once, apart
+
+
 def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
     from captioning.steps.promote import LocalRegistry, decide, promote
 

@@ -69,6 +69,36 @@ class Step:
         return self.result_in or next(iter(self.outputs))
 
 
+def run_step(step: Step, cfg: Config, io: StepIO, tracker: StepTracker) -> StepResult:
+    """Run a step and record what it moved: every runner goes through here."""
+    result = step.run(cfg, io, tracker)
+    result.extra["artifacts"] = artifact_figures(io)
+    return result
+
+
+def _tree_size(path: Path, leave_out: list[Path]) -> dict[str, int]:
+    if path.is_file():
+        return {"files": 1, "bytes": path.stat().st_size}
+    files = [p for p in path.rglob("*") if p.is_file() and not any(p.is_relative_to(o) for o in leave_out)] \
+        if path.is_dir() else []
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def artifact_figures(io: StepIO) -> dict[str, dict[str, dict[str, int]]]:
+    """Files and bytes of each artifact the step read and wrote: what a cluster copies in and out of its pod.
+
+    An output folder's figures leave out the step's other outputs inside it (in-process, evaluate's
+    metrics.json and report.html sit in its predictions folder); the step.json a pod adds is not counted.
+    """
+    outputs = list(io.outputs.values())
+    return {
+        "inputs": {name: _tree_size(path, [path / RESULT_FILE]) for name, path in io.inputs.items()},
+        "outputs": {name: _tree_size(path, [path / RESULT_FILE] + [o for o in outputs if o != path
+                                                                    and o.is_relative_to(path)])
+                    for name, path in io.outputs.items()},
+    }
+
+
 def write_result(step: Step, io: StepIO, result: StepResult) -> None:
     """In a pod: the StepResult inside the step's first artifact, for the next steps and the Docker runner."""
     if not step.result_in:

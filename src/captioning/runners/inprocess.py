@@ -17,7 +17,7 @@ from captioning.errors import CaptioningError
 from captioning.io import write_json_atomic
 from captioning.steps.result import StepResult
 from captioning.tracking import StepTracker, new_group
-from captioning.workflow import STEPS, StepIO, upstream_of
+from captioning.workflow import STEPS, StepIO, run_step, upstream_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
         upstream = done[upstream_of(name)].returns.get("wandb_ref", "") if upstream_of(name) else ""
         try:
             with StepTracker(cfg, name, work, group, [upstream]) as tracker:
-                result = step.run(cfg, step_io(name, work, done), tracker)
+                result = run_step(step, cfg, step_io(name, work, done), tracker)
         except CaptioningError as exc:
             result = StepResult(status="failed", extra={"error": str(exc)})
         except Exception as exc:  # keep the summary honest even on a bug

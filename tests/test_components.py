@@ -70,6 +70,7 @@ def test_evaluate_returns_the_gate_score_and_an_html_report(chain):
 def test_promote_decides_against_the_registry(chain):
     promoted, decision = chain["out"]["promote"]
     assert promoted is True and json.loads(decision)["production"] is None
+    assert json.loads(decision)["artifacts"]["inputs"]["model"]["files"] == chain["model"].metadata["artifact_files"]
     aliases = json.loads((chain["root"] / "registry" / "captioning-model" / "aliases.json").read_text())
     assert aliases == {"production": "v1"}
 

@@ -73,6 +73,8 @@ def run_step(step: Step, cfg: Config, io: StepIO, tracker: StepTracker) -> StepR
     """Run a step and record what it moved: every runner goes through here."""
     result = step.run(cfg, io, tracker)
     result.extra["artifacts"] = artifact_figures(io)
+    if step.result_in:  # a step without artifacts hands its whole result on as an output parameter
+        result.returns[step.result_in] = json.dumps(result.summary())
     return result
 
 
@@ -177,7 +179,7 @@ def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
                               "and wandb.mode is not online")
         result = promote(cfg, model, io.inputs["metrics"], Path(cfg.promote.registry), io.scratch)
     record_promote(t, result)
-    result.returns.update(promoted=bool(result.metrics["promoted"]), decision=json.dumps(result.summary()))
+    result.returns["promoted"] = bool(result.metrics["promoted"])
     return result
 
 

@@ -15,6 +15,7 @@ imports TensorFlow, Keras or W&B: compiling stays light.
 
 import functools
 import inspect
+import json
 import logging
 import os
 from pathlib import Path
@@ -31,6 +32,8 @@ RUN_GROUP = "run_group"
 UPSTREAM_REF = "upstream_ref"
 # Set by pipeline.py where a volume keeps the COCO archives across runs (the raw-cache PVC).
 DOWNLOAD_CACHE_ENV = "CAPTIONING_DOWNLOAD_CACHE"
+# Every component's own output: its W&B run files when wandb.mode=offline, kept for a later `wandb sync`.
+WANDB_RUN = "wandb_run"
 
 
 def step_parameters(step: Step) -> list[str]:
@@ -47,6 +50,7 @@ def _signature(name: str) -> inspect.Signature:
     params = [param(name, Input[getattr(dsl, STEPS[src].outputs[out].kind)])
               for name, (src, out) in step.inputs.items()]
     params += [param(name, Output[getattr(dsl, spec.kind)]) for name, spec in step.outputs.items()]
+    params.append(param(WANDB_RUN, Output[dsl.Artifact]))
     if upstream_of(step.name):
         params.append(param(UPSTREAM_REF, str, ""))
     params += [param(PRESET_PARAMETER, str, PIPELINE_PRESET), param(RUN_GROUP, str, "")]
@@ -58,7 +62,6 @@ def _signature(name: str) -> inspect.Signature:
 def _input_path(artifact) -> Path:
     """Where an input artifact is; a Metrics artifact without its file (one written before evaluate
     kept its scores there, e.g. from the KFP cache) is rebuilt from its metadata."""
-    import json
     import tempfile
 
     path = Path(artifact.path)
@@ -72,7 +75,7 @@ def _run_in_pod(step: Step, **kwargs):
     """What every component does inside its container."""
     from captioning.parameters import config_from_parameters
     from captioning.tracking import StepTracker
-    from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, write_result
+    from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, tree_size, write_result
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {name: kwargs[name] for name in step_parameters(step)}
@@ -82,11 +85,22 @@ def _run_in_pod(step: Step, **kwargs):
     artifacts = {name: kwargs[name] for name in (*step.inputs, *step.outputs)}
     inputs = {name: _input_path(kwargs[name]) for name in step.inputs}
     io = StepIO(inputs=inputs, outputs={name: Path(kwargs[name].path) for name in step.outputs},
-                scratch=scratch_folder(step.name), produced_by={name: read_result(p) for name, p in inputs.items()})
-    # Offline W&B files go to CAPTIONING_WANDB_DIR (e.g. a volume), else the pod's scratch.
-    wandb_root = Path(os.environ.get("CAPTIONING_WANDB_DIR") or io.scratch)
-    with StepTracker(cfg, step.name, wandb_root, kwargs[RUN_GROUP], [kwargs.get(UPSTREAM_REF, "")]) as tracker:
+                scratch=scratch_folder(step.name), produced_by={name: read_result(p) for name, p in inputs.items()},
+                uris={name: artifact.uri for name, artifact in artifacts.items()})
+    tracker = StepTracker(cfg, step.name, io.scratch, kwargs[RUN_GROUP], [kwargs.get(UPSTREAM_REF, "")])
+    wandb_run = kwargs[WANDB_RUN]
+    if tracker.mode == "offline":  # the run outlives the pod in its own artifact, for `wandb sync` later
+        tracker.workdir = Path(os.environ.get("CAPTIONING_WANDB_DIR") or wandb_run.path)
+    with tracker:
         result = run_step(step, cfg, io, tracker)
+    Path(wandb_run.path).mkdir(parents=True, exist_ok=True)  # empty unless offline: nothing to sync
+    figures = tree_size(Path(wandb_run.path))
+    result.extra["artifacts"]["outputs"][WANDB_RUN] = figures
+    if step.result_in:  # the result handed on as a parameter carries the figures too
+        result.returns[step.result_in] = json.dumps(result.summary())
+    wandb_run.metadata.update(mode=tracker.mode, artifact_files=figures["files"], artifact_bytes=figures["bytes"],
+                              sync="wandb sync <this artifact>/wandb/wandb/offline-run-*"
+                              if tracker.mode == "offline" else "")
     for name, spec in step.outputs.items():
         artifact = artifacts[name]
         if spec.kind == "Metrics":  # the KFP UI's metrics view

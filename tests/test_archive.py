@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from captioning.data.archive import safe_extract
+from captioning.data.archive import ArchiveImages, index_archive
 from captioning.errors import DataError, UnsafeArchiveError
 
 
@@ -34,13 +34,10 @@ def symlink_entry(name, target):
 )
 def test_hostile_entries_refuse_the_whole_archive(tmp_path, hostile, why):
     archive = make_zip(tmp_path / "evil.zip", [("train2014/ok.jpg", b"fine"), (hostile, b"pwned")])
-    target = tmp_path / "work" / "extracted"
     with pytest.raises(UnsafeArchiveError) as err:
-        safe_extract(archive, target, "sha")
+        index_archive(archive)
     assert "evil.zip" in str(err.value) and why in str(err.value) and hostile in str(err.value)
-    # nothing was written: not the good entry, not the hostile one
-    assert not (target / "train2014").exists()
-    assert not (tmp_path / "work" / "escape.txt").exists() and not (tmp_path / "escape.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.zip"]  # nothing was written anywhere
 
 
 def test_symlink_entries_are_refused(tmp_path):
@@ -49,23 +46,40 @@ def test_symlink_entries_are_refused(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr(info, target_name)
     with pytest.raises(UnsafeArchiveError, match="symbolic link"):
-        safe_extract(archive, tmp_path / "out", "sha")
+        index_archive(archive)
 
 
-def test_extraction_is_idempotent(tmp_path):
-    archive = make_zip(tmp_path / "a.zip", [("train2014/a.jpg", b"1"), ("train2014/b.jpg", b"2")])
-    target = tmp_path / "out"
-    assert safe_extract(archive, target, "sha-1") == ["train2014"]
-    (target / "train2014" / "a.jpg").write_bytes(b"touched")
-    safe_extract(archive, target, "sha-1")  # same archive: nothing extracted again
-    assert (target / "train2014" / "a.jpg").read_bytes() == b"touched"
-    safe_extract(archive, target, "sha-2")  # another archive version: extracted afresh
-    assert (target / "train2014" / "a.jpg").read_bytes() == b"1"
-    assert not list(target.glob(".staging*"))
+def test_index_counts_files_and_images_per_top_level_folder(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", [("train2014/", b""), ("train2014/a.jpg", b"1"), ("train2014/b.PNG", b"2"),
+                                            ("train2014/notes.txt", b"3"), ("annotations/c.json", b"{}")])
+    assert index_archive(archive) == {"annotations": {"files": 1, "images": 0},
+                                      "train2014": {"files": 3, "images": 2}}
+
+
+def test_images_are_read_by_member_without_extracting(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", [("train2014/a.jpg", b"one"), ("train2014/b.jpg", b"two")])
+    images = ArchiveImages({"train2014": archive})
+    assert images.read("train2014/b.jpg") == b"two" and images.read("train2014/a.jpg") == b"one"
+    for missing in ("train2014/c.jpg", "val2014/a.jpg", "train2014/../a.jpg"):
+        with pytest.raises(FileNotFoundError):
+            images.read(missing)
+        assert images.read_or_empty(missing) == b""
+    assert images.where("train2014/a.jpg") == "a.zip:train2014/a.jpg"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
+def test_a_damaged_member_is_an_error_naming_the_archive(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", [("train2014/a.jpg", b"x" * 1000)])
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"x" * 1000)
+    data[at:at + 10] = b"y" * 10  # the stored bytes no longer match their CRC
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"a.zip:train2014/a.jpg"):
+        ArchiveImages({"train2014": archive}).read("train2014/a.jpg")
 
 
 def test_not_a_zip(tmp_path):
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"<html>not a zip</html>")
     with pytest.raises(DataError, match="bad.zip: not a valid zip archive"):
-        safe_extract(bad, tmp_path / "out", "sha")
+        index_archive(bad)

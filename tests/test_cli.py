@@ -26,8 +26,9 @@ def test_run_on_a_loopback_mirror_writes_the_summary(http_mirror, small_mirror, 
     assert data["metrics"]["val_images"] == 5 and data["metrics"]["test_images"] == 5
     assert data["metrics"]["captions"] >= 4 * data["metrics"]["images"]
     assert all(set(s) == {"file", "reason"} for s in data["skipped"])
-    assert (tmp_path / "work" / "processed" / "dataset.json").is_file()
-    assert data["outputs"]["dataset"] == str(tmp_path / "work" / "processed")
+    for part in ("train", "test"):
+        assert (tmp_path / "work" / "processed" / part / "dataset.json").is_file()
+        assert data["outputs"][f"{part}_data"] == str(tmp_path / "work" / "processed" / part)
     # everything stayed in the work dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "work"]
 

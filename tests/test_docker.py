@@ -63,8 +63,13 @@ def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
     assert summary["runner"] == "docker"
     assert {n: s["status"] for n, s in summary["steps"].items()} == dict.fromkeys(summary["steps"], "ok")
     assert summary["steps"]["process_data"]["metrics"]["skipped_files"] == 4
-    raw = summary["steps"]["log_raw_data"]["artifacts"]["outputs"]["raw_data"]  # what each container moved
-    assert raw["files"] > 0 and summary["steps"]["process_data"]["artifacts"]["inputs"]["raw_data"] == raw
+    steps = summary["steps"]
+    raw = steps["log_raw_data"]["artifacts"]["outputs"]["raw_data"]  # what each container moved
+    assert 0 < raw["files"] <= 10 and steps["process_data"]["artifacts"]["inputs"]["raw_data"] == raw
+    produced = steps["process_data"]["artifacts"]["outputs"]
+    assert steps["train"]["artifacts"]["inputs"] == {"train_data": produced["train_data"]}
+    assert steps["evaluate"]["artifacts"]["inputs"] == {"model": steps["train"]["artifacts"]["outputs"]["model"],
+                                                        "test_data": produced["test_data"]}
     assert summary["steps"]["promote"]["artifacts"]["inputs"]["model"] == \
         summary["steps"]["train"]["artifacts"]["outputs"]["model"]
     metrics = summary["steps"]["evaluate"]["metrics"]
@@ -75,8 +80,10 @@ def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
     assert (model / "captioner.keras").is_file()
     assert model.stat().st_uid == os.getuid()  # containers ran as the host user: outputs are ours
     assert (run_dir / "evaluate" / "report").read_text().startswith("<!doctype html>")
-    offline_runs = list((work / "kfp-root" / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 5  # one W&B run per container, kept on the host
+    # one W&B run per container, kept on the host in the step's wandb_run artifact
+    offline_runs = list(run_dir.glob("*/wandb_run/wandb/wandb/offline-run-*"))
+    assert sorted(p.parts[-5] for p in offline_runs) == sorted(n.replace("_", "-") for n in steps)
+    assert all(s["artifacts"]["outputs"]["wandb_run"]["files"] > 0 for s in steps.values())
 
     # The model trained in a container captions on the host.
     from captioning.data.demo import draw_scene

@@ -53,13 +53,19 @@ def test_typed_artifacts_flow_between_steps(kubeflow):
         section = comps[f"comp-{comp}"].get(f"{io}Definitions", {}).get("artifacts", {})
         return {name: spec["artifactType"]["schemaTitle"] for name, spec in section.items()}
 
-    assert artifacts("log-raw-data", "output") == {"raw_data": "system.Dataset"}
+    run = {"wandb_run": "system.Artifact"}  # every step's offline W&B run, kept for `wandb sync`
+    assert artifacts("log-raw-data", "output") == {"raw_data": "system.Dataset", **run}
     assert artifacts("process-data", "input") == {"raw_data": "system.Dataset"}
-    assert artifacts("process-data", "output") == {"processed": "system.Dataset"}
-    assert artifacts("train", "output") == {"model": "system.Model"}
+    assert artifacts("process-data", "output") == {"train_data": "system.Dataset", "test_data": "system.Dataset",
+                                                   **run}
+    assert artifacts("train", "input") == {"train_data": "system.Dataset"}  # not the test split
+    assert artifacts("train", "output") == {"model": "system.Model", **run}
+    # evaluate reads the test split and the model: nothing of train/val, nothing raw
+    assert artifacts("evaluate", "input") == {"model": "system.Model", "test_data": "system.Dataset"}
     assert artifacts("evaluate", "output") == {"metrics": "system.Metrics", "predictions": "system.Dataset",
-                                               "report": "system.HTML"}
+                                               "report": "system.HTML", **run}
     assert artifacts("promote", "input") == {"model": "system.Model", "metrics": "system.Metrics"}
+    assert artifacts("promote", "output") == run
     outputs = comps["comp-process-data"]["outputDefinitions"]["parameters"]
     assert outputs["wandb_ref"]["parameterType"] == "STRING"  # W&B references travel as strings
     assert comps["comp-evaluate"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "NUMBER_DOUBLE"

@@ -13,6 +13,7 @@ import pytest
 from captioning.config import load_config
 from captioning.errors import ConfigError
 from conftest import captioning_cli
+from helpers.wandb_offline import leet_records, logged_artifacts, references
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +147,7 @@ def test_resuming_with_other_sizes_names_the_checkpoint(pipeline_run):
     work, cfg = pipeline_run["work"], pipeline_run["cfg"]
     bigger = cfg.model_copy(update={"train": cfg.train.model_copy(update={"units": 48})})
     with pytest.raises(ConfigError, match=r"checkpoints: the checkpoint was written with other model sizes: units=48 \(checkpoint: 32\)"):
-        train(bigger, work / "processed", work / "train")
+        train(bigger, work / "processed" / "train", work / "train")
     assert json.loads((work / "train" / "model" / "meta.json").read_text())["config"]["train"]["units"] == 32
 
 
@@ -185,15 +186,6 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
 # ---------------------------------------------------------------- W&B, read back offline
 
 
-def leet_records(run_dir):
-    import json as _json
-
-    exe = str(Path(sys.executable).parent / "wandb")
-    proc = subprocess.run([exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return [_json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
 @pytest.fixture(scope="module")
 def wandb_runs(pipeline_run):
     runs = {}
@@ -215,19 +207,23 @@ def test_one_offline_run_per_step_in_one_group(pipeline_run, wandb_runs):
 
 
 def _artifacts(entry):
-    return {r["artifact"]["name"]: r["artifact"] for r in entry["records"] if r["type"] == "artifact"}
+    return logged_artifacts(entry["records"])
 
 
 def _history_keys(entry):
     return {k for r in entry["records"] if r["type"] == "history" for k in r["history"]["item"]}
 
 
-def test_artifacts_and_offline_lineage(wandb_runs):
+def test_artifacts_and_offline_lineage(pipeline_run, wandb_runs):
     raw = _artifacts(wandb_runs["log_raw_data"])["coco-2014-raw"]
     assert raw["type"] == "raw_data"
-    refs = [e["ref"] for e in raw["manifest"]["contents"] if e.get("ref")]
-    assert len(refs) == 3 and all(r.startswith("file://") for r in refs)  # referenced, not re-uploaded
-    assert _artifacts(wandb_runs["process_data"])["coco-2014-processed"]["type"] == "dataset"
+    refs = references(raw)  # the archives in the raw-data artifact, referenced, not re-uploaded
+    work = pipeline_run["work"].resolve()
+    assert sorted(refs) == sorted(f"{(work / 'raw').as_uri()}/archives/{rel}" for rel in (
+        "annotations/annotations_trainval2014.zip", "zips/train2014.zip", "zips/val2014.zip"))
+    processed = _artifacts(wandb_runs["process_data"])["coco-2014-processed"]
+    assert processed["type"] == "dataset"
+    assert sorted(references(processed)) == [f"{(work / 'processed' / p).as_uri()}/features" for p in ("test", "train")]
     assert _artifacts(wandb_runs["train"])["captioner"]["type"] == "model"
     assert _artifacts(wandb_runs["evaluate"])["evaluation"]["type"] == "evaluation"
     chain = [("process_data", "coco-2014-raw"), ("train", "coco-2014-processed"), ("evaluate", "captioner"),

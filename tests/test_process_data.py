@@ -32,8 +32,14 @@ def processed(small_mirror, extractor, tmp_path_factory):
         cfg = load_config(overrides=[f"data.base_url={server.url}", "data.val_images=8", "data.test_images=8",
                                      "features.shard_images=16", "features.batch_size=8"])
         raw = log_raw_data(cfg.data, work / "raw")
-    result = process_data(cfg, work / "raw", work / "processed", extractor=extractor)
+    result = process_data(cfg, work / "raw", work / "processed" / "train", work / "processed" / "test",
+                          extractor=extractor)
     return {"cfg": cfg, "raw": raw, "result": result, "work": work, "mirror": small_mirror}
+
+
+def split_folder(processed, split):
+    """Where a split is: train and val in train_data, test in test_data."""
+    return processed["work"] / "processed" / ("test" if split == "test" else "train")
 
 
 def test_raw_manifest_records_sources_checksums_counts(processed):
@@ -48,6 +54,36 @@ def test_raw_manifest_records_sources_checksums_counts(processed):
     assert manifest["counts"]["val2014_images"] == 30
 
 
+def test_raw_artifact_is_the_archives_and_a_manifest_nothing_extracted(processed):
+    raw = processed["work"] / "raw"
+    files = sorted(str(p.relative_to(raw)) for p in raw.rglob("*") if p.is_file())
+    assert files == ["archives/annotations/annotations_trainval2014.zip",
+                     "archives/annotations/annotations_trainval2014.zip.verified.json",
+                     "archives/zips/train2014.zip", "archives/zips/train2014.zip.verified.json",
+                     "archives/zips/val2014.zip", "archives/zips/val2014.zip.verified.json", "manifest.json"]
+    manifest = json.loads((raw / "manifest.json").read_text())
+    assert manifest["members"] == {"annotations": "archives/annotations/annotations_trainval2014.zip",
+                                   "train2014": "archives/zips/train2014.zip", "val2014": "archives/zips/val2014.zip"}
+    for rel, entry in manifest["files"].items():  # each archive as served, byte for byte
+        assert (raw / entry["path"]).read_bytes() == (Path(processed["mirror"]["root"]) / rel).read_bytes()
+
+
+def test_a_hostile_archive_is_refused_before_any_image_is_read(processed, tmp_path, extractor):
+    import shutil
+    import zipfile
+
+    from captioning.errors import UnsafeArchiveError
+    from captioning.steps.process_data import process_data
+
+    raw = tmp_path / "raw"
+    shutil.copytree(processed["work"] / "raw", raw)
+    with zipfile.ZipFile(raw / "archives/zips/val2014.zip", "a") as zf:
+        zf.writestr("val2014/../../escape.jpg", b"pwned")
+    with pytest.raises(UnsafeArchiveError, match="val2014.zip: entry 'val2014/../../escape.jpg' points outside"):
+        process_data(processed["cfg"], raw, tmp_path / "train", tmp_path / "test", extractor=extractor)
+    assert not (tmp_path / "train" / "features").exists() and not (tmp_path / "test" / "features").exists()
+
+
 def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
     result, awkward = processed["result"], processed["mirror"]["awkward"]
     reasons = {Path(s["file"]).name: s["reason"] for s in result.extra["skipped"]}
@@ -59,19 +95,20 @@ def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
     assert reasons[by_case["truncated"]].startswith("truncated or corrupt image")
     kept = set()
     for split in ("train", "val", "test"):
-        records = json.loads((processed["work"] / "processed" / f"{split}.captions.json").read_text())
+        records = json.loads((split_folder(processed, split) / f"{split}.captions.json").read_text())
         kept |= {Path(r["file"]).name for r in records}
     assert {by_case["grayscale"], by_case["cmyk"], by_case["png_content"]} <= kept
     assert result.metrics["images"] == 70 - 4 == len(kept)
-    report = json.loads((processed["work"] / "processed" / "report.json").read_text())
+    report = json.loads((processed["work"] / "processed" / "train" / "report.json").read_text())
     assert len(report["skipped"]) == 4 and report["blank_captions_dropped"] == 1
+    assert {s["file"].split(":")[0] for s in report["skipped"]} == {"train2014.zip"}  # the archive is named
 
 
 def test_split_is_by_image_and_held_out_comes_from_val2014(processed):
-    out = processed["work"] / "processed"
+    out = processed["work"] / "processed" / "train"
     ids = {}
     for split in ("train", "val", "test"):
-        records = json.loads((out / f"{split}.captions.json").read_text())
+        records = json.loads((split_folder(processed, split) / f"{split}.captions.json").read_text())
         ids[split] = {r["image_id"] for r in records}
         if split != "train":
             assert {r["source"] for r in records} == {"val2014"}
@@ -79,12 +116,15 @@ def test_split_is_by_image_and_held_out_comes_from_val2014(processed):
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["split"] == {"seed": 0, "max_images": None, "val_images": 8, "test_images": 8}
+    assert set(dataset["splits"]) == {"train", "val"}
+    test = json.loads((split_folder(processed, "test") / "dataset.json").read_text())
+    assert set(test["splits"]) == {"test"} and test["split"] == dataset["split"]
     m = processed["result"].metrics
     assert m["train_images"] + m["val_images"] + m["test_images"] == m["images"]
 
 
 def test_captions_are_clean_and_tokenised(processed):
-    out = processed["work"] / "processed"
+    out = processed["work"] / "processed" / "train"
     vocab = json.loads((out / "vocab.json").read_text())["tokens"]
     assert vocab[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert all(w.isalnum() for w in vocab[4:]), vocab  # no "left." or "circle," tokens
@@ -99,9 +139,10 @@ def test_captions_are_clean_and_tokenised(processed):
 def test_features_are_float16_records_in_caption_order(processed, extractor):
     import tensorflow as tf
 
-    from captioning.features import GRID, CHANNELS, load_image, read_features
+    from captioning.data.archive import ArchiveImages
+    from captioning.features import GRID, CHANNELS, decode_and_resize, read_features
 
-    out = processed["work"] / "processed"
+    out = processed["work"] / "processed" / "test"
     dataset = json.loads((out / "dataset.json").read_text())
     split = dataset["splits"]["test"]
     records = json.loads((out / split["captions_file"]).read_text())
@@ -109,7 +150,9 @@ def test_features_are_float16_records_in_caption_order(processed, extractor):
     assert feats.shape == (len(records), GRID, CHANNELS) and feats.dtype == np.float16
     # record k holds the features of the k-th image of the captions file
     k = 5
-    direct = extractor(tf.expand_dims(load_image(records[k]["file"]), 0)).numpy()[0]
+    raw = processed["work"] / "raw"
+    pixels = ArchiveImages({"val2014": raw / "archives/zips/val2014.zip"}).read(records[k]["file"])
+    direct = extractor(tf.expand_dims(decode_and_resize(pixels), 0)).numpy()[0]
     np.testing.assert_allclose(feats[k].astype(np.float32), direct.astype(np.float32), rtol=1e-2, atol=1e-6)
     assert not np.allclose(feats[k], feats[k - 1])
     shard_bytes = sum((out / s).stat().st_size for s in split["shards"])
@@ -122,11 +165,12 @@ def test_restart_reuses_finished_shards(processed, extractor):
     from captioning.steps.process_data import process_data
 
     out = processed["work"] / "processed"
-    shards = sorted((out / "features").glob("*.f16"))
-    victim = shards[1]
+    shards = sorted((out / "train" / "features").glob("*.f16")) + sorted((out / "test" / "features").glob("*.f16"))
+    victim = shards[0]  # starts at a batch boundary in both runs, so the bytes match exactly
     original = victim.read_bytes()
     victim.unlink()  # as if the pod died while writing it
-    again = process_data(processed["cfg"], processed["work"] / "raw", out, extractor=extractor)
+    again = process_data(processed["cfg"], processed["work"] / "raw", out / "train", out / "test",
+                         extractor=extractor)
     assert again.metrics["shards_reused"] == len(shards) - 1
     assert victim.read_bytes() == original
     assert again.metrics["images"] == processed["result"].metrics["images"]
@@ -157,7 +201,25 @@ def test_a_shared_download_cache_is_filled_once_across_runs(http_mirror, tmp_pat
     assert first.metrics["bytes_downloaded"] == first.metrics["bytes"] > 0
     assert second.metrics["bytes_downloaded"] == 0
     assert sum(r.method == "GET" for r in http_mirror.state.requests) == gets_after_first
-    assert not (tmp_path / "run2" / "downloads").exists()  # the archives stay on the volume
     manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
-    assert manifest["files"]["zips/val2014.zip"]["path"] == str(cache / "zips" / "val2014.zip")
+    assert manifest["files"]["zips/val2014.zip"]["path"] == "archives/zips/val2014.zip"
+    placed, cached = tmp_path / "run2" / "archives" / "zips" / "val2014.zip", cache / "zips" / "val2014.zip"
+    assert placed.stat().st_ino == cached.stat().st_ino  # linked into the artifact from the volume, not copied
     assert manifest["counts"] == json.loads((tmp_path / "run1" / "manifest.json").read_text())["counts"]
+
+
+def test_test_data_holds_only_the_test_split_its_samples_and_the_blind_baseline(processed):
+    from captioning.data.archive import ArchiveImages
+
+    test = processed["work"] / "processed" / "test"
+    dataset = json.loads((test / "dataset.json").read_text())
+    assert dataset["blind_baseline"]["chosen_on"] == "val" and dataset["blind_baseline"]["caption"]
+    assert sorted(p.name for p in (test / "features").iterdir()) == sorted(
+        n for s in dataset["splits"]["test"]["shards"] for n in (Path(s).name, Path(s).with_suffix(".json").name))
+    assert not list(test.glob("train*")) and not list(test.glob("val*")) and not (test / "backbone.weights.h5").exists()
+    records = json.loads((test / "test.captions.json").read_text())
+    samples = [r for r in records if r.get("sample")]
+    assert len(samples) == min(len(records), 16) and samples == records[: len(samples)]
+    images = ArchiveImages({"val2014": processed["work"] / "raw" / "archives/zips/val2014.zip"})
+    for r in samples:
+        assert (test / r["sample"]).read_bytes() == images.read(r["file"])

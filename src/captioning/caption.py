@@ -22,6 +22,7 @@ class Captioned:
 def _load_images(paths: list[Path], image_size: int):
     import tensorflow as tf
 
+    from captioning.data.archive import FolderImages
     from captioning.features import decode_and_resize, why_unreadable
 
     images = []
@@ -31,7 +32,7 @@ def _load_images(paths: list[Path], image_size: int):
         try:
             images.append(decode_and_resize(tf.io.read_file(str(path)), image_size))
         except tf.errors.InvalidArgumentError:
-            raise CaptioningError(f"{path}: cannot decode the image ({why_unreadable(path)})") from None
+            raise CaptioningError(f"{path}: cannot decode the image ({why_unreadable(FolderImages(), str(path))})") from None
     return tf.stack(images)
 
 

@@ -362,13 +362,16 @@ def _print_bench(result: dict, as_json: bool) -> None:
 def bench_features_cmd(
     images: int = typer.Option(128, min=1),
     batch: int = typer.Option(32, min=1),
+    source: str = typer.Option("zip", help="zip: read the JPEGs out of a zip, as process_data does; files: from disk."),
     repeats: Repeats = 3,
     as_json: AsJson = False,
 ) -> None:
-    """JPEG files -> features written, vs the backbone on in-memory tensors; storage per image."""
+    """JPEGs -> features written, vs the backbone on in-memory tensors; storage per image."""
     from captioning.bench import bench_features
 
-    _print_bench(bench_features(images, batch, repeats), as_json)
+    if source not in ("zip", "files"):
+        _fail(CaptioningError(f"--source {source!r}: choose zip or files"))
+    _print_bench(bench_features(images, batch, repeats, source=source), as_json)
 
 
 @bench_app.command("train")

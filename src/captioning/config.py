@@ -113,11 +113,16 @@ class TrainConfig(Section):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+# Test images process_data keeps in the test artifact for evaluate's attention figures.
+ATTENTION_SAMPLE_LIMIT = 16
+
+
 class EvaluateConfig(Section):
     decoder: Literal["greedy", "beam"] = "beam"
     beam_width: int = Field(3, ge=1, le=20)
     batch_size: int = Field(128, ge=1)
-    attention_samples: int = Field(4, ge=0, description="Test images that get an attention figure.")
+    attention_samples: int = Field(4, ge=0, le=ATTENTION_SAMPLE_LIMIT,
+                                   description="Test images that get an attention figure.")
 
 
 class PromoteConfig(Section):

@@ -75,12 +75,6 @@ def decode_and_resize(contents, image_size: int = IMAGE_SIZE):
     return image / 127.5 - 1.0
 
 
-def load_image(path, image_size: int = IMAGE_SIZE):
-    import tensorflow as tf
-
-    return decode_and_resize(tf.io.read_file(path), image_size)
-
-
 class FeatureExtractor:
     """The backbone as one compiled function: float images -> (B, 64, 2048) float16."""
 
@@ -102,18 +96,24 @@ class FeatureExtractor:
         return self._embed(images)
 
 
-def why_unreadable(path: Path) -> str:
+def why_unreadable(source, key: str) -> str:
     """A human reason for an image the decoder refused (looked at only on failure)."""
+    from io import BytesIO
+
     from PIL import Image, UnidentifiedImageError
 
+    from captioning.errors import DataError
+
     try:
-        size = path.stat().st_size
+        data = source.read(key)
     except FileNotFoundError:
         return "missing file"
-    if size == 0:
+    except DataError as exc:
+        return f"unreadable archive entry: {exc}"
+    if not data:
         return "empty file"
     try:
-        with Image.open(path) as image:
+        with Image.open(BytesIO(data)) as image:
             fmt = image.format
             image.load()
     except UnidentifiedImageError:
@@ -127,7 +127,7 @@ def why_unreadable(path: Path) -> str:
 class ShardPlan:
     name: str  # e.g. "train-00000"
     split: str
-    items: list[tuple[int, str]]  # (image_id, path)
+    items: list[tuple[int, str]]  # (image_id, key of the image in the source)
     digest: str = ""
 
     def __post_init__(self):
@@ -176,9 +176,9 @@ def _finished(out_dir: Path, plan: ShardPlan, weights: str) -> ShardResult | Non
 class _ShardWriter(threading.Thread):
     """Writes batches to shard files off the main thread, so the backbone never waits on disk."""
 
-    def __init__(self, out_dir: Path, plans: list[ShardPlan], weights: str):
+    def __init__(self, out_dir: Path, plans: list[ShardPlan], weights: str, source):
         super().__init__(daemon=True)
-        self.out_dir, self.plans, self.weights = out_dir, plans, weights
+        self.out_dir, self.plans, self.weights, self.source = out_dir, plans, weights, source
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
         self.results: list[ShardResult] = []
         self.error: BaseException | None = None
@@ -233,8 +233,8 @@ class _ShardWriter(threading.Thread):
             fh.close()
         seen_set = set(seen)
         skipped = [
-            {"file": path, "reason": why_unreadable(Path(path))}
-            for j, (_, path) in enumerate(plan.items) if j not in seen_set
+            {"file": self.source.where(key), "reason": why_unreadable(self.source, key)}
+            for j, (_, key) in enumerate(plan.items) if j not in seen_set
         ]
         result = ShardResult(
             plan.name, plan.split, f"{plan.name}.f16", [plan.items[j][0] for j in seen], skipped,
@@ -251,13 +251,24 @@ class _ShardWriter(threading.Thread):
         self.results.append(result)
 
 
-def image_dataset(paths: list[str], batch_size: int, image_size: int = IMAGE_SIZE):
-    """(index, image) batches; undecodable images are dropped here and reported by index later."""
+def image_dataset(keys: list[str], batch_size: int, image_size: int = IMAGE_SIZE, source=None):
+    """(index, image) batches read from ``source`` (zips or folders); undecodable images are dropped
+    here and reported by index later."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), tf.constant(paths)))
-    ds = ds.map(lambda i, p: (i, load_image(p, image_size)), num_parallel_calls=os.cpu_count() or 2,
-                deterministic=True)
+    from captioning.data.archive import FolderImages
+
+    source = source or FolderImages()
+
+    def fetch(key):
+        return source.read_or_empty(key.numpy().decode())
+
+    def load(index, key):
+        contents = tf.py_function(fetch, [key], tf.string)
+        return index, decode_and_resize(contents, image_size)
+
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(keys), dtype=tf.int64), tf.constant(keys)))
+    ds = ds.map(load, num_parallel_calls=os.cpu_count() or 2, deterministic=True)
     ds = ds.ignore_errors(log_warning=False).batch(batch_size).prefetch(2)
     # Fixed parallelism: on small CPU hosts tf.data's autotuner competes with the
     # backbone for the cores (measured: end-to-end speed halved on 2 cores).
@@ -272,8 +283,13 @@ def extract_to_shards(
     extractor: FeatureExtractor,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    source=None,
 ) -> list[ShardResult]:
-    """Run the backbone over every image of the plans; finished shards are reused."""
+    """Run the backbone over every image of the plans, read from ``source`` (default: files by path);
+    finished shards are reused."""
+    from captioning.data.archive import FolderImages
+
+    source = source or FolderImages()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {p.name: r for p in plans if (r := _finished(out_dir, p, extractor.weights))}
@@ -282,17 +298,17 @@ def extract_to_shards(
         log.info("reusing %d finished feature shards", len(done))
     results = list(done.values())
     if pending:
-        paths = [path for plan in pending for _, path in plan.items]
-        writer = _ShardWriter(out_dir, pending, extractor.weights)
+        keys = [key for plan in pending for _, key in plan.items]
+        writer = _ShardWriter(out_dir, pending, extractor.weights, source)
         writer.start()
         processed = 0
         try:
-            for indices, images in image_dataset(paths, batch_size, extractor.image_size):
+            for indices, images in image_dataset(keys, batch_size, extractor.image_size, source):
                 feats = extractor(images)
                 writer.inbox.put((indices.numpy(), feats.numpy()))
                 processed += int(indices.shape[0])
                 if progress:
-                    progress(processed, len(paths))
+                    progress(processed, len(keys))
                 if writer.error:
                     break
         finally:

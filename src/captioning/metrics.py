@@ -62,12 +62,22 @@ def cider_only(references_tok: dict[int, list[str]], caption_tok: str) -> float:
     return float(Cider().compute_score(references_tok, {i: [caption_tok] for i in references_tok})[0])
 
 
-def blind_baseline(train_captions: list[str], val_refs: dict[int, list[str]], test_refs: dict[int, list[str]],
-                   candidates: int = 20) -> tuple[str, float]:
-    """The best single constant caption: chosen on validation among the most common
-    training captions, scored on test. A model that ignores the image scores about this."""
+def choose_blind_caption(train_captions: list[str], val_refs: dict[int, list[str]],
+                         candidates: int = 20) -> tuple[str, float]:
+    """The best single constant caption, chosen on validation among the most common training
+    captions, with its validation CIDEr. A model that ignores the image scores about this."""
     common = [c for c, _ in Counter(train_captions).most_common(candidates)]
+    if not common or not val_refs:
+        return "", 0.0
     tokenized = tokenize({k: [c] for k, c in enumerate(common)})
-    val_tok, test_tok = tokenize(val_refs), tokenize(test_refs)
-    best = max(range(len(common)), key=lambda k: cider_only(val_tok, tokenized[k][0]))
-    return common[best], cider_only(test_tok, tokenized[best][0])
+    val_tok = tokenize(val_refs)
+    scores = [cider_only(val_tok, tokenized[k][0]) for k in range(len(common))]
+    best = max(range(len(common)), key=scores.__getitem__)
+    return common[best], scores[best]
+
+
+def caption_cider(references: dict[int, list[str]], caption: str) -> float:
+    """CIDEr-D of one caption given for every image."""
+    if not caption or not references:
+        return 0.0
+    return cider_only(tokenize(references), tokenize({0: [caption]})[0][0])

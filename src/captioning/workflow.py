@@ -48,6 +48,11 @@ class StepIO:
     scratch: Path  # the step's own working folder; never an artifact
     # Per input, the summary of the step that produced it (e.g. the model's W&B reference for promote).
     produced_by: dict[str, dict] = field(default_factory=dict)
+    # Per artifact, where it stays once the step is over (gs://, minio://, s3:// in a pod): what W&B references.
+    uris: dict[str, str] = field(default_factory=dict)
+
+    def uri(self, name: str) -> str:
+        return self.uris.get(name) or (self.inputs.get(name) or self.outputs[name]).resolve().as_uri()
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def run_step(step: Step, cfg: Config, io: StepIO, tracker: StepTracker) -> StepR
     return result
 
 
-def _tree_size(path: Path, leave_out: list[Path]) -> dict[str, int]:
+def tree_size(path: Path, leave_out: list[Path] = ()) -> dict[str, int]:
     if path.is_file():
         return {"files": 1, "bytes": path.stat().st_size}
     files = [p for p in path.rglob("*") if p.is_file() and not any(p.is_relative_to(o) for o in leave_out)] \
@@ -94,8 +99,8 @@ def artifact_figures(io: StepIO) -> dict[str, dict[str, dict[str, int]]]:
     """
     outputs = list(io.outputs.values())
     return {
-        "inputs": {name: _tree_size(path, [path / RESULT_FILE]) for name, path in io.inputs.items()},
-        "outputs": {name: _tree_size(path, [path / RESULT_FILE] + [o for o in outputs if o != path
+        "inputs": {name: tree_size(path, [path / RESULT_FILE]) for name, path in io.inputs.items()},
+        "outputs": {name: tree_size(path, [path / RESULT_FILE] + [o for o in outputs if o != path
                                                                     and o.is_relative_to(path)])
                     for name, path in io.outputs.items()},
     }
@@ -121,24 +126,25 @@ def _log_raw_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.tracking.records import record_log_raw_data
 
     out = io.outputs["raw_data"]
-    result = log_raw_data(cfg.data, out)
-    return _tracked(result, record_log_raw_data(t, cfg, result, out))
+    result = log_raw_data(cfg.data, out, io.scratch)
+    return _tracked(result, record_log_raw_data(t, cfg, result, out, io.uri("raw_data")))
 
 
 def _process_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.process_data import process_data
     from captioning.tracking.records import record_process_data
 
-    out = io.outputs["processed"]
-    result = process_data(cfg, io.inputs["raw_data"], out)
-    return _tracked(result, record_process_data(t, cfg, result, out))
+    parts = {name: io.outputs[name] for name in ("train_data", "test_data")}
+    result = process_data(cfg, io.inputs["raw_data"], parts["train_data"], parts["test_data"])
+    return _tracked(result, record_process_data(t, cfg, result, io.inputs["raw_data"], parts,
+                                                {name: io.uri(name) for name in parts}))
 
 
 def _train(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.train import train
     from captioning.tracking.records import record_train, train_callbacks
 
-    dataset, model = io.inputs["processed"], io.outputs["model"]
+    dataset, model = io.inputs["train_data"], io.outputs["model"]
     # Checkpoints on a volume (train.checkpoint_dir) survive a pre-empted pod; otherwise the step's own folder.
     work = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else io.scratch
     result = train(cfg, dataset, work, callbacks=train_callbacks(t, cfg, dataset, work), model_dir=model)
@@ -150,7 +156,7 @@ def _evaluate(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.tracking.records import record_evaluate
 
     out = io.outputs["predictions"]
-    result = evaluate(cfg, io.inputs["model"], io.inputs["processed"], out, raw_dir=io.inputs["raw_data"])
+    result = evaluate(cfg, io.inputs["model"], io.inputs["test_data"], out)
     metric = cfg.promote.metric
     if metric not in result.metrics:
         raise ConfigError(f"promote.metric={metric!r}: not among the evaluated metrics "
@@ -159,7 +165,7 @@ def _evaluate(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
         shutil.copyfile(out / "metrics.json", io.outputs["metrics"])  # promote reads the scores from here
     io.outputs["report"].write_text(html_report(out, result.extra["figures"]))
     result.outputs["report"] = str(io.outputs["report"])
-    tracked = _tracked(result, record_evaluate(t, result, out))
+    tracked = _tracked(result, record_evaluate(t, result, out, io.inputs["test_data"]))
     tracked.returns["Output"] = float(result.metrics[metric])  # what the pipeline's promote gate compares
     return tracked
 
@@ -215,23 +221,24 @@ DOWNLOAD_KEYS = ("data.base_url", "data.files", "data.sha256", "data.retries", "
 SPLIT_KEYS = ("data.max_images", "data.seed", "data.val_images", "data.test_images")
 
 STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("log_raw_data", "Fetch, verify and extract the COCO 2014 archives; the artifact is the extracted data "
-         "and its manifest.", _log_raw_data, reads=DOWNLOAD_KEYS,
+    Step("log_raw_data", "Fetch and verify the COCO 2014 archives; the artifact is the archives, unextracted, "
+         "and their manifest.", _log_raw_data, reads=DOWNLOAD_KEYS,
          outputs={"raw_data": Output("Dataset", "raw")}),
-    Step("process_data", "Clean and split the captions, build the vocabulary, extract InceptionV3 grid features.",
+    Step("process_data", "Clean and split the captions, build the vocabulary, extract InceptionV3 grid features "
+         "from the zips; train_data holds train+val and the backbone, test_data the test split.",
          _process_data, reads=(*SPLIT_KEYS, "features", "text"),
          inputs={"raw_data": ("log_raw_data", "raw_data")},
-         outputs={"processed": Output("Dataset", "processed")}),
+         outputs={"train_data": Output("Dataset", "processed/train"),
+                  "test_data": Output("Dataset", "processed/test")}),
     Step("train", "Train the captioner; checkpoints go to checkpoint_dir (a volume or bucket) so a retried pod "
          "resumes.", _train, reads=("train",),
-         inputs={"processed": ("process_data", "processed")},
+         inputs={"train_data": ("process_data", "train_data")},
          outputs={"model": Output("Model", "train/model")}),
     Step("evaluate", "Caption the test split, score it (BLEU, METEOR, ROUGE-L, CIDEr-D, blind baseline), draw "
          "attention. ``Output`` is the score the promote gate reads (promote_metric); it keeps KFP's default name "
          "because kfp.local 2.17 resolves only ``<task>-Output`` channels in ``dsl.If`` conditions.",
          _evaluate, reads=("evaluate", "promote.metric"),
-         inputs={"model": ("train", "model"), "processed": ("process_data", "processed"),
-                 "raw_data": ("log_raw_data", "raw_data")},
+         inputs={"model": ("train", "model"), "test_data": ("process_data", "test_data")},
          outputs={"predictions": Output("Dataset", "evaluate"),
                   "metrics": Output("Metrics", "evaluate/metrics.json"),
                   "report": Output("HTML", "evaluate/report.html")},

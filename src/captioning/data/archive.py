@@ -1,74 +1,125 @@
-"""Safe, idempotent zip extraction.
+"""The COCO zips as they are: checked once, then read by member, never extracted.
 
-Every entry is checked before anything is written: an absolute path, a ``..``
-component, a drive letter or a symbolic link refuses the whole archive. The
-archive is extracted into a temporary folder beside the target and its
-top-level entries are renamed into place, so an interrupted extraction leaves
-nothing half-written behind, and a marker records what was extracted.
+``index_archive`` checks every entry before anything is read (an absolute path,
+a ``..`` component, a drive letter or a symbolic link refuses the whole
+archive) and lists its top-level folders. ``ArchiveImages`` then reads images
+straight out of the zips by member name: random access through the central
+directory, one zip handle per reading thread, so decoding runs in parallel and
+no image tree is ever written to disk or uploaded as an artifact.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import stat
+import threading
 import zipfile
+from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from captioning.errors import DataError, UnsafeArchiveError
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
-def _check_entry(archive: Path, info: zipfile.ZipInfo, target: Path) -> None:
+
+def _check_entry(archive: Path, info: zipfile.ZipInfo) -> None:
     name = info.filename
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchiveError(f"{archive}: entry {name!r} has an absolute path; refusing to extract")
+        raise UnsafeArchiveError(f"{archive}: entry {name!r} has an absolute path; refusing the archive")
     if ".." in pure.parts:
-        raise UnsafeArchiveError(f"{archive}: entry {name!r} points outside the target folder ('..'); refusing to extract")
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; refusing to extract")
-    resolved = (target / pure).resolve()
-    if not resolved.is_relative_to(target.resolve()):
-        raise UnsafeArchiveError(f"{archive}: entry {name!r} would land outside {target}; refusing to extract")
+        raise UnsafeArchiveError(f"{archive}: entry {name!r} points outside the target folder ('..'); "
+                                 "refusing the archive")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; refusing the archive")
 
 
-def safe_extract(archive: Path, target: Path, sha256: str) -> list[str]:
-    """Extract ``archive`` into ``target``; returns its top-level names.
-
-    ``sha256`` identifies the archive: a second call with the same archive
-    finds the marker and extracts nothing.
-    """
-    archive, target = Path(archive), Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    marker = target / f".extracted.{archive.name}.json"
-    if marker.exists():
-        done = json.loads(marker.read_text())
-        if done.get("sha256") == sha256 and all((target / n).exists() for n in done["top_level"]):
-            return done["top_level"]
+def open_zip(archive: Path) -> zipfile.ZipFile:
     try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as exc:
+        return zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from None
-    with zf:
+
+
+def index_archive(archive: str | Path) -> dict[str, dict[str, int]]:
+    """Check every entry of ``archive``; returns its top-level folders with their file and image counts."""
+    archive = Path(archive)
+    with open_zip(archive) as zf:
         infos = zf.infolist()
-        for info in infos:
-            _check_entry(archive, info, target)
-        staging = target / f".staging.{archive.name}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        for info in infos:
-            zf.extract(info, staging)
-    top_level = sorted(os.listdir(staging))
-    for name in top_level:
-        final = target / name
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(staging / name, final)
-    staging.rmdir()
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"archive": archive.name, "sha256": sha256, "top_level": top_level}))
-    os.replace(tmp, marker)
-    return top_level
+    for info in infos:
+        _check_entry(archive, info)
+    files, images = Counter(), Counter()
+    for info in infos:
+        if info.is_dir():
+            continue
+        top = PurePosixPath(info.filename).parts[0]
+        files[top] += 1
+        images[top] += PurePosixPath(info.filename).suffix.lower() in IMAGE_SUFFIXES
+    return {top: {"files": files[top], "images": images[top]} for top in sorted(files)}
+
+
+def read_member(archive: str | Path, member: str, what: str = "file") -> bytes:
+    """One member's bytes; the error names the archive and the member."""
+    with open_zip(Path(archive)) as zf:
+        try:
+            return zf.read(member)
+        except KeyError:
+            raise DataError(f"{archive}: holds no {member} ({what})") from None
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DataError(f"{archive}: cannot read {member} ({what}): {exc}") from None
+
+
+class ArchiveImages:
+    """Images addressed as ``<top-level folder>/<name>``, read out of the archive holding that folder."""
+
+    def __init__(self, archives: dict[str, str | Path]):
+        self.archives = {top: Path(path) for top, path in archives.items()}
+        self._local = threading.local()
+
+    def _zip(self, top: str) -> zipfile.ZipFile:
+        handles = self._local.__dict__.setdefault("handles", {})
+        if top not in handles:
+            handles[top] = open_zip(self.archives[top])
+        return handles[top]
+
+    def where(self, key: str) -> str:
+        """Where an image is, for reports: ``<archive>:<member>``."""
+        top = PurePosixPath(key).parts[0]
+        return f"{self.archives[top].name}:{key}" if top in self.archives else key
+
+    def read(self, key: str) -> bytes:
+        """The image's bytes; FileNotFoundError when no archive holds it, DataError when it cannot be read."""
+        top = PurePosixPath(key).parts[0]
+        if top not in self.archives:
+            raise FileNotFoundError(key)
+        try:
+            return self._zip(top).read(key)
+        except KeyError:
+            raise FileNotFoundError(key) from None
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a bad CRC, a damaged entry
+            raise DataError(f"{self.where(key)}: {exc}") from None
+
+    def read_or_empty(self, key: str) -> bytes:
+        """For the decoding pipeline: an unreadable member gives no bytes, and the decoder drops it."""
+        try:
+            return self.read(key)
+        except (FileNotFoundError, DataError):
+            return b""
+
+
+class FolderImages:
+    """Images as files under a folder (benchmarks, ``captioning caption``): the same interface as ArchiveImages."""
+
+    def __init__(self, root: str | Path = "."):
+        self.root = Path(root)
+
+    def where(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def read_or_empty(self, key: str) -> bytes:
+        try:
+            return self.read(key)
+        except OSError:
+            return b""

@@ -192,13 +192,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sidecar(dest: Path) -> Path:
+def sidecar(dest: Path) -> Path:
     return dest.with_name(dest.name + ".verified.json")
 
 
 def verified_record(dest: Path) -> dict | None:
     """The sidecar's record if ``dest`` is unchanged since it was verified."""
-    side = _sidecar(dest)
+    side = sidecar(dest)
     if not (dest.exists() and side.exists()):
         return None
     try:
@@ -258,9 +258,9 @@ def download(
     os.replace(part, dest)
     stat = dest.stat()
     side = {"source": url, "size": size, "sha256": digest, "mtime_ns": stat.st_mtime_ns}
-    tmp = _sidecar(dest).with_suffix(".tmp")
+    tmp = sidecar(dest).with_suffix(".tmp")
     tmp.write_text(json.dumps(side, indent=1))
-    os.replace(tmp, _sidecar(dest))
+    os.replace(tmp, sidecar(dest))
     return FileRecord(url, str(dest), size, digest, downloaded=True)
 
 

@@ -95,9 +95,8 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str) -> 
     except Exception as exc:
         raise CaptioningError(f"no Docker engine reachable ({exc}); start dockerd or set DOCKER_HOST") from None
 
-    # Offline W&B runs land beside the artifacts, on the host (syncable later with `wandb sync`).
-    env = {"WANDB_MODE": os.environ.get("WANDB_MODE") or cfg.wandb.mode, "HOME": "/tmp",
-           "CAPTIONING_WANDB_DIR": str(root)}
+    # Offline W&B runs land in each task's wandb_run artifact, on the host (syncable later with `wandb sync`).
+    env = {"WANDB_MODE": os.environ.get("WANDB_MODE") or cfg.wandb.mode, "HOME": "/tmp"}
     if os.environ.get("WANDB_API_KEY") and cfg.wandb.mode == "online":
         env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
     local.init(runner=local.DockerRunner(user=f"{os.getuid()}:{os.getgid()}", environment=env),

@@ -16,7 +16,7 @@ from captioning.config import Config
 from captioning.dataset import ProcessedDataset
 from captioning.decode import Decoder
 from captioning.io import write_json_atomic
-from captioning.metrics import blind_baseline, score
+from captioning.metrics import caption_cider, score
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -33,19 +33,8 @@ def caption_split(decoder: Decoder, data: ProcessedDataset, split: str, batch_si
     return captions, attention
 
 
-def _image_path(record: dict, raw_dir: Path | None) -> Path:
-    """Where the test image is here: under this pod's raw-data artifact if given, else where process_data saw it."""
-    if raw_dir is not None and record.get("relpath"):
-        from captioning.io import read_json
-        from captioning.steps.log_raw_data import MANIFEST
-
-        root = raw_dir / read_json(raw_dir / MANIFEST, "log_raw_data manifest")["root"]
-        return root / record["relpath"]
-    return Path(record["file"])
-
-
-def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path,
-             raw_dir: str | Path | None = None) -> StepResult:
+def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path) -> StepResult:
+    """``dataset_dir`` is process_data's test_data: the test split, its sample images, the blind baseline."""
     from captioning.attention import plot_attention, read_rgb
 
     out_dir = Path(out_dir)
@@ -61,23 +50,23 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
     predictions = {r["image_id"]: c for r, c in zip(records, captions)}
     metrics, per_image = score(refs, predictions)
 
-    train_captions = [c for r in data.records("train") for c in r["captions"]]
-    val_refs = {r["image_id"]: r["captions"] for r in data.records("val")}
-    baseline_caption, baseline_cider = blind_baseline(train_captions, val_refs, refs)
+    baseline_caption = data.manifest["blind_baseline"]["caption"]  # chosen by process_data on train and val
+    baseline_cider = caption_cider(refs, baseline_caption)
     metrics["baseline_CIDEr"] = baseline_cider
 
     rows = []
     for r, caption in zip(records, captions):
-        rows.append({"image_id": r["image_id"], "file": r["file"], "caption": caption, "references": r["captions"],
+        rows.append({"image_id": r["image_id"], "file": r["file"], "sample": r.get("sample", ""),
+                     "caption": caption, "references": r["captions"],
                      "BLEU-4": per_image["BLEU-4"][r["image_id"]], "CIDEr": per_image["CIDEr"][r["image_id"]]})
     write_json_atomic(out_dir / "predictions.json", rows)
 
     figures = []
     for r, caption, alpha in list(zip(records, captions, attention))[: cfg.evaluate.attention_samples]:
-        image_path = _image_path(r, Path(raw_dir) if raw_dir else None)
-        if not image_path.is_file():
-            log.warning("evaluate: %s is not reachable here; no attention figure for it", image_path)
+        if not r.get("sample"):
+            log.warning("evaluate: no sample image of %s in the test data; no attention figure for it", r["file"])
             continue
+        image_path = data.root / r["sample"]
         words = caption.split() + ["<end>"]
         png = plot_attention(read_rgb(image_path), words, np.asarray(alpha)[: len(words)],
                              out_dir / "attention" / f"{r['image_id']}.png", title=caption)

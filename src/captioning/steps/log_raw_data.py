@@ -1,7 +1,11 @@
-"""log_raw_data: fetch the COCO 2014 archives, verify them, extract them safely.
+"""log_raw_data: fetch the COCO 2014 archives and verify them; nothing is extracted.
 
-Output: ``manifest.json`` (sources, sizes, checksums, counts; paths relative
-to the manifest) beside ``downloads/`` and ``extracted/``.
+Output (a few large objects, whatever the number of images): ``manifest.json``
+(sources, sizes, checksums, what each archive holds, counts; paths relative to
+the manifest) and ``archives/<path>``: the verified zips, each with its
+``.verified.json`` record. process_data reads the images straight out of them.
+With a download cache (a PVC shared by runs) the archives are fetched into the
+cache once and linked or copied into the artifact.
 """
 
 from __future__ import annotations
@@ -9,13 +13,15 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from captioning.config import DEMO_SOURCE, DataConfig
-from captioning.data.archive import safe_extract
-from captioning.data.fetch import download, join_url, record_dict
+from captioning.data.archive import index_archive, read_member
+from captioning.data.fetch import download, join_url, record_dict, sidecar
 from captioning.errors import DataError
 from captioning.io import write_json_atomic
 from captioning.steps.result import StepResult
@@ -24,7 +30,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ANNOTATION_FILES = {"train2014": "annotations/captions_train2014.json", "val2014": "annotations/captions_val2014.json"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+ARCHIVES = "archives"
 
 
 @contextmanager
@@ -55,11 +61,11 @@ def _progress_bar():
         yield hook
 
 
-def demo_mirror(out_dir: Path) -> Path:
-    """Write the synthetic COCO-layout mirror once, inside the step's folder."""
+def demo_mirror(scratch: Path) -> Path:
+    """Write the synthetic COCO-layout mirror once, in the step's scratch folder (never an artifact)."""
     from captioning.data.demo import write_coco_mirror
 
-    root = out_dir / "demo-mirror"
+    root = scratch / "demo-mirror"
     marker = root / ".complete"
     if not marker.exists():
         info = write_coco_mirror(root)
@@ -68,9 +74,12 @@ def demo_mirror(out_dir: Path) -> Path:
 
 
 @contextmanager
-def _locked(path: Path):
-    """An exclusive lock beside ``path``: runs sharing one download cache (a PVC) take turns per file."""
+def _locked(path: Path, shared: bool):
+    """An exclusive lock beside ``path`` in a shared download cache (a PVC): runs take turns per file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not shared:
+        yield
+        return
     with open(path.with_name(path.name + ".lock"), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -79,54 +88,80 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def count_extracted(root: Path) -> dict[str, int]:
+def _place(cached: Path, dest: Path) -> None:
+    """The cached archive (and its verification record) into the artifact: a hard link where the
+    file systems allow, else a copy renamed into place."""
+    for src, dst in ((cached, dest), (sidecar(cached), sidecar(dest))):
+        if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _counts(out_dir: Path, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for split, rel in ANNOTATION_FILES.items():
-        folder = root / split
-        if folder.is_dir():
-            counts[f"{split}_images"] = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        ann = root / rel
-        if ann.is_file():
-            data = json.loads(ann.read_text())
-            counts[f"{split}_annotated_images"] = len(data.get("images", []))
-            counts[f"{split}_captions"] = len(data.get("annotations", []))
+        if split in contents:
+            counts[f"{split}_images"] = contents[split]["images"]
+        data = json.loads(read_member(out_dir / members["annotations"], rel, "COCO caption file"))
+        counts[f"{split}_annotated_images"] = len(data.get("images", []))
+        counts[f"{split}_captions"] = len(data.get("annotations", []))
     return counts
 
 
-def log_raw_data(cfg: DataConfig, out_dir: str | Path) -> StepResult:
+def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | None = None) -> StepResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(scratch) if scratch else out_dir.with_name(out_dir.name + ".scratch")
     base = cfg.base_url
     if base == DEMO_SOURCE:
-        base = str(demo_mirror(out_dir).resolve())
-    extracted = out_dir / "extracted"
-    downloads = Path(cfg.download_cache) if cfg.download_cache else out_dir / "downloads"
-    files = {}
+        base = str(demo_mirror(scratch).resolve())
+    cache = Path(cfg.download_cache) if cfg.download_cache else None
+    files: dict[str, dict] = {}
+    members: dict[str, str] = {}  # top-level folder -> the archive holding it (relative to out_dir)
+    contents: dict[str, dict] = {}
     downloaded = 0
     with _progress_bar() as hook:
         for rel in cfg.files:
             url = join_url(base, rel)
-            dest = downloads / rel
-            with _locked(dest):
+            dest = out_dir / ARCHIVES / rel
+            fetched = cache / rel if cache else dest
+            with _locked(fetched, shared=cache is not None):
                 record = download(
-                    url, dest, expected_sha256=cfg.sha256.get(rel), retries=cfg.retries,
+                    url, fetched, expected_sha256=cfg.sha256.get(rel), retries=cfg.retries,
                     backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, progress=hook,
                 )
-                top_level = safe_extract(dest, extracted, record.sha256)
+                if cache:
+                    _place(fetched, dest)
+            held = index_archive(dest)  # every entry checked before anything is read
+            for top in held:
+                if top in members:
+                    raise DataError(f"{url}: holds {top}/, which {files_by_path(files, members[top])} "
+                                    "already holds; one archive must not replace another's files")
+                members[top] = str(dest.relative_to(out_dir))
+            contents.update(held)
             downloaded += record.size if record.downloaded else 0
             entry = record_dict(record)
-            entry["path"] = str(dest.relative_to(out_dir)) if dest.is_relative_to(out_dir) else str(dest)
-            entry["extracted"] = top_level
+            entry["path"] = str(dest.relative_to(out_dir))
+            entry["contents"] = held
             files[rel] = entry
-    counts = count_extracted(extracted)
-    for rel in ANNOTATION_FILES.values():
-        if not (extracted / rel).is_file():
+    for split, rel in ANNOTATION_FILES.items():
+        top = rel.split("/", 1)[0]
+        if top not in members:
             raise DataError(f"{base}: the archives hold no {rel}; is data.base_url a COCO 2014 mirror?")
+    counts = _counts(out_dir, members, contents)
     manifest = {
+        "format": "coco-archives/1",
         "base_url": cfg.base_url,
         "resolved_base_url": base,
         "files": files,
-        "root": "extracted",
+        "members": members,
         "annotations": ANNOTATION_FILES,
         "image_dirs": {split: split for split in ANNOTATION_FILES},
         "counts": counts,
@@ -134,3 +169,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path) -> StepResult:
     write_json_atomic(out_dir / MANIFEST, manifest)
     metrics = {"bytes": sum(f["size"] for f in files.values()), "bytes_downloaded": downloaded, **counts}
     return StepResult(metrics=metrics, outputs={"raw_data": str(out_dir), "manifest": str(out_dir / MANIFEST)})
+
+
+def files_by_path(files: dict[str, dict], path: str) -> str:
+    return next((rel for rel, f in files.items() if f["path"] == path), path)

@@ -1,12 +1,20 @@
 """process_data: captions -> clean tokens, images -> InceptionV3 grid features.
 
-Reads log_raw_data's manifest and writes, in its output folder:
+Reads log_raw_data's manifest and its zips (images are read straight out of
+them, never extracted) and writes two artifacts, so that each later step
+downloads only what it reads:
+
+``train_data`` (train reads it): the train and val splits, and the backbone
+``test_data`` (evaluate reads it): the test split, a few of its images, the blind baseline
+
+Both hold, for their splits:
 
 - ``dataset.json``: the manifest later steps read (splits, shards, shapes, vocabulary, lengths)
 - ``vocab.json``, ``feature_stats.json`` (per-channel mean/std of the training features)
 - ``features/<split>-NNNNN.f16`` + ``.json``: fixed-length float16 records and their image ids
 - ``<split>.captions.json``: per record, the image, its cleaned captions and token ids
-- ``report.json``: every file that was skipped, with the reason
+
+and ``train_data`` keeps ``report.json``: every file that was skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.config import Config
+from captioning.config import ATTENTION_SAMPLE_LIMIT, Config
 from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
 from captioning.io import read_json, write_json_atomic
+from captioning.data.archive import ArchiveImages, index_archive, read_member
 from captioning.steps.log_raw_data import MANIFEST
 from captioning.steps.result import StepResult
 from captioning.text import Vocabulary, clean_caption, length_at_percentile
@@ -32,18 +41,23 @@ log = logging.getLogger(__name__)
 
 DATASET = "dataset.json"
 SPLITS = ("train", "val", "test")
+PARTS = {"train_data": ("train", "val"), "test_data": ("test",)}  # artifact -> the splits it holds
+SAMPLES = "samples"  # in test_data: the test images evaluate draws attention on
 # Karpathy's split: 5000 validation and 5000 test images out of val2014's 40504.
 KARPATHY_HELD_OUT, VAL2014_IMAGES = 5000, 40504
 
 
-def load_coco_captions(path: Path, image_dir: Path, source: str):
-    """{image_id: {"file": path, "captions": [clean...]}}, the dropped blank captions, the skipped images."""
-    data = read_json(path, "COCO caption file")
+def load_coco_captions(data, where: str, image_dir: str, source: str):
+    """{image_id: {"file": key, "captions": [clean...]}}, the dropped blank captions, the skipped images.
+
+    ``data`` is a parsed COCO caption file (``where`` names it in errors); an image's key is
+    ``<image_dir>/<file_name>``, its member in the archive holding ``image_dir``.
+    """
     try:
         files = {img["id"]: img["file_name"] for img in data["images"]}
         annotations = data["annotations"]
     except (KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a COCO caption file (missing {exc})") from None
+        raise DataError(f"{where}: not a COCO caption file (missing {exc})") from None
     captions: dict[int, list[str]] = defaultdict(list)
     blank = 0
     for ann in annotations:
@@ -54,13 +68,23 @@ def load_coco_captions(path: Path, image_dir: Path, source: str):
             blank += 1
     images, skipped = {}, []
     for image_id, name in sorted(files.items()):
-        file = str(image_dir / name)
+        key = f"{image_dir}/{name}"
         if not captions.get(image_id):
-            skipped.append({"file": file, "reason": "no usable caption"})
+            skipped.append({"file": key, "reason": "no usable caption"})
             continue
-        images[image_id] = {"file": file, "relpath": f"{image_dir.name}/{name}", "captions": captions[image_id],
-                            "source": source}
+        images[image_id] = {"file": key, "captions": captions[image_id], "source": source}
     return images, blank, skipped
+
+
+def open_raw(raw_dir: Path) -> tuple[dict, ArchiveImages]:
+    """log_raw_data's manifest and a reader of its archives, each checked entry by entry first."""
+    manifest = read_json(raw_dir / MANIFEST, "log_raw_data manifest")
+    if manifest.get("format") != "coco-archives/1":
+        raise DataError(f"{raw_dir / MANIFEST}: not a log_raw_data manifest of this version "
+                        f"(format {manifest.get('format')!r}); run log_raw_data again")
+    for path in sorted(set(manifest["members"].values())):
+        index_archive(raw_dir / path)
+    return manifest, ArchiveImages({top: raw_dir / path for top, path in manifest["members"].items()})
 
 
 def held_out_sizes(pool: int, val: int | None, test: int | None) -> tuple[int, int]:
@@ -102,21 +126,35 @@ def save_backbone(extractor: FeatureExtractor, out_dir: Path) -> None:
     identity.write_text(extractor.weights)
 
 
-def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extractor: FeatureExtractor | None = None) -> StepResult:
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_json(raw_dir / MANIFEST, "log_raw_data manifest")
-    root = raw_dir / manifest["root"]
+def _json_member(raw_dir: Path, manifest: dict, rel: str):
+    import json
+
+    archive = raw_dir / manifest["members"][rel.split("/", 1)[0]]
+    try:
+        return json.loads(read_member(archive, rel, "COCO caption file"))
+    except ValueError as exc:
+        raise DataError(f"{archive}:{rel}: not valid JSON: {exc}") from None
+
+
+def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_dir: str | Path,
+                 extractor: FeatureExtractor | None = None) -> StepResult:
+    raw_dir, train_dir, test_dir = Path(raw_dir), Path(train_dir), Path(test_dir)
+    outs = {"train_data": train_dir, "test_data": test_dir}
+    for folder in outs.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    manifest, source_images = open_raw(raw_dir)
 
     images: dict[int, dict] = {}
     pools: dict[str, list[int]] = {}
     skipped: list[dict] = []
     blank = 0
     for source, rel in manifest["annotations"].items():
-        found, dropped, missing_caps = load_coco_captions(root / rel, root / manifest["image_dirs"][source], source)
+        where = f"{manifest['members'][rel.split('/', 1)[0]]}:{rel}"
+        found, dropped, missing_caps = load_coco_captions(_json_member(raw_dir, manifest, rel), where,
+                                                          manifest["image_dirs"][source], source)
         overlap = images.keys() & found.keys()
         if overlap:
-            raise DataError(f"{root / rel}: image ids {sorted(overlap)[:5]} also appear in another split")
+            raise DataError(f"{where}: image ids {sorted(overlap)[:5]} also appear in another split")
         images.update(found)
         pools[source] = sorted(found)
         blank += dropped
@@ -136,18 +174,22 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
     lengths = [len(w) + 2 for i in splits["train"] for w in words[i]]
     max_length = length_at_percentile(lengths, cfg.text.max_length_percentile)
 
-    plans = plan_shards({s: [(i, images[i]["file"]) for i in splits[s]] for s in SPLITS}, cfg.features.shard_images)
     extractor = extractor or FeatureExtractor(cfg.features.weights, seed=cfg.features.seed)
-    save_backbone(extractor, out_dir)
+    save_backbone(extractor, train_dir)  # train bundles it with the model
     started = time.monotonic()
 
     def progress(done: int, of: int) -> None:
         if done == of or done % (cfg.features.batch_size * 20) < cfg.features.batch_size:
             log.info("features: %d/%d images (%.1f images/s)", done, of, done / (time.monotonic() - started))
 
-    shards = extract_to_shards(plans, out_dir / "features", extractor, cfg.features.batch_size, progress)
+    shards = []
+    for part, splits_here in PARTS.items():
+        plans = plan_shards({s: [(i, images[i]["file"]) for i in splits[s]] for s in splits_here},
+                            cfg.features.shard_images)
+        shards += extract_to_shards(plans, outs[part] / "features", extractor, cfg.features.batch_size, progress,
+                                    source=source_images)
 
-    split_info = {}
+    split_info, records_of = {}, {}
     positions, feat_sum, feat_sumsq = 0, np.zeros(CHANNELS), np.zeros(CHANNELS)
     for split in SPLITS:
         mine = [s for s in shards if s.split == split]
@@ -157,7 +199,7 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
             for image_id in shard.image_ids:
                 info = images[image_id]
                 records.append({
-                    "image_id": image_id, "file": info["file"], "relpath": info["relpath"], "source": info["source"],
+                    "image_id": image_id, "file": info["file"], "source": info["source"],
                     "captions": info["captions"],
                     "tokens": [vocab.encode(w, max_length) for w in words[image_id]],
                 })
@@ -165,7 +207,7 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
                 positions += shard.positions
                 feat_sum += np.asarray(shard.feature_sum)
                 feat_sumsq += np.asarray(shard.feature_sumsq)
-        write_json_atomic(out_dir / f"{split}.captions.json", records)
+        records_of[split] = records
         split_info[split] = {
             "images": len(records),
             "captions": sum(len(r["captions"]) for r in records),
@@ -173,14 +215,14 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
             "captions_file": f"{split}.captions.json",
         }
     if positions == 0:
-        raise DataError(f"{raw_dir}: no training image could be read; see {out_dir / 'report.json'}")
+        raise DataError(f"{raw_dir}: no training image could be read; see {train_dir / 'report.json'}")
+    for record in records_of["test"][:ATTENTION_SAMPLE_LIMIT]:  # evaluate draws attention on these
+        record["sample"] = _save_sample(source_images, record, test_dir / SAMPLES)
+    baseline = choose_blind_caption([c for r in records_of["train"] for c in r["captions"]],
+                                    {r["image_id"]: r["captions"] for r in records_of["val"]})
     mean = feat_sum / positions
     std = np.sqrt(np.maximum(feat_sumsq / positions - mean**2, 0.0))
-    write_json_atomic(out_dir / "feature_stats.json", {"mean": mean.tolist(), "std": std.tolist(), "positions": positions})
-    vocab.save(out_dir / "vocab.json")
 
-    kept_images = sum(v["images"] for v in split_info.values())
-    kept_captions = sum(v["captions"] for v in split_info.values())
     dataset = {
         "format": "captioning-features/1",
         "feature_shape": [GRID, CHANNELS], "feature_dtype": "float16", "record_bytes": RECORD_BYTES,
@@ -189,18 +231,47 @@ def process_data(cfg: Config, raw_dir: str | Path, out_dir: str | Path, extracto
         "vocab": "vocab.json", "vocab_size": len(vocab), "max_length": max_length,
         "feature_stats": "feature_stats.json",
         "split": {"seed": cfg.data.seed, "max_images": cfg.data.max_images, "val_images": n_val, "test_images": n_test},
-        "splits": split_info,
     }
-    write_json_atomic(out_dir / DATASET, dataset)
-    write_json_atomic(out_dir / "report.json", {"skipped": skipped, "blank_captions_dropped": blank})
+    for part, splits_here in PARTS.items():
+        out = outs[part]
+        for split in splits_here:
+            write_json_atomic(out / split_info[split]["captions_file"], records_of[split])
+        write_json_atomic(out / "feature_stats.json", {"mean": mean.tolist(), "std": std.tolist(),
+                                                        "positions": positions})
+        vocab.save(out / "vocab.json")
+        extra = {"blind_baseline": baseline} if part == "test_data" else {}
+        write_json_atomic(out / DATASET, {**dataset, **extra, "splits": {s: split_info[s] for s in splits_here}})
+    write_json_atomic(train_dir / "report.json", {"skipped": skipped, "blank_captions_dropped": blank})
+
+    kept_images = sum(v["images"] for v in split_info.values())
+    kept_captions = sum(v["captions"] for v in split_info.values())
     log.info("process_data: %d images, %d captions kept; %d files skipped", kept_images, kept_captions, len(skipped))
     metrics = {
         "images": kept_images, "captions": kept_captions,
         **{f"{s}_images": split_info[s]["images"] for s in SPLITS},
         "skipped_files": len(skipped), "blank_captions_dropped": blank,
         "vocab_size": len(vocab), "max_length": max_length,
-        "feature_bytes": sum((out_dir / p).stat().st_size for v in split_info.values() for p in v["shards"]),
+        "feature_bytes": sum(RECORD_BYTES * v["images"] for v in split_info.values()),
         "shards_reused": sum(1 for s in shards if s.reused),
     }
-    return StepResult(metrics=metrics, outputs={"dataset": str(out_dir), "manifest": str(out_dir / DATASET)},
+    return StepResult(metrics=metrics, outputs={"train_data": str(train_dir), "test_data": str(test_dir)},
                       extra={"skipped": skipped})
+
+
+def _save_sample(source: ArchiveImages, record: dict, folder: Path) -> str:
+    """One test image, copied out of its archive, for evaluate's attention figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{record['image_id']}{Path(record['file']).suffix.lower()}"
+    if not (folder / name).exists():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(source.read(record["file"]))
+        os.replace(tmp, folder / name)
+    return f"{SAMPLES}/{name}"
+
+
+def choose_blind_caption(train_captions: list[str], val_refs: dict[int, list[str]]) -> dict:
+    """The blind baseline, chosen here on train and val so that evaluate reads nothing of them."""
+    from captioning.metrics import choose_blind_caption as choose
+
+    caption, val_cider = choose(train_captions, val_refs)
+    return {"caption": caption, "val_CIDEr": val_cider, "chosen_on": "val"}

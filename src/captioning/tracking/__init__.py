@@ -122,21 +122,29 @@ class StepTracker:
 
             self.log({key: wandb.Table(columns=columns, data=rows)})
 
-    def log_artifact(self, name: str, kind: str, files: Iterable[Path] = (), dirs: Iterable[Path] = (),
-                     references: Iterable[str] = (), metadata: dict | None = None) -> str:
-        """Log an artifact; returns its reference (``entity/project/name:vN`` online)."""
+    def log_artifact(self, name: str, kind: str, files: Iterable[Path | tuple[str, Path]] = (),
+                     dirs: Iterable[Path] = (), references: dict[str, str] | None = None,
+                     metadata: dict | None = None) -> str:
+        """Log an artifact; returns its reference (``entity/project/name:vN`` online).
+
+        ``files``: paths, or (name in the artifact, path); ``references``: name in the artifact -> URI of
+        data that stays where it is (gs://, s3://, minio://, file://).
+        """
         if self.run is None:
             return ""
         import wandb
+        from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
 
         artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
-        for path in files:
-            artifact.add_file(str(path))
+        for item in files:
+            name_in, path = item if isinstance(item, tuple) else (None, item)
+            artifact.add_file(str(path), name=name_in)
         for path in dirs:
             artifact.add_dir(str(path), name=Path(path).name)
-        for uri in references:
-            # checksum=False: record where the data lives without reading or re-uploading it.
-            artifact.add_reference(uri, checksum=False)
+        for name_in, uri in (references or {}).items():
+            # The entry add_reference(uri, checksum=False) makes, without its storage handler: the gs:// and
+            # s3:// handlers open a cloud client (and fail without credentials) even when they read nothing.
+            artifact.manifest.add_entry(ArtifactManifestEntry(path=name_in, ref=uri, digest=uri))
         logged = self.run.log_artifact(artifact)
         if self.online:
             from captioning.tracking import online as wandb_online

@@ -28,10 +28,10 @@ def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and v is not None}
 
 
-def record_log_raw_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path) -> str:
+def record_log_raw_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path, uri: str) -> str:
+    """``uri``: where the raw-data artifact stays once the pod is gone (gs://, minio://, s3://, a file URI)."""
     manifest = json.loads((raw_dir / "manifest.json").read_text())
-    base = manifest["resolved_base_url"]
-    refs = [reference_uri(f"{base}/{rel}") for rel in manifest["files"]]
+    refs = {f["path"]: f"{reference_uri(uri).rstrip('/')}/{f['path']}" for f in manifest["files"].values()}
     t.summary(result.metrics)
     t.table("raw_files", ["file", "source", "bytes", "sha256"],
             [[rel, f["source"], f["size"], f["sha256"]] for rel, f in manifest["files"].items()])
@@ -46,31 +46,47 @@ def _pca(x: np.ndarray, dims: int) -> np.ndarray:
     return x @ vt[: min(dims, vt.shape[0])].T
 
 
-def record_process_data(t: StepTracker, cfg: Config, result: StepResult, processed_dir: Path) -> str:
+def _archive_picture(images, key: str):
+    """A W&B image of one picture read out of the raw archives; None where it cannot be read."""
+    import io
+
+    import wandb
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(images.read(key))) as picture:
+            picture.thumbnail((640, 640))  # also refuses decompression bombs (PIL's own limit)
+            return wandb.Image(picture.convert("RGB"))
+    except Exception:  # a picture the decoder dropped too; the table keeps its row
+        return None
+
+
+def record_process_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path,
+                        parts: dict[str, Path], uris: dict[str, str]) -> str:
+    """``parts``: process_data's artifacts (train_data, test_data); ``uris``: where they stay for good."""
     from captioning.dataset import ProcessedDataset
+    from captioning.steps.process_data import open_raw
 
     t.summary(result.metrics)
     skipped = result.extra.get("skipped", [])
     t.table("skipped_files", ["file", "reason"], [[s["file"], s["reason"]] for s in skipped])
-    data = ProcessedDataset.open(processed_dir)
+    train = ProcessedDataset.open(parts["train_data"])
     if t.run is not None:
-        import wandb
-
-        records = data.records("train")[:SAMPLE_IMAGES]
+        _, images = open_raw(raw_dir)
+        records = train.records("train")[:SAMPLE_IMAGES]
         feats = np.stack([f.numpy().astype(np.float32).mean(axis=0)
-                          for f in data.features("train").take(len(records))]) if records else np.zeros((0, 2048))
+                          for f in train.features("train").take(len(records))]) if records else np.zeros((0, 2048))
         reduced = _pca(feats, EMBEDDING_DIMS) if len(records) > 1 else feats[:, :EMBEDDING_DIMS]
-        rows = []
-        for record, vector in zip(records, reduced):
-            picture = wandb.Image(record["file"]) if Path(record["file"]).is_file() else None
-            rows.append([record["image_id"], picture, "train", " | ".join(record["captions"]), vector.tolist()])
+        rows = [[record["image_id"], _archive_picture(images, record["file"]), "train",
+                 " | ".join(record["captions"]), vector.tolist()] for record, vector in zip(records, reduced)]
         t.table("samples", ["image_id", "image", "split", "captions", "embedding"], rows)
-    files = [processed_dir / n for n in ("dataset.json", "vocab.json", "feature_stats.json", "report.json")]
-    files += [processed_dir / f"{s}.captions.json" for s in ("train", "val", "test")]
-    return t.log_artifact(
-        "coco-2014-processed", "dataset", files=files,
-        references=[reference_uri(processed_dir / "features")],  # GBs of features stay where they are
-        metadata=_numbers(result.metrics))
+    files = []
+    for part, folder in parts.items():
+        files += [(f"{part}/{p.name}", p) for p in sorted(folder.glob("*.json"))]
+    # GBs of features stay where the pipeline keeps them: referenced by their durable URI, not uploaded.
+    references = {f"{part}/features": f"{reference_uri(uris[part]).rstrip('/')}/features" for part in parts}
+    return t.log_artifact("coco-2014-processed", "dataset", files=files, references=references,
+                          metadata=_numbers(result.metrics))
 
 
 def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Path) -> list:
@@ -111,13 +127,13 @@ def record_train(t: StepTracker, result: StepResult, model_dir: Path) -> str:
                           metadata=_numbers(result.metrics))
 
 
-def record_evaluate(t: StepTracker, result: StepResult, out_dir: Path) -> str:
+def record_evaluate(t: StepTracker, result: StepResult, out_dir: Path, test_dir: Path) -> str:
     t.summary(result.metrics)
     predictions = json.loads((out_dir / "predictions.json").read_text())
     if t.run is not None:
         import wandb
 
-        rows = [[p["image_id"], wandb.Image(p["file"]) if Path(p["file"]).is_file() else None, p["caption"],
+        rows = [[p["image_id"], wandb.Image(str(test_dir / p["sample"])) if p.get("sample") else None, p["caption"],
                  " | ".join(p["references"]), p["BLEU-4"], p["CIDEr"]] for p in predictions[:500]]
         t.table("predictions", ["image_id", "image", "caption", "references", "BLEU-4", "CIDEr"], rows)
         figures = result.extra.get("figures", [])

@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -34,6 +35,8 @@ UPSTREAM_REF = "upstream_ref"
 DOWNLOAD_CACHE_ENV = "CAPTIONING_DOWNLOAD_CACHE"
 # Every component's own output: its W&B run files when wandb.mode=offline, kept for a later `wandb sync`.
 WANDB_RUN = "wandb_run"
+# Where a pod writes an offline run before copying it into wandb_run.
+OFFLINE_WANDB_ROOT = Path("/tmp/captioning-wandb")
 
 
 def step_parameters(step: Step) -> list[str]:
@@ -75,7 +78,7 @@ def _run_in_pod(step: Step, **kwargs):
     """What every component does inside its container."""
     from captioning.parameters import config_from_parameters
     from captioning.tracking import StepTracker
-    from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, tree_size, write_result
+    from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, write_result
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = {name: kwargs[name] for name in step_parameters(step)}
@@ -88,19 +91,14 @@ def _run_in_pod(step: Step, **kwargs):
                 scratch=scratch_folder(step.name), produced_by={name: read_result(p) for name, p in inputs.items()},
                 uris={name: artifact.uri for name, artifact in artifacts.items()})
     tracker = StepTracker(cfg, step.name, io.scratch, kwargs[RUN_GROUP], [kwargs.get(UPSTREAM_REF, "")])
-    wandb_run = kwargs[WANDB_RUN]
-    if tracker.mode == "offline":  # the run outlives the pod in its own artifact, for `wandb sync` later
-        tracker.workdir = Path(os.environ.get("CAPTIONING_WANDB_DIR") or wandb_run.path)
+    if tracker.mode == "offline":  # a fixed local folder: W&B records its absolute paths, `wandb sync` needs them
+        tracker.workdir = OFFLINE_WANDB_ROOT / step.name
+        shutil.rmtree(tracker.workdir, ignore_errors=True)
     with tracker:
         result = run_step(step, cfg, io, tracker)
-    Path(wandb_run.path).mkdir(parents=True, exist_ok=True)  # empty unless offline: nothing to sync
-    figures = tree_size(Path(wandb_run.path))
-    result.extra["artifacts"]["outputs"][WANDB_RUN] = figures
+    _keep_offline_run(tracker, kwargs[WANDB_RUN], result)
     if step.result_in:  # the result handed on as a parameter carries the figures too
         result.returns[step.result_in] = json.dumps(result.summary())
-    wandb_run.metadata.update(mode=tracker.mode, artifact_files=figures["files"], artifact_bytes=figures["bytes"],
-                              sync="wandb sync <this artifact>/wandb/wandb/offline-run-*"
-                              if tracker.mode == "offline" else "")
     for name, spec in step.outputs.items():
         artifact = artifacts[name]
         if spec.kind == "Metrics":  # the KFP UI's metrics view
@@ -117,6 +115,26 @@ def _run_in_pod(step: Step, **kwargs):
     write_result(step, io, result)
     values = returned(step, result)
     return _signature(step.name).return_annotation(**values)
+
+
+def _keep_offline_run(tracker, wandb_run, result) -> None:
+    """An offline run outlives the pod in the step's wandb_run artifact (the W&B folder, links left out:
+    the launcher uploads plain files and folders only); online or disabled, the artifact stays empty."""
+    from captioning.workflow import tree_size
+
+    out = Path(wandb_run.path)
+    out.mkdir(parents=True, exist_ok=True)
+    local = tracker.workdir / "wandb"
+    if tracker.mode == "offline" and local.is_dir():
+        shutil.copytree(local, out / "wandb", dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if os.path.islink(os.path.join(folder, n))])
+    figures = tree_size(out)
+    result.extra["artifacts"]["outputs"][WANDB_RUN] = figures
+    wandb_run.metadata.update(
+        mode=tracker.mode, artifact_files=figures["files"], artifact_bytes=figures["bytes"],
+        pod_path=str(local) if tracker.mode == "offline" else "",
+        sync=(f"put this artifact's wandb/ folder at {local} (a copy or a link), then "
+              f"`wandb sync {local}/wandb/offline-run-*`") if tracker.mode == "offline" else "")
 
 
 def step_component(name: str):

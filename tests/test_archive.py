@@ -83,3 +83,35 @@ def test_not_a_zip(tmp_path):
     bad.write_bytes(b"<html>not a zip</html>")
     with pytest.raises(DataError, match="bad.zip: not a valid zip archive"):
         index_archive(bad)
+
+
+def test_a_broken_deflate_stream_is_an_error_naming_the_member(tmp_path):
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train2014/a.jpg", bytes(range(256)) * 64)
+    data = bytearray(archive.read_bytes())
+    start = 30 + len("train2014/a.jpg")  # the member's deflate stream follows its local header
+    data[start:start + 16] = b"\xff" * 16
+    archive.write_bytes(bytes(data))
+    images = ArchiveImages({"train2014": archive})
+    with pytest.raises(DataError, match=r"a.zip:train2014/a.jpg: "):
+        images.read("train2014/a.jpg")
+    assert images.read_or_empty("train2014/a.jpg") == b""
+
+
+def test_the_decoding_pipeline_opens_each_archive_once_not_per_image(tmp_path):
+    """COCO's train2014.zip has 82,783 entries: parsing its directory per image would cost hours."""
+    import io
+
+    from PIL import Image
+
+    from captioning.features import image_dataset
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(buf, format="JPEG")
+    archive = make_zip(tmp_path / "a.zip", [(f"train2014/{i}.jpg", buf.getvalue()) for i in range(64)])
+    images = ArchiveImages({"train2014": archive})
+    seen = sum(int(idx.shape[0]) for idx, _ in image_dataset([f"train2014/{i}.jpg" for i in range(64)], 8,
+                                                              source=images))
+    assert seen == 64
+    assert images.opened == 1

@@ -223,3 +223,34 @@ def test_test_data_holds_only_the_test_split_its_samples_and_the_blind_baseline(
     images = ArchiveImages({"val2014": processed["work"] / "raw" / "archives/zips/val2014.zip"})
     for r in samples:
         assert (test / r["sample"]).read_bytes() == images.read(r["file"])
+
+
+@pytest.mark.parametrize("bad_id", ["/../../../../tmp/escaped", "12", 3.5, None])
+def test_image_ids_must_be_integers(bad_id):
+    from captioning.steps.process_data import load_coco_captions
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": bad_id, "file_name": "b.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "a cat"}]}
+    with pytest.raises(DataError, match=r"annotations.zip:captions.json: image id .* is not an integer"):
+        load_coco_captions(data, "annotations.zip:captions.json", "train2014", "train2014")
+    data["images"].pop()
+    data["annotations"].append({"image_id": bad_id, "caption": "a dog"})
+    with pytest.raises(DataError, match="is not an integer"):
+        load_coco_captions(data, "annotations.zip:captions.json", "train2014", "train2014")
+
+
+def test_the_raw_artifact_drops_what_its_manifest_does_not_list(http_mirror, tmp_path):
+    from captioning.steps.log_raw_data import log_raw_data
+
+    out = tmp_path / "raw"
+    (out / "extracted" / "train2014").mkdir(parents=True)  # an older version's tree, in a reused work dir
+    (out / "extracted" / "train2014" / "a.jpg").write_bytes(b"old")
+    (out / "archives" / "zips").mkdir(parents=True)
+    (out / "archives" / "zips" / "test2014.zip").write_bytes(b"dropped from data.files")
+    cfg = load_config(overrides=[f"data.base_url={http_mirror.url}"]).data
+    log_raw_data(cfg, out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "archives/annotations/annotations_trainval2014.zip",
+        "archives/annotations/annotations_trainval2014.zip.verified.json",
+        "archives/zips/train2014.zip", "archives/zips/train2014.zip.verified.json",
+        "archives/zips/val2014.zip", "archives/zips/val2014.zip.verified.json", "manifest.json"]

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ANNOTATION_FILES = {"train2014": "annotations/captions_train2014.json", "val2014": "annotations/captions_val2014.json"}
 ARCHIVES = "archives"
+RESULT_FILE = "step.json"  # what a pod adds to its first artifact (captioning.workflow.RESULT_FILE)
 
 
 @contextmanager
@@ -167,8 +168,23 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         "counts": counts,
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
+    _prune(out_dir, {MANIFEST, *(f["path"] for f in files.values()), *(str(sidecar(Path(f["path"])))
+                                                                        for f in files.values())})
     metrics = {"bytes": sum(f["size"] for f in files.values()), "bytes_downloaded": downloaded, **counts}
     return StepResult(metrics=metrics, outputs={"raw_data": str(out_dir), "manifest": str(out_dir / MANIFEST)})
+
+
+def _prune(folder: Path, keep: set[str], rel: str = "") -> None:
+    """The artifact holds the manifest and its archives only: archives dropped from data.files, partial
+    downloads and an older layout's extracted tree (work dirs reused in-process) are removed."""
+    for path in sorted(folder.iterdir()):
+        name = f"{rel}{path.name}"
+        is_dir = path.is_dir() and not path.is_symlink()
+        if is_dir and any(k.startswith(name + "/") for k in keep):
+            _prune(path, keep, name + "/")
+        elif name not in keep and name != RESULT_FILE:
+            shutil.rmtree(path) if is_dir else path.unlink()
+            log.info("log_raw_data: removed %s, which the manifest does not list", path)
 
 
 def files_by_path(files: dict[str, dict], path: str) -> str:

@@ -58,6 +58,10 @@ def load_coco_captions(data, where: str, image_dir: str, source: str):
         annotations = data["annotations"]
     except (KeyError, TypeError) as exc:
         raise DataError(f"{where}: not a COCO caption file (missing {exc})") from None
+    # Ids name files later (samples, attention figures): only integers, as COCO has.
+    for image_id in (*files, *(ann.get("image_id") for ann in annotations)):
+        if type(image_id) is not int:
+            raise DataError(f"{where}: image id {image_id!r} is not an integer")
     captions: dict[int, list[str]] = defaultdict(list)
     blank = 0
     for ann in annotations:
@@ -83,6 +87,8 @@ def open_raw(raw_dir: Path) -> tuple[dict, ArchiveImages]:
         raise DataError(f"{raw_dir / MANIFEST}: not a log_raw_data manifest of this version "
                         f"(format {manifest.get('format')!r}); run log_raw_data again")
     for path in sorted(set(manifest["members"].values())):
+        if not (raw_dir / path).resolve().is_relative_to(raw_dir.resolve()):
+            raise DataError(f"{raw_dir / MANIFEST}: archive {path!r} is outside the raw-data artifact")
         index_archive(raw_dir / path)
     return manifest, ArchiveImages({top: raw_dir / path for top, path in manifest["members"].items()})
 
@@ -261,7 +267,7 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
 def _save_sample(source: ArchiveImages, record: dict, folder: Path) -> str:
     """One test image, copied out of its archive, for evaluate's attention figures."""
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"{record['image_id']}{Path(record['file']).suffix.lower()}"
+    name = f"{int(record['image_id'])}{Path(record['file']).suffix.lower()}"
     if not (folder / name).exists():
         tmp = folder / f".{name}.tmp"
         tmp.write_bytes(source.read(record["file"]))

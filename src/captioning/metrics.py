@@ -22,10 +22,32 @@ def _require_java() -> None:
 
 
 def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    """pycocoevalcap's PTB tokenization (the same Java command and the same punctuation removal as
+    ``PTBTokenizer.tokenize``), with its temporary file in the temp folder: pycocoevalcap writes it
+    beside its jar in site-packages, which the image's own user cannot write to."""
+    import os
+    import subprocess
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
 
     _require_java()
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    keys = [k for k, v in captions.items() for _ in v]
+    sentences = "\n".join(c.replace("\n", " ") for v in captions.values() for c in v)
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory(prefix="ptb-") as tmp:
+        source = os.path.join(tmp, "sentences.txt")
+        with open(source, "w", encoding="utf-8") as fh:
+            fh.write(sentences)
+        proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", source], cwd=tmp, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise CaptioningError(f"PTB tokenizer ({jar}) failed: {proc.stderr.decode(errors='replace')[-500:]}")
+    tokenized: dict[int, list[str]] = {}
+    for key, line in zip(keys, proc.stdout.decode().split("\n")):
+        words = [w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS]
+        tokenized.setdefault(key, []).append(" ".join(words))
+    return tokenized
 
 
 def score(references: dict[int, list[str]], predictions: dict[int, str]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:

@@ -2,7 +2,8 @@
 
     python pipeline.py --output captioning.yaml [--target kubeflow|vertex] [--image IMAGE]
                        [--accelerator-type nvidia.com/gpu] [--accelerator-count 1] [--preset coco2014]
-                       [--raw-cache-pvc coco-raw-cache] [--gpu-node-selector KEY=VALUE]
+                       [--raw-cache-pvc coco-raw-cache] [--checkpoint-pvc captioning-checkpoints]
+                       [--gpu-node-selector KEY=VALUE] [--spot] [--gpu-cpu 6 --gpu-memory 22Gi]
 
 (the same as ``captioning compile``). Data moves between pods as KFP artifacts,
 wired as ``captioning.workflow`` declares; W&B references travel beside them as
@@ -10,9 +11,16 @@ strings. The pipeline parameters are ``captioning.parameters``' table, with the
 preset's values as defaults. process_data, train and evaluate ask for an
 accelerator. On Kubeflow the W&B key reaches the pods from a Kubernetes Secret
 (kfp-kubernetes), GPU steps tolerate the GPU taint, and log_raw_data keeps the
-COCO archives on a PVC across runs (names match ``manifests/``); on Vertex AI
-the pods read the key from Secret Manager (the ``wandb_secret`` parameter names
-it). Never is a key a literal in the YAML.
+COCO archives on a PVC across runs and train its checkpoints on another (names
+match ``manifests/``), and every pod runs as the image's user under the Pod
+Security "restricted" profile; on Vertex AI the pods read the key from Secret
+Manager (the ``wandb_secret`` parameter names it). Never is a key a literal in
+the YAML.
+
+Nothing run-scoped reaches a cached task's inputs, command or arguments (they
+make up KFP's cache key): the pods learn which pipeline run they belong to
+from the environment (the ``pipeline/runid`` pod label on Kubeflow, the run's
+labels on Vertex AI), which is not part of the key.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's types at runtime.
@@ -33,7 +41,25 @@ WANDB_SECRET_KEY = "api-key"
 # These names and settings are also in manifests/ (tests check that they agree).
 RAW_CACHE_PVC = "coco-raw-cache"
 RAW_CACHE_MOUNT = "/var/cache/captioning"
+CHECKPOINT_PVC = "captioning-checkpoints"
+CHECKPOINT_MOUNT = "/var/lib/captioning/checkpoints"
+IMAGE_UID = 1000  # docker/Dockerfile: USER 1000:1000
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# GKE taints spot and pre-emptible node pools only when asked to; tolerating the taint is harmless otherwise.
+SPOT_TOLERATIONS = ({"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"},
+                    {"key": "cloud.google.com/gke-preemptible", "operator": "Equal", "value": "true",
+                     "effect": "NoSchedule"})
+# Allocatable CPU / GiB of GKE's common single-GPU nodes (GKE's reservation formula applied to the machine
+# type), and what GKE's system pods on such a node request; the default requests must fit in between
+# (tests check it, README "Resources" shows it).
+GPU_NODES = {
+    "g2-standard-8 (1x L4)": (7.91, 28.3),
+    "n1-standard-8 (+1x T4)": (7.91, 26.5),
+    "a2-highgpu-1g (1x A100 40GB)": (11.9, 77.7),
+}
+SYSTEM_PODS = (0.6, 1.5)  # kube-proxy, logging and metrics agents, GPU device plugin, CSI node driver
+# The Kubeflow pod label holding the run's id, read through the downward API (env is not in the cache key).
+RUN_ID_LABEL = "metadata.labels['pipeline/runid']"
 DESCRIPTION = "Show, Attend and Tell on MS-COCO, tracked in W&B"
 GATE = "score-above-floor"  # promote runs only when evaluate's score exceeds min_score
 
@@ -57,14 +83,24 @@ class BuildOptions:
     accelerator_type: str = _option("", "Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex).")
     accelerator_count: int = _option(1, "Accelerators per GPU step.", min=0)
     preset: str = _option("coco2014", "Defaults of the pipeline parameters: demo or coco2014.")
-    cpu: str = _option("4", "CPU request and limit of the CPU steps.")
-    memory: str = _option("16G", "Memory request and limit of the CPU steps.")
-    gpu_cpu: str = _option("8", "CPU request and limit of the GPU steps.")
-    gpu_memory: str = _option("32G", "Memory request and limit of the GPU steps.")
-    retries: int = _option(3, "Retries of a failed cached step (pre-empted GPU nodes).", min=0)
+    # The defaults fit the allocatable size of g2-standard-8 (L4), n1-standard-8 (T4) and a2-highgpu-1g (A100)
+    # after GKE's system pods (README: "Resources").
+    cpu: str = _option("2", "CPU request and limit of the CPU steps (log_raw_data, promote).")
+    memory: str = _option("8Gi", "Memory request and limit of the CPU steps.")
+    gpu_cpu: str = _option("6", "CPU request and limit of the GPU steps.")
+    gpu_memory: str = _option("22Gi", "Memory request and limit of the GPU steps.")
+    retries: int = _option(3, "Retries of a failed or lost cached step (pre-empted GPU nodes).", min=0)
+    retry_backoff: str = _option("2m", "Wait before the first retry; it doubles at each retry.")
+    retry_window: str = _option("72h", "Retries must end this long after the first attempt began (Argo stops "
+                                       "them there): room for several attempts of the longest step.")
     raw_cache_pvc: str = _option(RAW_CACHE_PVC, "Kubeflow: PVC keeping the COCO archives ('' for none).")
+    checkpoint_pvc: str = _option(CHECKPOINT_PVC, "Kubeflow: PVC holding train's checkpoints when the "
+                                                  "checkpoint_dir parameter is empty ('' for none).")
     gpu_node_selector: str = _option("", "Kubeflow: KEY=VALUE label of the GPU nodes, e.g. "
                                          "cloud.google.com/gke-accelerator=nvidia-l4.")
+    spot: bool = _option(False, "Kubeflow: tolerate GKE spot and pre-emptible node taints.")
+    security_context: bool = _option(True, "Kubeflow: run as uid 1000, non-root, in the pod spec (backend >= 2.16; "
+                                           "turn off for older ones, where the image's USER 1000 still applies).")
 
     @property
     def accelerator(self) -> str:
@@ -85,6 +121,26 @@ class BuildOptions:
                              "resources, like nvidia.com/gpu or amd.com/gpu")
         if self.gpu_node_selector and "=" not in self.gpu_node_selector:
             raise ValueError(f"--gpu-node-selector {self.gpu_node_selector!r}: expected KEY=VALUE")
+        if self.spot and self.target == "vertex":
+            raise ValueError("--spot: Kubeflow only; Vertex AI Pipelines chooses the machines of its tasks itself")
+        # kfp's own patterns, less the decimal "K" (kfp takes it, Kubernetes does not)
+        for flag, value in (("--cpu", self.cpu), ("--gpu-cpu", self.gpu_cpu)):
+            if not re.fullmatch(r"([0-9]*[.])?[0-9]+m?", value):
+                raise ValueError(f"{flag} {value!r}: expected a CPU quantity like 2, 0.5 or 500m")
+        for flag, value in (("--memory", self.memory), ("--gpu-memory", self.gpu_memory)):
+            if not re.fullmatch(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|Ki)?", value):
+                raise ValueError(f"{flag} {value!r}: expected a whole memory quantity like 22Gi, 8G or 1536Mi")
+        for flag, value in (("--retry-backoff", self.retry_backoff), ("--retry-window", self.retry_window)):
+            if not re.fullmatch(r"\d+\s*(s|m|h|d)", value):
+                raise ValueError(f"{flag} {value!r}: expected a duration like 90s, 2m, 72h or 3d")
+        pinned = re.fullmatch(r"[^@\s]+@sha256:([0-9a-f]*)", self.image)
+        if "@" in self.image and not (pinned and len(pinned.group(1)) == 64):
+            raise ValueError(f"--image {self.image!r}: a digest reference is NAME@sha256:<64 hex digits>")
+
+    @property
+    def image_pinned(self) -> bool:
+        """By digest: the cache key then names the image's content, not a tag that can move."""
+        return "@sha256:" in self.image
 
 
 def pipeline_signature(preset: str) -> inspect.Signature:
@@ -106,7 +162,9 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
 
     from captioning.parameters import PRESET_PARAMETER
     from captioning.workflow import STEPS, upstream_of
-    from components.factory import DOWNLOAD_CACHE_ENV, RUN_GROUP, UPSTREAM_REF, step_component, step_parameters
+    from captioning.io import VOLUME_ENV
+    from captioning.tracking import KFP_RUN_ID_ENV
+    from components.factory import CHECKPOINT_DIR_ENV, DOWNLOAD_CACHE_ENV, UPSTREAM_REF, step_component, step_parameters
 
     def kubernetes_settings(task, name):
         from kfp import kubernetes
@@ -114,14 +172,27 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         # The key reaches the pods from a Secret, never as a value in the YAML.
         kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET,
                                      secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"}, optional=True)
+        # Pod Security "restricted": the backend (>= 2.16) adds no privilege escalation, all capabilities
+        # dropped and the RuntimeDefault seccomp profile; the user and non-root are ours to say.
+        if options.security_context:  # a 2.15 backend refuses the field; 2.16 knows it
+            kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+        # Which run this pod belongs to, for grouping its W&B run: from the pod's label, outside the cache key.
+        kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=RUN_ID_LABEL)
         if name in GPU_STEPS:
             kubernetes.add_toleration(task, **GPU_TOLERATION)
             if options.gpu_node_selector:
                 key, value = options.gpu_node_selector.split("=", 1)
                 kubernetes.add_node_selector(task, label_key=key, label_value=value)
-        if name == "log_raw_data" and options.raw_cache_pvc:
-            kubernetes.mount_pvc(task, pvc_name=options.raw_cache_pvc, mount_path=RAW_CACHE_MOUNT)
-            task.set_env_variable(DOWNLOAD_CACHE_ENV, f"{RAW_CACHE_MOUNT}/coco2014")
+        if options.spot:
+            for toleration in SPOT_TOLERATIONS:
+                kubernetes.add_toleration(task, **toleration)
+        volumes = {"log_raw_data": (options.raw_cache_pvc, RAW_CACHE_MOUNT, DOWNLOAD_CACHE_ENV, "coco2014"),
+                   "train": (options.checkpoint_pvc, CHECKPOINT_MOUNT, CHECKPOINT_DIR_ENV, "")}
+        if name in volumes and volumes[name][0]:
+            pvc, mount, env, folder = volumes[name]
+            kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=mount)
+            task.set_env_variable(env, f"{mount}/{folder}".rstrip("/"))
+            task.set_env_variable(VOLUME_ENV, f"{pvc}={mount}")  # named in the error when the volume is read-only
 
     def add_step(name, params, tasks):
         """One task: its artifacts from the upstream tasks, its parameters from the pipeline's."""
@@ -130,7 +201,6 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         if upstream_of(name):
             arguments[UPSTREAM_REF] = tasks[upstream_of(name)].outputs["wandb_ref"]
         arguments.update({p: params[p] for p in (PRESET_PARAMETER, *step_parameters(step))})
-        arguments[RUN_GROUP] = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         task = step_component(name)(**arguments).set_container_image(options.image)
         if options.target == "kubeflow":
             kubernetes_settings(task, name)
@@ -142,8 +212,8 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
         cached = name not in UNCACHED_STEPS
         task.set_caching_options(cached)
-        if cached:
-            task.set_retry(options.retries, "60s")
+        if cached:  # Argo's backoff factor must be an integer
+            task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
         task.set_display_name(name)
         tasks[name] = task
 

@@ -2,7 +2,7 @@
 
 A component's signature is written out from that declaration: its artifacts
 (typed ``Input``/``Output``), ``upstream_ref`` (the previous step's W&B
-reference), ``preset``, ``run_group``, and one parameter per pipeline parameter
+reference), ``preset``, and one parameter per pipeline parameter
 the step reads (``captioning.parameters``). Those parameters default to None,
 "as the preset says": a pod builds its configuration from ``preset`` and what it
 was given, so a component used on its own means the same as in the pipeline.
@@ -29,10 +29,12 @@ from captioning import DEFAULT_IMAGE
 from captioning.parameters import PIPELINE_PRESET, PRESET_PARAMETER, PARAMETERS, parameter_type
 from captioning.workflow import STEPS, Step, upstream_of
 
-RUN_GROUP = "run_group"
 UPSTREAM_REF = "upstream_ref"
-# Set by pipeline.py where a volume keeps the COCO archives across runs (the raw-cache PVC).
+# Set by pipeline.py where a volume keeps the COCO archives across runs (the raw-cache PVC) and where one
+# keeps train's checkpoints (used when the checkpoint_dir parameter is empty). Environment variables are
+# not part of KFP's cache key, so where the volume is mounted does not change it.
 DOWNLOAD_CACHE_ENV = "CAPTIONING_DOWNLOAD_CACHE"
+CHECKPOINT_DIR_ENV = "CAPTIONING_CHECKPOINT_DIR"
 # Every component's own output: its W&B run files when wandb.mode=offline, kept for a later `wandb sync`.
 WANDB_RUN = "wandb_run"
 # Where a pod writes an offline run before copying it into wandb_run.
@@ -56,7 +58,7 @@ def _signature(name: str) -> inspect.Signature:
     params.append(param(WANDB_RUN, Output[dsl.Artifact]))
     if upstream_of(step.name):
         params.append(param(UPSTREAM_REF, str, ""))
-    params += [param(PRESET_PARAMETER, str, PIPELINE_PRESET), param(RUN_GROUP, str, "")]
+    params.append(param(PRESET_PARAMETER, str, PIPELINE_PRESET))
     params += [param(name, Optional[parameter_type(name)], None) for name in step_parameters(step)]
     returns = NamedTuple("Outputs", list(step.returns.items()))
     return inspect.Signature(params, return_annotation=returns)
@@ -85,12 +87,15 @@ def _run_in_pod(step: Step, **kwargs):
     cfg = config_from_parameters(kwargs[PRESET_PARAMETER], **given)
     if step.name == "log_raw_data" and os.environ.get(DOWNLOAD_CACHE_ENV):
         cfg.data.download_cache = os.environ[DOWNLOAD_CACHE_ENV]
+    if step.name == "train" and not cfg.train.checkpoint_dir and os.environ.get(CHECKPOINT_DIR_ENV):
+        cfg.train.checkpoint_dir = os.environ[CHECKPOINT_DIR_ENV]
     artifacts = {name: kwargs[name] for name in (*step.inputs, *step.outputs)}
     inputs = {name: _input_path(kwargs[name]) for name in step.inputs}
     io = StepIO(inputs=inputs, outputs={name: Path(kwargs[name].path) for name in step.outputs},
                 scratch=scratch_folder(step.name), produced_by={name: read_result(p) for name, p in inputs.items()},
                 uris={name: artifact.uri for name, artifact in artifacts.items()})
-    tracker = StepTracker(cfg, step.name, io.scratch, kwargs[RUN_GROUP], [kwargs.get(UPSTREAM_REF, "")])
+    # The W&B group (the pipeline run) comes from the pod's environment: a run-scoped input would be in the cache key.
+    tracker = StepTracker(cfg, step.name, io.scratch, upstream=[kwargs.get(UPSTREAM_REF, "")])
     if tracker.mode == "offline":  # a fixed local folder: W&B records its absolute paths, `wandb sync` needs them
         tracker.workdir = OFFLINE_WANDB_ROOT / step.name
         shutil.rmtree(tracker.workdir, ignore_errors=True)

@@ -17,6 +17,17 @@ def test_coco_preset_uses_the_official_mirror_and_all_images():
     assert cfg.data.max_images is None
     assert cfg.data.val_images is None and cfg.data.test_images is None  # Karpathy-proportional
     assert cfg.features.weights == "imagenet"
+    # Every archive is verified: a mirror serving other bytes fails instead of being answered from the cache.
+    assert sorted(cfg.data.sha256) == sorted(cfg.data.files)
+    assert cfg.data.sha256["zips/train2014.zip"].startswith("ede4087e")
+    assert load_config(preset="demo").data.sha256 == {}
+
+
+def test_checksums_are_checked_as_settings():
+    with pytest.raises(ConfigError, match="zips/val2014.zip: 'abc' is not a SHA-256"):
+        load_config(preset="coco2014", overrides=["data.sha256={zips/val2014.zip: abc}"])
+    with pytest.raises(ConfigError, match="sha256 names zips/test2014.zip, which data.files does not list"):
+        load_config(preset="coco2014", overrides=["data.sha256={zips/test2014.zip: " + "a" * 64 + "}"])
 
 
 def test_overrides_are_typed_from_yaml_scalars():

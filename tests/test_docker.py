@@ -14,6 +14,7 @@ import pytest
 
 from captioning import DEFAULT_IMAGE, __version__
 from conftest import captioning_cli
+from helpers.wandb_offline import leet_records
 
 IMAGE = os.environ.get("CAPTIONING_TEST_IMAGE", DEFAULT_IMAGE)
 HOW = ("start dockerd, then run docker/local-debian-base.sh and "
@@ -78,12 +79,20 @@ def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
     run_dir = Path(summary["run_dir"])
     model = run_dir / "train" / "model"
     assert (model / "captioner.keras").is_file()
-    assert model.stat().st_uid == os.getuid()  # containers ran as the host user: outputs are ours
+    # Every step ran as the image's user, as on a cluster (not as the caller, root in CI).
+    for step in steps:
+        outputs = [p for p in (run_dir / step.replace("_", "-")).iterdir() if p.is_dir()]
+        assert outputs and {p.stat().st_uid for p in outputs} == {1000}, step
+    # and what they wrote is handed back: readable, and removable by whoever ran it
+    assert all(p.stat().st_mode & 0o666 == 0o666 for p in model.iterdir())
+    assert model.stat().st_mode & 0o777 == 0o777
     assert (run_dir / "evaluate" / "report").read_text().startswith("<!doctype html>")
     # one W&B run per container, kept on the host in the step's wandb_run artifact
     offline_runs = list(run_dir.glob("*/wandb_run/wandb/wandb/offline-run-*"))
     assert sorted(p.parts[-5] for p in offline_runs) == sorted(n.replace("_", "-") for n in steps)
     assert all(s["artifacts"]["outputs"]["wandb_run"]["files"] > 0 for s in steps.values())
+    groups = {next(r["run"]["run_group"] for r in leet_records(p) if r["type"] == "run") for p in offline_runs}
+    assert len(groups) == 1 and groups.pop().startswith("run-")  # one group for the pipeline run
 
     # The model trained in a container captions on the host.
     from captioning.data.demo import draw_scene
@@ -101,3 +110,15 @@ def test_missing_image_is_a_clear_error(image, tmp_path):
                           "--workdir", str(tmp_path))
     assert proc.returncode == 2
     assert "captioning:no-such-tag: not in the local Docker engine" in proc.stderr
+
+
+def test_the_container_user_is_the_images_unless_told_otherwise():
+    from captioning.errors import CaptioningError
+    from captioning.runners.kfp_local import container_user
+
+    assert container_user("1000:1000", "image") == "1000:1000"
+    assert container_user("", "image") == "0"  # an image without USER runs as root, as a pod would
+    assert container_user("1000:1000", "host") == f"{os.getuid()}:{os.getgid()}"
+    assert container_user("1000:1000", "2000:3000") == "2000:3000"
+    with pytest.raises(CaptioningError, match="--user 'nobody'"):
+        container_user("1000:1000", "nobody")

@@ -4,9 +4,11 @@ and the names and scheduling settings agree with what pipeline.py and `captionin
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,16 +44,20 @@ def rendered() -> dict[str, list[dict]]:
     return {name: kustomize(MANIFESTS / "overlays" / name) for name in OVERLAYS}
 
 
-def by_kind(docs: list[dict], kind: str) -> dict:
-    (doc,) = [d for d in docs if d["kind"] == kind]
+def by_kind(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return doc
+
+
+GPU_CHECK, PREPARE = "captioning-gpu-check", "captioning-prepare-volumes"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlays_render_and_validate(rendered, overlay):
     docs = rendered[overlay]
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["Job", "PersistentVolumeClaim", "Role", "RoleBinding", "ServiceAccount"]
+    expected = ["Job", "Job", "PersistentVolumeClaim", "PersistentVolumeClaim", "Role", "RoleBinding",
+                "ServiceAccount"]
     assert kinds == sorted(expected + (["Profile"] if overlay == "multi-user" else []))
     namespace = "captioning" if overlay == "multi-user" else "kubeflow"
     for doc in docs:
@@ -65,7 +71,7 @@ def test_overlays_render_and_validate(rendered, overlay):
 def test_the_validator_catches_broken_manifests(rendered):
     import kubernetes_validate
 
-    pvc = by_kind(rendered["standalone"], "PersistentVolumeClaim")
+    pvc = by_kind(rendered["standalone"], "PersistentVolumeClaim", "coco-raw-cache")
     broken = yaml.safe_load(yaml.safe_dump(pvc))
     broken["spec"]["accessMode"] = ["ReadWriteOnce"]  # a misspelt field
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -73,24 +79,25 @@ def test_the_validator_catches_broken_manifests(rendered):
 
 
 def test_names_and_gpu_scheduling_match_the_pipeline(rendered):
-    from pipeline import ACCELERATORS, GPU_TOLERATION, RAW_CACHE_PVC
+    from pipeline import ACCELERATORS, CHECKPOINT_PVC, GPU_TOLERATION, RAW_CACHE_PVC
 
     from captioning.submit.kubeflow import DEFAULT_SERVICE_ACCOUNT
 
     for overlay, docs in rendered.items():
         assert by_kind(docs, "ServiceAccount")["metadata"]["name"] == DEFAULT_SERVICE_ACCOUNT
-        assert by_kind(docs, "PersistentVolumeClaim")["metadata"]["name"] == RAW_CACHE_PVC
-        pod = by_kind(docs, "Job")["spec"]["template"]["spec"]
+        assert {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"} == {
+            RAW_CACHE_PVC, CHECKPOINT_PVC}
+        pod = by_kind(docs, "Job", GPU_CHECK)["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] == DEFAULT_SERVICE_ACCOUNT
         assert pod["tolerations"] == [GPU_TOLERATION]
         assert ACCELERATORS["kubeflow"] in pod["containers"][0]["resources"]["limits"]
-    assert "nodeSelector" not in by_kind(rendered["standalone"], "Job")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in by_kind(rendered["standalone"], "Job", GPU_CHECK)["spec"]["template"]["spec"]
 
 
 def test_the_gke_node_selector_is_the_one_the_docs_pass_to_the_pipeline(rendered, tmp_path):
     from pipeline import BuildOptions, compile_pipeline
 
-    selector = by_kind(rendered["gke"], "Job")["spec"]["template"]["spec"]["nodeSelector"]
+    selector = by_kind(rendered["gke"], "Job", GPU_CHECK)["spec"]["template"]["spec"]["nodeSelector"]
     ((key, value),) = selector.items()
     flag = f"--gpu-node-selector {key}={value}"
     assert flag in (REPO / "README.md").read_text()
@@ -121,5 +128,91 @@ def test_every_overlay_runs_the_image_of_this_version(rendered):
     from captioning import DEFAULT_IMAGE
 
     for overlay, docs in rendered.items():
-        (container,) = by_kind(docs, "Job")["spec"]["template"]["spec"]["containers"]
-        assert container["image"] == DEFAULT_IMAGE, overlay
+        for job in (GPU_CHECK, PREPARE):
+            (container,) = by_kind(docs, "Job", job)["spec"]["template"]["spec"]["containers"]
+            assert container["image"] == DEFAULT_IMAGE, overlay
+
+
+def test_the_prepare_job_readies_the_pipelines_volumes_under_the_restricted_profile(rendered):
+    from pipeline import CHECKPOINT_MOUNT, CHECKPOINT_PVC, IMAGE_UID, RAW_CACHE_MOUNT, RAW_CACHE_PVC
+
+    for overlay, docs in rendered.items():
+        pod = by_kind(docs, "Job", PREPARE)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        mounts = {claims[m["name"]]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts == {RAW_CACHE_PVC: RAW_CACHE_MOUNT, CHECKPOINT_PVC: CHECKPOINT_MOUNT}, overlay
+        script = container["args"][0]
+        assert f"{RAW_CACHE_MOUNT}/coco2014" in script and CHECKPOINT_MOUNT in script  # the pipeline's folders
+        # Pod Security "restricted": non-root, no escalation, no capabilities, RuntimeDefault seccomp.
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == IMAGE_UID
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert not container["securityContext"].get("privileged")
+    for pvc in (RAW_CACHE_PVC, CHECKPOINT_PVC):
+        assert by_kind(rendered["gke"], "PersistentVolumeClaim", pvc)["spec"]["storageClassName"] == "standard-rwo"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root to run a process as another user")
+def test_the_prepare_script_as_uid_1000_fails_on_a_root_owned_volume_and_passes_once_fsgroup_applies(rendered):
+    """The Job's own script, run as the image's user on folders standing for the two volumes: owned by root
+    (a fresh PersistentVolume), then as the kubelet leaves them with fsGroup 1000 (group 1000, setgid, g+rwx)."""
+    from pipeline import CHECKPOINT_MOUNT, IMAGE_UID, RAW_CACHE_MOUNT
+
+    from captioning.errors import ConfigError
+    from captioning.io import VOLUME_ENV
+
+    script = by_kind(rendered["standalone"], "Job", PREPARE)["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    base = Path(tempfile.mkdtemp(prefix="volumes-"))
+    try:
+        base.chmod(0o755)
+        raw, ckpt = base / "raw-cache", base / "checkpoints"
+        for volume in (raw, ckpt):
+            volume.mkdir(mode=0o755)
+        local = script.replace(RAW_CACHE_MOUNT, str(raw)).replace(CHECKPOINT_MOUNT, str(ckpt))
+        as_user = ["setpriv", f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups"]
+        failed = subprocess.run([*as_user, "/bin/sh", "-c", local], capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 1
+        assert f"{raw}/coco2014: not writable by uid {IMAGE_UID} (owner: 0:0)" in failed.stderr
+        assert f"{ckpt}: not writable by uid {IMAGE_UID}" in failed.stderr and "fsGroup" in failed.stderr
+
+        # What a step does on the same volume: it fails at once, naming the volume, the path and the fix.
+        code = ("import sys; from captioning.io import check_writable; "
+                "check_writable(sys.argv[1], 'data.download_cache')")
+        env = dict(os.environ, **{VOLUME_ENV: f"coco-raw-cache={raw}"})
+        step = subprocess.run([*as_user, sys.executable, "-c", code, str(raw / "coco2014")], capture_output=True,
+                              text=True, timeout=60, env=env, cwd="/tmp")
+        assert step.returncode != 0
+        assert (f"data.download_cache={raw}/coco2014: the volume coco-raw-cache (mounted at {raw}) is not writable "
+                f"by uid {IMAGE_UID}") in step.stderr
+        assert "manifests/base/prepare-volumes-job.yaml" in step.stderr
+
+        for volume in (raw, ckpt):  # the kubelet's fsGroup treatment of the volume's root
+            os.chown(volume, 0, IMAGE_UID)
+            volume.chmod(0o2775)
+        done = subprocess.run([*as_user, "/bin/sh", "-c", local], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (raw / "coco2014").stat().st_uid == IMAGE_UID and not list(raw.rglob(".write-probe"))
+        step = subprocess.run([*as_user, sys.executable, "-c", code, str(raw / "coco2014")], capture_output=True,
+                              text=True, timeout=60, env=env, cwd="/tmp")
+        assert step.returncode == 0, step.stderr
+    finally:
+        shutil.rmtree(base)
+    with pytest.raises(ConfigError):  # and in-process, a path that cannot be created at all
+        from captioning.io import check_writable
+        check_writable("/proc/no-such-volume", "train.checkpoint_dir")
+
+
+def test_the_argo_retry_policy_patch_retries_lost_pods_and_failures():
+    """Applied to the workflow controller's ConfigMap (no Argo here: the patch's content is what is checked)."""
+    patch = yaml.safe_load((MANIFESTS / "cluster" / "argo-retry-policy.yaml").read_text())
+    validate(patch)
+    assert (patch["metadata"]["name"], patch["metadata"]["namespace"]) == ("workflow-controller-configmap", "kubeflow")
+    defaults = yaml.safe_load(patch["data"]["workflowDefaults"])["spec"]
+    assert defaults["templateDefaults"]["retryStrategy"]["retryPolicy"] == "Always"
+    assert defaults["templateDefaults"]["retryStrategy"]["limit"] == "0"  # only the tasks with their own count
+    assert isinstance(defaults["templateDefaults"]["retryStrategy"]["limit"], str)  # Argo's IntOrString as KFP writes it
+    assert defaults["ttlStrategy"]["secondsAfterCompletion"] == 3600  # KFP 2.17's value kept
+    assert "argo-retry-policy.yaml" in (REPO / "README.md").read_text()

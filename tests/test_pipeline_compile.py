@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -159,6 +160,13 @@ def test_the_description_names_the_target_and_parameters_include_wandb_mode_and_
     (("--target", "vertex", "--accelerator-type", "nvidia.com/gpu"), "NVIDIA_L4"),
     (("--accelerator-type", "NVIDIA_L4"), "nvidia.com/gpu"),
     (("--gpu-node-selector", "gpu"), "KEY=VALUE"),
+    (("--target", "vertex", "--spot"), "Kubeflow only"),
+    (("--gpu-memory", "22 GB"), "memory quantity"),
+    (("--gpu-memory", "1.5Gi"), "memory quantity"),  # kfp itself would refuse it with a traceback
+    (("--memory", "500K"), "memory quantity"),
+    (("--gpu-cpu", "six"), "CPU quantity"),
+    (("--retry-window", "forever"), "duration"),
+    (("--image", "reg/captioning@sha256:abc"), "64 hex digits"),
 ])
 def test_accelerator_names_are_checked_per_target(args, message):
     from captioning.cli import app
@@ -166,3 +174,195 @@ def test_accelerator_names_are_checked_per_target(args, message):
 
     result = CliRunner().invoke(app, ["compile", "--output", "/dev/null", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+# ------------------------------------------------ what a real cluster does with the YAML
+
+CACHED = ("log-raw-data", "process-data", "train", "evaluate")
+
+
+def run_scoped_placeholders(value) -> set[str]:
+    """The run- or task-scoped KFP placeholders anywhere in ``value`` (a piece of the IR)."""
+    from kfp import dsl
+
+    # Not the executor's input and output placeholders: the key holds the command and arguments unresolved.
+    scoped = {getattr(dsl, name) for name in dir(dsl) if name.endswith("_PLACEHOLDER")
+              and any(word in name for word in ("JOB", "TASK_ID", "TASK_NAME"))}
+    text = yaml.safe_dump(value)
+    return {p for p in scoped if p in text}
+
+
+def cache_key_parts(docs, task: str) -> dict:
+    """What KFP's cache key is made of for one task (backend/src/v2/cacheutils/cache.go): its inputs (as the
+    DAG wires them), its component's interface, and its executor's image, command and arguments."""
+    ir = docs[0]
+    tasks = {**ir["root"]["dag"]["tasks"]}
+    for comp in ir["components"].values():  # tasks inside the gate's sub-DAG
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    spec = tasks[task]
+    component = ir["components"][spec["componentRef"]["name"]]
+    container = ir["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+    return {"inputs": spec.get("inputs", {}), "interface": [component.get("inputDefinitions"),
+            component.get("outputDefinitions")], "image": container["image"], "command": container["command"],
+            "args": container["args"]}
+
+
+def test_no_cached_task_has_a_run_scoped_cache_key(kubeflow, tmp_path):
+    """A placeholder such as {{$.pipeline_job_name}} in a cached task's inputs, command or arguments makes
+    every run recompute it (hours of GPU at COCO size)."""
+    from kfp import compiler, dsl
+
+    _, docs, _ = kubeflow
+    for task in CACHED:
+        assert run_scoped_placeholders(cache_key_parts(docs, task)) == set(), task
+
+    @dsl.component(base_image="python:3.11")
+    def echo(text: str) -> str:
+        return text
+
+    @dsl.pipeline(name="run-scoped")
+    def run_scoped():
+        echo(text=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+
+    compiler.Compiler().compile(run_scoped, str(tmp_path / "bad.yaml"))
+    bad = list(yaml.safe_load_all((tmp_path / "bad.yaml").read_text()))
+    assert run_scoped_placeholders(cache_key_parts(bad, "echo")) == {dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
+
+
+def test_wandb_runs_are_grouped_by_the_run_id_label_outside_the_cache_key(kubeflow, monkeypatch):
+    from pipeline import RUN_ID_LABEL
+
+    from captioning.tracking import KFP_RUN_ID_ENV, VERTEX_RUN_LABELS_ENV, StepTracker, pipeline_run_group
+
+    _, docs, _ = kubeflow
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in STEP_NAMES:
+        assert platform[f"exec-{name}"]["fieldPathAsEnv"] == [{"fieldPath": RUN_ID_LABEL, "name": KFP_RUN_ID_ENV}]
+    assert RUN_ID_LABEL == "metadata.labels['pipeline/runid']"
+
+    for env in ("CAPTIONING_RUN_GROUP", KFP_RUN_ID_ENV, VERTEX_RUN_LABELS_ENV):
+        monkeypatch.delenv(env, raising=False)
+    assert pipeline_run_group() == ""
+    monkeypatch.setenv(VERTEX_RUN_LABELS_ENV, '{"vertex-ai-pipelines-run-billing-id": "4711", "team": "ml"}')
+    assert pipeline_run_group() == "vertex-4711"
+    monkeypatch.setenv(KFP_RUN_ID_ENV, "0b5e-run")
+    assert pipeline_run_group() == "kfp-0b5e-run"
+    monkeypatch.delenv(KFP_RUN_ID_ENV)
+    monkeypatch.setenv(VERTEX_RUN_LABELS_ENV, "not json")
+    assert pipeline_run_group() == ""
+    monkeypatch.setenv(KFP_RUN_ID_ENV, "0b5e-run")
+    from captioning.config import load_config
+    assert StepTracker(load_config(preset="demo"), "train", "/tmp").group == "kfp-0b5e-run"
+
+
+def test_an_image_digest_compiles_verbatim_into_every_executor(tmp_path):
+    pinned = "registry.example/ml/captioning@sha256:" + "0123456789abcdef" * 4
+    out = tmp_path / "p.yaml"
+    proc = subprocess.run([sys.executable, "-m", "captioning.cli", "compile", "--output", str(out), "--image", pinned],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "is a tag" not in proc.stderr
+    executors = next(yaml.safe_load_all(out.read_text()))["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {pinned}
+    proc = subprocess.run([sys.executable, "-m", "captioning.cli", "compile", "--output", str(out), "--image", IMAGE],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and f"--image {IMAGE} is a tag" in proc.stderr
+
+
+def test_image_digests_are_read_from_a_push_and_from_the_engine():
+    """No registry runs here: the push's event stream is the one docker-py yields (kept at the edge)."""
+    from captioning.image_build import ImageBuildError, digest_from_push, known_digest, repository
+
+    digest = "sha256:" + "ab" * 32
+    events = [{"status": "Pushing"}, {"status": "1.0: digest: ..."},
+              {"progressDetail": {}, "aux": {"Tag": "1.0", "Digest": digest, "Size": 1234}}]
+    assert digest_from_push(events, "reg:5000/ml/captioning:1.0") == f"reg:5000/ml/captioning@{digest}"
+    with pytest.raises(ImageBuildError, match="denied"):
+        digest_from_push([{"error": "denied: requested access to the resource is denied"}], "reg/c:1")
+    with pytest.raises(ImageBuildError, match="no digest"):
+        digest_from_push([{"status": "Pushing"}], "reg/c:1")
+    attrs = {"RepoDigests": [f"other/captioning@{digest}", f"reg:5000/ml/captioning@{digest}"]}
+    assert known_digest(attrs, "reg:5000/ml/captioning:1.0") == f"reg:5000/ml/captioning@{digest}"
+    assert known_digest({"RepoDigests": None}, "captioning:0.1.0") == ""
+    assert repository("captioning") == "captioning"
+
+
+def test_retries_allow_attempts_hours_apart_on_the_cached_steps(kubeflow):
+    _, docs, _ = kubeflow
+    root = docs[0]["root"]["dag"]["tasks"]
+    for name in CACHED:
+        policy = root[name]["retryPolicy"]
+        assert policy["maxRetryCount"] == 3
+        assert int(policy["backoffMaxDuration"].rstrip("s")) >= 24 * 3600  # train at COCO size takes hours
+        assert float(policy["backoffFactor"]).is_integer()  # Argo reads the factor as an integer
+        assert int(policy["backoffDuration"].rstrip("s")) >= 60
+
+
+def test_every_pod_runs_as_the_images_non_root_user(kubeflow):
+    from pipeline import IMAGE_UID
+
+    dockerfile = (Path(__file__).resolve().parents[1] / "docker" / "Dockerfile").read_text()
+    assert f"USER {IMAGE_UID}:{IMAGE_UID}" in dockerfile
+    _, docs, _ = kubeflow
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in STEP_NAMES:
+        context = platform[f"exec-{name}"]["securityContext"]
+        assert context == {"runAsUser": str(IMAGE_UID), "runAsGroup": str(IMAGE_UID), "runAsNonRoot": True}
+
+
+def test_older_backends_get_a_pipeline_without_the_security_context(tmp_path):
+    """A 2.15 backend refuses the field (its compiler unmarshals the Kubernetes config strictly)."""
+    _, docs, _ = compile_in_subprocess(tmp_path, "--no-security-context")
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert not any("securityContext" in spec for spec in platform.values())
+
+
+def test_train_keeps_its_checkpoints_on_a_volume(kubeflow, tmp_path):
+    from pipeline import CHECKPOINT_MOUNT, CHECKPOINT_PVC
+
+    from captioning.io import VOLUME_ENV
+    from components.factory import CHECKPOINT_DIR_ENV
+
+    _, docs, _ = kubeflow
+    (mount,) = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]["pvcMount"]
+    assert mount["constant"] == CHECKPOINT_PVC and mount["mountPath"] == CHECKPOINT_MOUNT
+    env = docs[0]["deploymentSpec"]["executors"]["exec-train"]["container"]["env"]
+    assert {"name": CHECKPOINT_DIR_ENV, "value": CHECKPOINT_MOUNT} in env
+    assert {"name": VOLUME_ENV, "value": f"{CHECKPOINT_PVC}={CHECKPOINT_MOUNT}"} in env
+    _, docs, _ = compile_in_subprocess(tmp_path, "--checkpoint-pvc", "")
+    assert "pvcMount" not in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity in CPUs or GiB."""
+    units = {"": 1, "m": 1e-3, "Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, "K": 1e3 / 2**30,
+             "M": 1e6 / 2**30, "G": 1e9 / 2**30, "T": 1e12 / 2**30}
+    number = text.rstrip("KMGTim")
+    return float(number) * units[text[len(number):]]
+
+
+def test_default_requests_fit_the_common_single_gpu_nodes(kubeflow):
+    from pipeline import GPU_NODES, SYSTEM_PODS
+
+    _, docs, _ = kubeflow
+    executors = docs[0]["deploymentSpec"]["executors"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in ("process-data", "train", "evaluate"):
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        cpu, memory = quantity(resources["resourceCpuRequest"]), quantity(resources["resourceMemoryRequest"])
+        for node, (node_cpu, node_gib) in GPU_NODES.items():
+            assert cpu + SYSTEM_PODS[0] <= node_cpu and memory + SYSTEM_PODS[1] <= node_gib, (name, node)
+            assert node.split(" (")[0] in readme
+    # what used to be asked for does not fit an n1-standard-8 with a T4
+    assert quantity("32G") + SYSTEM_PODS[1] > GPU_NODES["n1-standard-8 (+1x T4)"][1]
+
+
+def test_spot_nodes_are_tolerated_when_asked_for(kubeflow, tmp_path):
+    from pipeline import GPU_TOLERATION, SPOT_TOLERATIONS
+
+    _, docs, _ = compile_in_subprocess(tmp_path, "--spot")
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert platform["exec-train"]["tolerations"] == [GPU_TOLERATION, *SPOT_TOLERATIONS]
+    assert platform["exec-promote"]["tolerations"] == list(SPOT_TOLERATIONS)
+    default = kubeflow[1][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert default["exec-train"]["tolerations"] == [GPU_TOLERATION]

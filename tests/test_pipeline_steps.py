@@ -46,7 +46,9 @@ def test_train_outputs_a_safe_loading_model_folder(pipeline_run):
     history = json.loads((model_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert len(list((model_dir.parent.parent / "train" / "checkpoints").glob("epoch-*.weights.h5"))) == 3
+    (keyed,) = (model_dir.parent.parent / "train").glob("train-*")  # one folder per settings and data
+    assert keyed.name == f"train-{meta['dataset_signature']}"
+    assert len(list((keyed / "checkpoints").glob("epoch-*.weights.h5"))) == 3
 
 
 def test_evaluate_reports_coco_metrics_baseline_and_figures(pipeline_run):
@@ -141,14 +143,65 @@ def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
     assert proc.returncode == 2 and "captioner.keras: not a Keras model archive" in proc.stderr
 
 
-def test_resuming_with_other_sizes_names_the_checkpoint(pipeline_run):
+def test_changed_settings_train_afresh_and_never_resume_stale_checkpoints(pipeline_run, tmp_path):
+    """Same work folder, another learning rate and dropout: all epochs are trained again, in a folder of their
+    own, and the model's meta.json describes what was trained; the first run's folder is untouched."""
     from captioning.steps.train import train
 
     work, cfg = pipeline_run["work"], pipeline_run["cfg"]
-    bigger = cfg.model_copy(update={"train": cfg.train.model_copy(update={"units": 48})})
-    with pytest.raises(ConfigError, match=r"checkpoints: the checkpoint was written with other model sizes: units=48 \(checkpoint: 32\)"):
-        train(bigger, work / "processed" / "train", work / "train")
-    assert json.loads((work / "train" / "model" / "meta.json").read_text())["config"]["train"]["units"] == 32
+    def stamps():
+        return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in (work / "train").glob("train-*/**/*")
+                if p.is_file()}
+
+    first = stamps()
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 3e-3, "dropout": 0.1})})
+    result = train(changed, work / "processed" / "train", work / "train", model_dir=tmp_path / "model")
+    assert result.metrics["resumed_epochs"] == 0 and result.metrics["epochs"] == cfg.train.epochs
+    meta = json.loads((tmp_path / "model" / "meta.json").read_text())
+    assert meta["config"]["train"]["learning_rate"] == 3e-3 and meta["config"]["train"]["dropout"] == 0.1
+    folders = sorted(p.name for p in (work / "train").glob("train-*"))
+    assert len(folders) == 2 and f"train-{meta['dataset_signature']}" in folders
+    again = stamps()
+    assert first and all(again[name] == stamp for name, stamp in first.items())
+
+    # The same settings again, in a new pod (an empty model folder): nothing is trained, the model is rebuilt.
+    rerun = train(changed, work / "processed" / "train", work / "train", model_dir=tmp_path / "model2")
+    assert rerun.metrics["resumed_epochs"] == cfg.train.epochs
+    assert (tmp_path / "model2" / "captioner.keras").is_file()
+
+
+def test_a_retried_train_resumes_from_checkpoints_in_a_bucket(pipeline_run, gcs_emulator, tmp_path):
+    """Vertex AI: checkpoint_dir is a gs:// URI (here on the GCS emulator). The first pod dies after epoch 2;
+    a second pod, with an empty scratch folder, resumes from the bucket and trains only what is left."""
+    import keras
+
+    from captioning.gcs import storage_client
+    from captioning.steps.train import train
+
+    storage_client().create_bucket("ckpts")
+    work, cfg = pipeline_run["work"], pipeline_run["cfg"]
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"epochs": 4, "patience": 50, "checkpoint_dir": "gs://ckpts/captioning"})})
+
+    class NodeLost(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise SystemExit("the node went away")
+
+    with pytest.raises(SystemExit):
+        train(cfg, work / "processed" / "train", tmp_path / "pod1", callbacks=[NodeLost()])
+    names = [b.name for b in storage_client().list_blobs("ckpts", prefix="captioning/")]
+    assert any(n.endswith("checkpoints/epoch-002.weights.h5") for n in names)
+    assert any("checkpoints/backup/" in n for n in names)
+
+    result = train(cfg, work / "processed" / "train", tmp_path / "pod2")
+    assert result.metrics["resumed_epochs"] == 2 and result.metrics["epochs"] == 4
+    assert result.outputs["checkpoints"].startswith("gs://ckpts/captioning/train-")
+    history = (tmp_path / "pod2" / Path(result.outputs["checkpoints"]).name / "history.csv").read_text()
+    epochs = [int(line.split(",")[0]) for line in history.splitlines()[1:]]
+    assert epochs == [0, 1, 2, 3]  # epochs 0-1 from the first pod, 2-3 from the second
+    names = [b.name for b in storage_client().list_blobs("ckpts", prefix="captioning/")]
+    assert any(n.endswith("train_done.json") for n in names)
 
 
 def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
@@ -159,10 +212,11 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
     exe = str(Path(sys.executable).parent / "captioning")
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    history = work / "train" / "history.csv"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if history.exists() and len(history.read_text().splitlines()) >= 4:  # header + 3 epochs
+        found = list((work / "train").glob("train-*/history.csv"))
+        if found and len(found[0].read_text().splitlines()) >= 4:  # header + 3 epochs
+            history = found[0]
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed:\n" + proc.stdout.read()
@@ -269,3 +323,21 @@ def test_results_do_not_depend_on_the_wandb_mode(pipeline_run, small_mirror, tmp
     assert not (tmp_path / "wandb").exists()
     offline = pipeline_run["summary"]["steps"]["evaluate"]["metrics"]
     assert summary["steps"]["evaluate"]["metrics"] == offline
+
+
+def test_the_checkpoint_key_follows_the_datas_content_not_its_place(pipeline_run, tmp_path):
+    """Same counts, one caption changed: another key, so no stale resume; the same data elsewhere: the same key."""
+    import shutil
+
+    from captioning.dataset import ProcessedDataset
+    from captioning.steps.train import _signature
+
+    work, cfg = pipeline_run["work"], pipeline_run["cfg"]
+    original = _signature(cfg, ProcessedDataset.open(work / "processed" / "train"))
+    copy = shutil.copytree(work / "processed" / "train", tmp_path / "train")
+    assert _signature(cfg, ProcessedDataset.open(copy)) == original
+    captions = copy / "train.captions.json"
+    records = json.loads(captions.read_text())
+    records[0]["captions"][0] = "a different caption of the same length count"
+    captions.write_text(json.dumps(records))
+    assert _signature(cfg, ProcessedDataset.open(copy)) != original

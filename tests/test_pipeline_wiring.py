@@ -17,9 +17,9 @@ import yaml
 from captioning.config import PRESETS, load_config
 from captioning.parameters import PARAMETERS, PRESET_PARAMETER, parameters_from_config
 
-from components.factory import RUN_GROUP, UPSTREAM_REF
+from components.factory import UPSTREAM_REF
 
-NOT_SETTINGS = {RUN_GROUP, UPSTREAM_REF}  # inputs that carry no configuration
+NOT_SETTINGS = {UPSTREAM_REF}  # inputs that carry no configuration
 
 
 def compile_ir(tmp_path, **options) -> dict:

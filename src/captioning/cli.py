@@ -88,6 +88,8 @@ def run(
     summary_json: Optional[Path] = typer.Option(None, help="Summary file (default: WORKDIR/summary.json)."),
     runner: str = typer.Option("inprocess", help="inprocess, or docker: the compiled pipeline in containers (kfp.local)."),
     image: str = typer.Option(DEFAULT_IMAGE, help="Component image for --runner docker."),
+    user: str = typer.Option("image", help="--runner docker: run the containers as the image's own user (as a "
+                             "cluster does), 'host' (your uid:gid) or UID[:GID]."),
 ) -> None:
     """Run every step in order and write a summary JSON."""
     from captioning.config import load_config
@@ -100,7 +102,7 @@ def run(
         if runner == "docker":
             from captioning.runners.kfp_local import run_in_docker
 
-            summary = run_in_docker(cfg, workdir, image, preset)
+            summary = run_in_docker(cfg, workdir, image, preset, user)
         else:
             summary = run_pipeline(cfg, workdir)
     except CaptioningError as exc:
@@ -158,6 +160,8 @@ def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = No
         for field in dataclasses.fields(BuildOptions):
             meta = field.metadata
             flag = "--" + field.name.replace("_", "-")
+            if field.type is bool:
+                flag = f"{flag}/--no-{flag[2:]}"
             default = ... if field.name in required else field.default
             option = typer.Option(default, flag, help=meta["help"], envvar=meta.get("envvar"), min=meta.get("min"),
                                   rich_help_panel=None if field.name in unpanelled else panel,
@@ -190,6 +194,10 @@ def compile_cmd(build, output: Path = typer.Option(Path("captioning_pipeline.yam
     from pipeline import compile_pipeline
 
     typer.echo(str(compile_pipeline(output, build)))
+    if not build.image_pinned:
+        typer.echo(f"note: --image {build.image} is a tag: KFP's cache key holds the reference, not the content, "
+                   "so a rebuilt image under the same tag is answered from the cache. Pass NAME@sha256:... "
+                   "(`captioning image build --push` prints it).", err=True)
 
 
 SUBMIT_KUBEFLOW = "Kubeflow"
@@ -322,16 +330,23 @@ def image_build(
     variant: str = typer.Option("gpu", help="gpu: tensorflow[and-cuda]; cpu: tensorflow-cpu."),
     debian_image: str = typer.Option("debian:bookworm-slim", help="Base of the TF base image."),
     imagenet: bool = typer.Option(True, help="Try to bake the ImageNet weights into the image."),
+    push: bool = typer.Option(False, help="Push TAG to its registry and print the digest reference to compile with."),
 ) -> None:
-    """Build the component image with the local Docker engine; Python packages come from a wheelhouse."""
+    """Build the component image with the local Docker engine; Python packages come from a wheelhouse.
+
+    Prints the image's digest reference (NAME@sha256:...) once the registry knows it (after --push): compile
+    with that, and KFP's cache key names the image's content rather than a tag that can move."""
     from captioning.image_build import build_image
 
     try:
-        result = build_image(tag, base_image, wheelhouse, variant, debian_image, imagenet)
+        result = build_image(tag, base_image, wheelhouse, variant, debian_image, imagenet, push)
     except CaptioningError as exc:
         _fail(exc)
     typer.echo(json.dumps({"tag": result.tag, "base": result.base, "id": result.image_id,
-                           "size_bytes": result.size_bytes}))
+                           "size_bytes": result.size_bytes, "digest_ref": result.digest_ref}))
+    if not result.digest_ref:
+        typer.echo("note: no registry digest yet (a local build has none); push with --push to get NAME@sha256:...",
+                   err=True)
 
 
 @app.command("demo-data")

@@ -10,12 +10,13 @@ setting means the same thing everywhere.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from captioning.errors import ConfigError
 
@@ -45,6 +46,8 @@ class DataConfig(Section):
     sha256: dict[str, str] = Field(
         default_factory=dict, description="Expected checksums by archive path; verified when given."
     )
+    verify_sha256: bool = Field(True, description="Check the archives against data.sha256; false for a "
+                                "mirror serving other archives than the preset's (its checksums are still recorded).")
     max_images: int | None = Field(None, gt=0, description="Seeded subset size; null keeps all images.")
     seed: int = Field(0, description="Seed of the subset and of the split.")
     val_images: int | None = Field(
@@ -59,6 +62,24 @@ class DataConfig(Section):
     download_cache: str | None = Field(
         None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); "
         "null: the step's own output folder.")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for path, digest in value.items():
+            digest = str(digest).strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{path}: {digest!r} is not a SHA-256 (64 hex digits)")
+            out[path] = digest
+        return out
+
+    @model_validator(mode="after")
+    def _checksums_of_listed_files(self):
+        unknown = sorted(set(self.sha256) - set(self.files))
+        if unknown:
+            raise ValueError(f"sha256 names {', '.join(unknown)}, which data.files does not list")
+        return self
 
     @field_validator("base_url")
     @classmethod

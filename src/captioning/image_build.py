@@ -62,6 +62,32 @@ class BuildResult:
     base: str
     image_id: str
     size_bytes: int
+    digest_ref: str = ""  # NAME@sha256:... once a registry holds the image; what `compile --image` should get
+
+
+def repository(tag: str) -> str:
+    """``registry:5000/ml/captioning:1.0`` -> ``registry:5000/ml/captioning`` (a port is not a tag)."""
+    name = tag.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def digest_from_push(events, tag: str) -> str:
+    """The digest a registry answered to ``docker push`` (its event stream), as NAME@sha256:..."""
+    digest = ""
+    for event in events:
+        if "error" in event:
+            raise ImageBuildError(f"docker push {tag} failed: {event['error'].strip()}")
+        digest = event.get("aux", {}).get("Digest", digest)
+    if not digest:
+        raise ImageBuildError(f"docker push {tag}: the registry reported no digest")
+    return f"{repository(tag)}@{digest}"
+
+
+def known_digest(attrs: dict, tag: str) -> str:
+    """A digest reference the local engine already knows for ``tag``'s repository (pulled or pushed before)."""
+    repo = repository(tag)
+    return next((ref for ref in attrs.get("RepoDigests") or [] if ref.split("@", 1)[0] == repo), "")
 
 
 def _docker():
@@ -96,7 +122,8 @@ def _build(client, context: Path, dockerfile: str, tag: str, buildargs: dict[str
 
 
 def build_image(tag: str = DEFAULT_IMAGE, base_image: str | None = None, wheelhouse: Path | None = None,
-                variant: str = "gpu", debian_image: str = "debian:bookworm-slim", fetch_imagenet: bool = True) -> BuildResult:
+                variant: str = "gpu", debian_image: str = "debian:bookworm-slim", fetch_imagenet: bool = True,
+                push: bool = False) -> BuildResult:
     """Build the shared TensorFlow base (unless ``base_image`` is given) and the component image on it."""
     if variant not in TF_REQUIREMENTS:
         raise ImageBuildError(f"--variant {variant!r}: choose gpu or cpu")
@@ -121,7 +148,13 @@ def build_image(tag: str = DEFAULT_IMAGE, base_image: str | None = None, wheelho
                           {"BASE_IMAGE": base, "TF_REQUIREMENT": tf_requirement,
                            "FETCH_IMAGENET": "1" if fetch_imagenet else "0"})
     image = client.images.get(image_id)
-    return BuildResult(tag, base, image_id, int(image.attrs.get("Size", 0)))
+    if push:
+        name, _, version = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "latest")
+        log.info("docker push %s", tag)
+        digest_ref = digest_from_push(client.api.push(name, tag=version, stream=True, decode=True), tag)
+    else:
+        digest_ref = known_digest(image.attrs, tag)
+    return BuildResult(tag, base, image_id, int(image.attrs.get("Size", 0)), digest_ref)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -27,3 +29,43 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise DataError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: {what} is not valid JSON: {exc}") from None
+
+
+# Set by pipeline.py beside a mounted volume's path: "PVC=MOUNT", so an error can name the volume.
+VOLUME_ENV = "CAPTIONING_VOLUME"
+VOLUME_FIX = ("make it writable for the image's user (uid 1000): run the Job in manifests/base/prepare-volumes-job.yaml "
+              "(`kubectl -n NAMESPACE apply -k manifests/overlays/...` creates it; see manifests/README.md)")
+
+
+def check_writable(folder: str | Path, setting: str) -> Path:
+    """Fail at once, naming the folder, the volume and the fix, when this process cannot write to ``folder``
+    (a fresh PersistentVolume is owned by root), instead of hours later when the first file is saved."""
+    import tempfile
+
+    from captioning.errors import ConfigError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        pvc, _, mount = os.environ.get(VOLUME_ENV, "").partition("=")
+        on_volume = bool(mount) and folder.resolve().is_relative_to(Path(mount).resolve())
+        where = f"volume {pvc} (mounted at {mount})" if on_volume else "folder"
+        raise ConfigError(f"{setting}={folder}: the {where} is not writable by uid {os.getuid()} "
+                          f"({exc.strerror or exc}); {VOLUME_FIX}") from None
+    return folder
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive lock on ``<path>.lock``: processes sharing a volume take turns (a PVC is on one node)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -20,6 +20,7 @@ from captioning.errors import ConfigError
 # pipeline parameter -> configuration key
 PARAMETERS: dict[str, str] = {
     "base_url": "data.base_url",
+    "verify_sha256": "data.verify_sha256",
     "max_images": "data.max_images",
     "val_images": "data.val_images",
     "test_images": "data.test_images",

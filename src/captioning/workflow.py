@@ -145,9 +145,8 @@ def _train(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.tracking.records import record_train, train_callbacks
 
     dataset, model = io.inputs["train_data"], io.outputs["model"]
-    # Checkpoints on a volume (train.checkpoint_dir) survive a pre-empted pod; otherwise the step's own folder.
-    work = Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else io.scratch
-    result = train(cfg, dataset, work, callbacks=train_callbacks(t, cfg, dataset, work), model_dir=model)
+    # Checkpoints on a volume or bucket (train.checkpoint_dir) survive a pre-empted pod; otherwise the step's folder.
+    result = train(cfg, dataset, io.scratch, callbacks=train_callbacks(t, cfg, dataset, io.scratch), model_dir=model)
     return _tracked(result, record_train(t, result, model))
 
 
@@ -216,7 +215,7 @@ def html_report(out_dir: Path, figures: list[str]) -> str:
         f"<th>CIDEr</th></tr>{preds}</table></body></html>")
 
 
-DOWNLOAD_KEYS = ("data.base_url", "data.files", "data.sha256", "data.retries", "data.retry_backoff_s",
+DOWNLOAD_KEYS = ("data.base_url", "data.files", "data.sha256", "data.verify_sha256", "data.retries", "data.retry_backoff_s",
                  "data.timeout_s", "data.download_cache")
 SPLIT_KEYS = ("data.max_images", "data.seed", "data.val_images", "data.test_images")
 

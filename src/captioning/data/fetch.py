@@ -129,15 +129,9 @@ class GcsSource(Source):
 
     def _get_blob(self):
         if self._blob is None:
-            from google.cloud import storage
+            from captioning.gcs import storage_client
 
-            if os.environ.get("STORAGE_EMULATOR_HOST"):
-                from google.auth.credentials import AnonymousCredentials
-
-                client = storage.Client(project="emulator", credentials=AnonymousCredentials())
-            else:
-                client = storage.Client()
-            self._blob = client.bucket(self.bucket_name).blob(self.blob_name)
+            self._blob = storage_client().bucket(self.bucket_name).blob(self.blob_name)
         return self._blob
 
     def size(self) -> int:

@@ -2,7 +2,9 @@
 
 The same DAG as on a cluster, run by kfp.local's DockerRunner on the project's
 image: every step in its own container, artifacts passed through the pipeline
-root (a host folder mounted into each container). The summary is read back
+root (a host folder mounted into each container). The containers run as the
+image's own user, as pods do on a cluster, so the pipeline root is made
+writable for it (what they write stays readable by everyone). The summary is read back
 from what each step wrote (its ``step.json``, or the output parameter that holds
 its result), not from the runner's status, because DockerRunner can report
 success for a failed container (kubeflow/pipelines#13332).
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -71,10 +74,29 @@ def collect_summary(run_dir: Path | None, cfg: Config) -> dict:
             "steps": steps, "status": status}
 
 
-def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str) -> dict:
+def container_user(image_user: str, user: str) -> str:
+    """The ``--user`` of the containers: the image's own (``image``), the caller's (``host``) or as given."""
+    if user == "image":
+        return image_user or "0"
+    if user == "host":
+        return f"{os.getuid()}:{os.getgid()}"
+    if not re.fullmatch(r"\d+(:\d+)?", user):
+        raise CaptioningError(f"--user {user!r}: use image, host or UID[:GID]")
+    return user
+
+
+def _open_to_all(folder: Path) -> None:
+    """Any uid may create files here (the containers' user need not be the caller)."""
+    for path in (folder, *[p for p in folder.rglob("*") if p.is_dir()]):
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o777)
+
+
+def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, user: str = "image") -> dict:
     import docker
     from kfp import local
 
+    from captioning.tracking import RUN_GROUP_ENV, new_group
     from pipeline import BuildOptions, build_pipeline
 
     work = Path(workdir).resolve()
@@ -83,28 +105,42 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str) -> 
     registry.mkdir(parents=True, exist_ok=True)
     # Only the pipeline root is mounted into the containers: a folder elsewhere would be written inside one.
     for key, value in (("promote.registry", cfg.promote.registry), ("train.checkpoint_dir", cfg.train.checkpoint_dir)):
-        if value and not Path(value).resolve().is_relative_to(root):
+        if value and "://" not in value and not Path(value).resolve().is_relative_to(root):
             raise CaptioningError(f"{key}={value}: with --runner docker only {root} is mounted into the "
                                   f"containers; leave it empty or put it under that folder")
     try:
         client = docker.from_env()
         client.ping()
-        client.images.get(image)
+        image_user = client.images.get(image).attrs.get("Config", {}).get("User") or ""
     except docker.errors.ImageNotFound:
         raise CaptioningError(f"--image {image}: not in the local Docker engine; build it with `captioning image build`") from None
     except Exception as exc:
         raise CaptioningError(f"no Docker engine reachable ({exc}); start dockerd or set DOCKER_HOST") from None
 
     # Offline W&B runs land in each task's wandb_run artifact, on the host (syncable later with `wandb sync`).
-    env = {"WANDB_MODE": os.environ.get("WANDB_MODE") or cfg.wandb.mode, "HOME": "/tmp"}
+    # One W&B group for the run's steps, as the pod label gives on Kubeflow.
+    env = {"WANDB_MODE": os.environ.get("WANDB_MODE") or cfg.wandb.mode, "HOME": "/tmp", RUN_GROUP_ENV: new_group()}
     if os.environ.get("WANDB_API_KEY") and cfg.wandb.mode == "online":
         env["WANDB_API_KEY"] = os.environ["WANDB_API_KEY"]
-    local.init(runner=local.DockerRunner(user=f"{os.getuid()}:{os.getgid()}", environment=env),
-               pipeline_root=str(root), raise_on_error=False)
-    pipeline_func = build_pipeline(BuildOptions(image=image, preset=preset))
+    as_user = container_user(image_user, user)
+    _open_to_all(root)
+    local.init(runner=local.DockerRunner(user=as_user, environment=env), pipeline_root=str(root), raise_on_error=False)
+    # kfp.local mounts no PVC, so no step is pointed at one; and a failed step fails the run at once.
+    pipeline_func = build_pipeline(BuildOptions(image=image, preset=preset, raw_cache_pvc="", checkpoint_pvc="",
+                                                retries=0))
     params = parameters_from_config(cfg)
     params["registry"] = params["registry"] or str(registry)  # the local registry lives beside the artifacts
     started = time.time()
-    log.info("running the pipeline in containers of %s (pipeline root %s)", image, root)
-    pipeline_func(preset=preset, **params)
+    log.info("running the pipeline in containers of %s as user %s (pipeline root %s)", image, as_user, root)
+    try:
+        pipeline_func(preset=preset, **params)
+    finally:
+        if as_user != f"{os.getuid()}:{os.getgid()}":
+            _hand_back(client, image, as_user, root)
     return collect_summary(_latest_run(root, started), cfg)
+
+
+def _hand_back(client, image: str, as_user: str, root: Path) -> None:
+    """What the containers wrote belongs to the image's user: open it to the caller, who may delete it then."""
+    client.containers.run(image, ["sh", "-c", 'find "$0" -user "$(id -u)" -exec chmod a+rwX {} +', str(root)],
+                          user=as_user, remove=True, volumes={str(root): {"bind": str(root), "mode": "rw"}})

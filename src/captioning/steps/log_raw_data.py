@@ -10,7 +10,6 @@ cache once and linked or copied into the artifact.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from captioning.config import DEMO_SOURCE, DataConfig
 from captioning.data.archive import index_archive, read_member
 from captioning.data.fetch import download, join_url, record_dict, sidecar
 from captioning.errors import DataError
-from captioning.io import write_json_atomic
+from captioning.io import check_writable, file_lock, write_json_atomic
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -81,12 +80,8 @@ def _locked(path: Path, shared: bool):
     if not shared:
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(path):
+        yield
 
 
 def _place(cached: Path, dest: Path) -> None:
@@ -123,7 +118,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     base = cfg.base_url
     if base == DEMO_SOURCE:
         base = str(demo_mirror(scratch).resolve())
-    cache = Path(cfg.download_cache) if cfg.download_cache else None
+    cache = check_writable(cfg.download_cache, "data.download_cache") if cfg.download_cache else None
     files: dict[str, dict] = {}
     members: dict[str, str] = {}  # top-level folder -> the archive holding it (relative to out_dir)
     contents: dict[str, dict] = {}
@@ -135,7 +130,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
             fetched = cache / rel if cache else dest
             with _locked(fetched, shared=cache is not None):
                 record = download(
-                    url, fetched, expected_sha256=cfg.sha256.get(rel), retries=cfg.retries,
+                    url, fetched, expected_sha256=cfg.sha256.get(rel) if cfg.verify_sha256 else None, retries=cfg.retries,
                     backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, progress=hook,
                 )
                 if cache:

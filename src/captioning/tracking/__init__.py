@@ -11,6 +11,7 @@ what each step logs, in ``tracking.records``.
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -25,9 +26,30 @@ from captioning.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+# Where a pod learns which pipeline run it belongs to (never a component input: inputs make up KFP's cache key).
+RUN_GROUP_ENV = "CAPTIONING_RUN_GROUP"  # set by the Docker runner for all its containers
+KFP_RUN_ID_ENV = "KFP_RUN_ID"  # Kubeflow: the pod label pipeline/runid, through the downward API (pipeline.py)
+VERTEX_RUN_LABELS_ENV = "VERTEX_AI_PIPELINES_RUN_LABELS"  # Vertex AI: the run's labels, as JSON
+VERTEX_RUN_ID_LABEL = "vertex-ai-pipelines-run-billing-id"  # unique per pipeline run
+
+
 def new_group() -> str:
-    """A group name for the runs of one pipeline run (KFP passes its run name instead)."""
+    """A group name for the runs of one pipeline run, where the environment names none."""
     return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def pipeline_run_group() -> str:
+    """The pipeline run this process belongs to, from the environment; "" when nothing names it."""
+    if os.environ.get(RUN_GROUP_ENV):
+        return os.environ[RUN_GROUP_ENV]
+    if os.environ.get(KFP_RUN_ID_ENV):
+        return f"kfp-{os.environ[KFP_RUN_ID_ENV]}"
+    try:
+        labels = json.loads(os.environ.get(VERTEX_RUN_LABELS_ENV) or "{}")
+    except ValueError:
+        labels = {}
+    run_id = labels.get(VERTEX_RUN_ID_LABEL) if isinstance(labels, dict) else None
+    return f"vertex-{run_id}" if run_id else ""
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -54,7 +76,7 @@ class StepTracker:
 
     def __init__(self, cfg: Config, step: str, workdir: str | Path, group: str = "", upstream: Iterable[str] = ()):
         self.cfg, self.step, self.workdir = cfg, step, Path(workdir)
-        self.group = group or os.environ.get("CAPTIONING_RUN_GROUP") or new_group()
+        self.group = group or pipeline_run_group() or new_group()
         self.upstream = [u for u in upstream if u]
         self.mode = resolve_mode(cfg)
         self.run = None

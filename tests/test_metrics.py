@@ -42,3 +42,49 @@ def test_tokenize_works_as_a_user_who_cannot_write_site_packages():
                 "PTBTokenizer().tokenize({1: [{'caption': 'a red square'}]})")
     failed = subprocess.run([*as_user, original], capture_output=True, text=True, timeout=120, env=env, cwd="/tmp")
     assert "PermissionError" in failed.stderr  # what the library itself does as that user
+
+
+def test_score_equals_coco_caption_on_coco_format_files(tmp_path, monkeypatch):
+    """Our score() against pycocoevalcap's own COCOEvalCap on COCO-format files read by pycocotools: raw
+    references, PTB-tokenized on both sides. SPICE is left out (it downloads CoreNLP): stubbed, at the edge."""
+    import json
+    import random
+
+    from pycocoevalcap import eval as coco_eval
+    from pycocotools.coco import COCO
+
+    from captioning.metrics import score
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, []
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    rng = random.Random(7)
+    words = "a man dog cat red blue on the of with sitting standing bed table two small large".split()
+    raw = ["A man's T-shirt, on the bed.", "Two dogs -- playing!", "A RED cat; sitting on a table...",
+           "Café au lait (with foam)?", "a small   dog with a blue ball"]
+    references = {i: [rng.choice(raw) + " " + " ".join(rng.choices(words, k=rng.randint(0, 5)))
+                      for _ in range(rng.randint(1, 5))] for i in range(1, 13)}
+    predictions = {i: " ".join(rng.choices(words, k=rng.randint(3, 9))) for i in references}
+    predictions[5] = references[5][0].lower()  # one perfect caption
+
+    gts = {"info": {}, "licenses": [], "type": "captions",
+           "images": [{"id": i} for i in references],
+           "annotations": [{"image_id": i, "id": n, "caption": c}
+                           for n, (i, c) in enumerate(((i, c) for i, cs in references.items() for c in cs), 1)]}
+    (tmp_path / "gts.json").write_text(json.dumps(gts))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()]))
+    coco = COCO(str(tmp_path / "gts.json"))
+    evaluation = coco_eval.COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
+    evaluation.evaluate()
+
+    ours, _ = score(references, predictions)
+    names = {"BLEU-1": "Bleu_1", "BLEU-2": "Bleu_2", "BLEU-3": "Bleu_3", "BLEU-4": "Bleu_4",
+             "METEOR": "METEOR", "ROUGE-L": "ROUGE_L", "CIDEr": "CIDEr"}
+    for ours_name, theirs in names.items():
+        assert ours[ours_name] == pytest.approx(evaluation.eval[theirs], abs=1e-9), ours_name
+    assert 0 < ours["CIDEr"] and ours["BLEU-1"] > ours["BLEU-4"]

@@ -72,6 +72,7 @@ def reference_greedy(model, feats, max_length):
     tokens = [START]
     for _ in range(max_length):
         logits = model({"features": feats[None], "tokens": np.array([tokens], np.int32)})["logits"].numpy()
+        logits[0, -1, START] = -np.inf  # <start> is never emitted
         tokens.append(int(logits[0, -1].argmax()))
         if tokens[-1] == END:
             break
@@ -110,3 +111,47 @@ def test_decoding_is_deterministic(model, features):
     a, _ = decoder(features)
     b, _ = decoder(features)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_never_emits_pad_start_or_unk_even_when_the_model_prefers_them(model, features, method):
+    import keras
+
+    PAD, UNK = 0, 3
+    biased = Captioner.from_config(model.get_config())
+    biased.build()
+    biased.set_weights(model.get_weights())
+    bias = np.zeros(VOCAB, np.float32)
+    bias[[PAD, UNK, START]] = 50.0, 55.0, 60.0  # far above every word
+    biased.logits.bias.assign(bias)
+    plain, _ = Decoder(biased, START, END, max_length=8, method=method)(features)  # bans <start> only
+    assert (plain[:, 0] == UNK).all()  # without the ban the model says little else
+    tokens, _ = Decoder(biased, START, END, max_length=8, method=method, banned=(PAD, START, UNK))(features)
+    for row in tokens:
+        words = list(row[: list(row).index(END) + 1]) if END in row else list(row)
+        assert not {PAD, START, UNK} & set(words), row
+    assert keras.ops.shape(tokens) == (3, 8)
+
+
+def test_a_mixed_precision_model_decodes_in_float32_without_a_gpu(tmp_path):
+    import json
+
+    import keras
+
+    from captioning.bundle import load_bundle
+    from captioning.text import Vocabulary
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = Captioner(VOCAB, embedding_dim=16, units=24, dropout=0.0, attention_reg=1.0)
+        mixed.build()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.save(tmp_path / "captioner.keras")
+    assert mixed.dtype_policy.compute_dtype == "float16"
+    vocab = Vocabulary.build([[f"w{i}"] for i in range(VOCAB - 4)], min_count=1, max_size=VOCAB)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab.to_json()))
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "backbone.weights.h5").write_bytes(b"")
+    loaded = load_bundle(tmp_path).model
+    assert {layer.dtype_policy.compute_dtype for layer in (loaded, *loaded.layers)} == {"float32"}

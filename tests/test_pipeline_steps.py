@@ -60,6 +60,8 @@ def test_evaluate_reports_coco_metrics_baseline_and_figures(pipeline_run):
     predictions = json.loads(Path(evaluate["outputs"]["predictions"]).read_text())
     assert len(predictions) == 8
     assert all(isinstance(p["caption"], str) and len(p["references"]) >= 4 and "CIDEr" in p for p in predictions)
+    from captioning.text import clean_caption  # scored against the raw COCO captions, not the cleaned ones
+    assert any(ref != clean_caption(ref) for p in predictions for ref in p["references"])
     figures = evaluate["figures"]
     assert len(figures) == 2
     assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)

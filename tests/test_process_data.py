@@ -254,3 +254,36 @@ def test_the_raw_artifact_drops_what_its_manifest_does_not_list(http_mirror, tmp
         "archives/annotations/annotations_trainval2014.zip.verified.json",
         "archives/zips/train2014.zip", "archives/zips/train2014.zip.verified.json",
         "archives/zips/val2014.zip", "archives/zips/val2014.zip.verified.json", "manifest.json"]
+
+
+def test_records_keep_the_raw_coco_captions_for_scoring():
+    """Training reads the cleaned text; evaluate scores against the captions as COCO has them."""
+    from captioning.steps.process_data import load_coco_captions
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "A man's T-shirt on the bed."},
+                            {"image_id": 1, "caption": "   "}, {"image_id": 1, "caption": "Two dogs, running!"}]}
+    images, blank, _ = load_coco_captions(data, "captions.json", "train2014", "train2014")
+    assert images[1]["references"] == ["A man's T-shirt on the bed.", "Two dogs, running!"]
+    assert images[1]["captions"] == ["a man s t shirt on the bed", "two dogs running"] and blank == 1
+
+
+def test_images_are_resized_with_antialiasing_and_the_features_say_so():
+    """One-pixel stripes at COCO's 640 pixels: antialiased resizing to 299 averages them to grey; plain
+    bilinear sampling aliases them into coarse bands."""
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from captioning.features import backbone_identity, decode_and_resize
+
+    stripes = np.zeros((640, 640, 3), np.uint8)
+    stripes[:, ::2] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(stripes).save(buffer, format="PNG")
+    ours = decode_and_resize(tf.constant(buffer.getvalue())).numpy()
+    aliased = tf.image.resize(stripes, (299, 299), antialias=False).numpy() / 127.5 - 1.0
+    assert ours.std() < 0.2 < aliased.std()
+    assert backbone_identity("none", 0) == "none(seed=0)+antialiased-bilinear"  # old shards are not reused

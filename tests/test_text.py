@@ -33,3 +33,13 @@ def test_length_percentile():
     lengths = [10] * 98 + [40, 50]
     assert length_at_percentile(lengths, 95) == 10
     assert length_at_percentile(lengths, 100) == 50
+
+
+def test_step_words_label_each_decoding_step_up_to_end():
+    from captioning.text import Vocabulary
+
+    vocab = Vocabulary.build([["a", "red", "cat"]], min_count=1, max_size=10)
+    ids = [vocab.index["a"], vocab.unk_id, vocab.index["cat"], vocab.end_id, 0, 0]
+    assert vocab.step_words(ids) == ["a", "<unk>", "cat", "<end>"]  # aligned with the attention steps
+    assert vocab.decode(ids) == "a <unk> cat"
+    assert vocab.step_words(ids[:3]) == ["a", "<unk>", "cat"]  # no <end> reached: none invented

@@ -81,5 +81,19 @@ def load_bundle(path: str | Path) -> Bundle:
         model = keras.saving.load_model(model_file, safe_mode=True, compile=False)
     except Exception as exc:
         raise ModelError(f"{model_file}: cannot load the model: {exc}") from None
+    _float32_without_gpu(model)
     meta = read_json(root / "meta.json", "model metadata")
     return Bundle(root, model, Vocabulary.load(root / "vocab.json"), meta)
+
+
+def _float32_without_gpu(model) -> None:
+    """A model trained with mixed precision keeps its float16 policy when saved; without a GPU, float16 is
+    slower and less precise, so decode in float32 there (the weights are float32 either way)."""
+    import keras
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    for layer in (model, *model.layers):
+        if layer.dtype_policy.compute_dtype != "float32":
+            layer.dtype_policy = keras.DTypePolicy("float32")

@@ -54,12 +54,13 @@ def caption_images(model_path: str | Path, images: list[str | Path], method: str
         raise ModelError(f"{bundle.root / BACKBONE_FILE}: cannot load the backbone weights: {exc}") from None
     evaluate_cfg = bundle.meta.get("config", {}).get("evaluate", {})
     decoder = Decoder(bundle.model, bundle.vocab.start_id, bundle.vocab.end_id, bundle.max_length,
-                      method or evaluate_cfg.get("decoder", "beam"), beam_width or evaluate_cfg.get("beam_width", 3))
+                      method or evaluate_cfg.get("decoder", "beam"), beam_width or evaluate_cfg.get("beam_width", 3),
+                      banned=bundle.vocab.non_words)
     results = []
     for start in range(0, len(paths), batch_size):
         tokens, alphas = decoder(extractor(pixels[start : start + batch_size]))
         for path, row, alpha in zip(paths[start : start + batch_size], tokens, alphas):
             caption = bundle.vocab.decode(row)
-            words = caption.split() + ["<end>"]
+            words = bundle.vocab.step_words(row)  # one label per attention map, as decoded
             results.append(Captioned(path, caption, words, alpha[: len(words)]))
     return results

@@ -11,6 +11,8 @@ from captioning.text import Vocabulary
 
 # Captions are batched with others of similar length and padded only to their own
 # longest; COCO captions are 10-16 tokens long, far short of the longest.
+# process_data's output; /2: every record carries its raw COCO captions ("references") for scoring.
+FORMAT = "captioning-features/2"
 LENGTH_BUCKETS = (8, 10, 12, 14, 16, 18, 21, 25, 30, 40)
 CACHE_LIMIT_BYTES = 4 << 30  # keep features in memory across epochs below this
 
@@ -25,8 +27,9 @@ class ProcessedDataset:
     def open(cls, root: str | Path) -> "ProcessedDataset":
         root = Path(root)
         manifest = read_json(root / "dataset.json", "process_data manifest")
-        if manifest.get("format") != "captioning-features/1":
-            raise DataError(f"{root / 'dataset.json'}: unknown dataset format {manifest.get('format')!r}")
+        if manifest.get("format") != FORMAT:
+            raise DataError(f"{root / 'dataset.json'}: dataset format {manifest.get('format')!r}, this version "
+                            f"reads {FORMAT!r} (records with raw references); run process_data again")
         return cls(root, manifest, Vocabulary.load(root / manifest["vocab"]))
 
     @property

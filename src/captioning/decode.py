@@ -3,6 +3,8 @@
 Both run the image encoder once per image and then only the recurrence per
 step, for a whole batch at once, and stop as soon as every caption has
 produced ``<end>``. The loops are compiled (``tf.function`` / ``jax.jit``).
+Tokens that are not words (``<pad>``, ``<start>``, ``<unk>``: ``banned``) are
+never chosen, whatever the model's scores for them.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ def _compile(fn):
     return fn
 
 
-def greedy(model: Captioner, features, start_id: int, end_id: int, max_length: int):
+def _ban(vocab_size: int, banned) -> "np.ndarray":
+    """Added to the scores: -1e9 for the tokens never to be emitted."""
+    mask = np.zeros(vocab_size, np.float32)
+    mask[[b for b in banned if 0 <= b < vocab_size]] = -1e9
+    return mask
+
+
+def greedy(model: Captioner, features, start_id: int, end_id: int, max_length: int, banned=()):
     """(B, P, C) -> tokens (B, max_length) int32 (padded with 0 after <end>), attention (B, max_length, P)."""
+    mask = ops.convert_to_tensor(_ban(model.vocab_size, banned))
     image, projected, state = model.encode(features)
     batch = ops.shape(features)[0]
     positions = ops.shape(features)[1]
@@ -43,7 +53,7 @@ def greedy(model: Captioner, features, start_id: int, end_id: int, max_length: i
     def body(t, token, state, tokens, alphas, done):
         embedded = model.embed(token)
         state, context, alpha = model.recur(image, projected, state, embedded)
-        logits = model.readout(state, context, embedded)
+        logits = ops.cast(model.readout(state, context, embedded), "float32") + mask
         nxt = ops.cast(ops.argmax(logits, axis=-1), "int32")
         nxt = ops.where(done, ops.zeros_like(nxt), nxt)
         at_t = ops.expand_dims(ops.one_hot(t, max_length, dtype="int32"), 0)
@@ -57,7 +67,7 @@ def greedy(model: Captioner, features, start_id: int, end_id: int, max_length: i
 
 
 def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int, width: int = 3,
-         length_penalty: float = 0.7):
+         length_penalty: float = 0.7, banned=()):
     """Beam search for a batch; returns the best beam's tokens (B, max_length) and attention (B, max_length, P).
 
     Finished beams keep their score; the final choice divides each score by
@@ -67,6 +77,7 @@ def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int
     batch, positions = ops.shape(features)[0], ops.shape(features)[1]
     k = width
     vocab = model.vocab_size
+    mask = ops.convert_to_tensor(_ban(vocab, banned))
 
     def tile(x):  # (B, ...) -> (B*K, ...)
         return ops.reshape(ops.repeat(ops.expand_dims(x, 1), k, axis=1), (-1, *ops.shape(x)[1:]))
@@ -88,7 +99,7 @@ def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int
         embedded = model.embed(token)
         new_state, context, alpha = model.recur(image, projected, state, embedded)
         logp = ops.log_softmax(ops.cast(model.readout(new_state, context, embedded), "float32"), axis=-1)
-        logp = ops.reshape(logp, (batch, k, vocab))
+        logp = ops.reshape(logp + mask, (batch, k, vocab))
         # A finished beam may only continue with padding, at no cost.
         pad_only = ops.concatenate([ops.zeros((1,)), ops.full((vocab - 1,), -1e9)])
         logp = ops.where(ops.expand_dims(done, -1), pad_only, logp)
@@ -119,12 +130,14 @@ class Decoder:
     """Compiled decoding for one model: ``decoder(features) -> (tokens, attention)`` as numpy."""
 
     def __init__(self, model: Captioner, start_id: int, end_id: int, max_length: int,
-                 method: str = "greedy", beam_width: int = 3):
+                 method: str = "greedy", beam_width: int = 3, banned: tuple[int, ...] = ()):
+        """``banned``: token ids never emitted (the vocabulary's ``non_words``; ``<start>`` always)."""
         self.model = model
+        banned = tuple(sorted({start_id, *banned}))
         if method == "greedy" or beam_width == 1:
-            fn = lambda feats, s, e, m: greedy(model, feats, s, e, m)
+            fn = lambda feats, s, e, m: greedy(model, feats, s, e, m, banned)
         else:
-            fn = lambda feats, s, e, m: beam(model, feats, s, e, m, beam_width)
+            fn = lambda feats, s, e, m: beam(model, feats, s, e, m, beam_width, banned=banned)
         self._fn = _compile(fn)
         self.args = (start_id, end_id, max_length)
 

@@ -60,6 +60,11 @@ class Vocabulary:
     def unk_id(self) -> int:
         return self.index[UNK]
 
+    @property
+    def non_words(self) -> tuple[int, ...]:
+        """Tokens a decoder must never emit: only words and ``<end>`` make a caption."""
+        return (self.pad_id, self.start_id, self.unk_id)
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -86,6 +91,16 @@ class Vocabulary:
                 continue
             words.append(self.tokens[i] if 0 <= i < len(self.tokens) else UNK)
         return " ".join(words)
+
+    def step_words(self, ids: Iterable[int]) -> list[str]:
+        """The token of each decoding step up to ``<end>`` included: one label per attention map."""
+        steps = []
+        for i in ids:
+            i = int(i)
+            steps.append(self.tokens[i] if 0 <= i < len(self.tokens) else UNK)
+            if i == self.end_id:
+                break
+        return steps
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "min_count": self.min_count, "max_size": self.max_size,

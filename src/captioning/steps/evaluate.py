@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def caption_split(decoder: Decoder, data: ProcessedDataset, split: str, batch_size: int, vocab):
-    """Captions and attention for every image of a split, in record order."""
-    captions, attention = [], []
+    """Captions, attention and the token of each step for every image of a split, in record order."""
+    captions, attention, steps = [], [], []
     for batch in data.features(split).batch(batch_size):
         tokens, alphas = decoder(batch)
         for row, alpha in zip(tokens, alphas):
             captions.append(vocab.decode(row))
             attention.append(alpha)
-    return captions, attention
+            steps.append(vocab.step_words(row))
+    return captions, attention, steps
 
 
 def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path) -> StepResult:
@@ -43,10 +44,10 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
     data = ProcessedDataset.open(dataset_dir)
     vocab = bundle.vocab
     decoder = Decoder(bundle.model, vocab.start_id, vocab.end_id, bundle.max_length,
-                      cfg.evaluate.decoder, cfg.evaluate.beam_width)
+                      cfg.evaluate.decoder, cfg.evaluate.beam_width, banned=vocab.non_words)
     records = data.records("test")
-    captions, attention = caption_split(decoder, data, "test", cfg.evaluate.batch_size, vocab)
-    refs = {r["image_id"]: r["captions"] for r in records}
+    captions, attention, steps = caption_split(decoder, data, "test", cfg.evaluate.batch_size, vocab)
+    refs = {r["image_id"]: r["references"] for r in records}  # raw COCO captions, PTB-tokenized by score()
     predictions = {r["image_id"]: c for r, c in zip(records, captions)}
     metrics, per_image = score(refs, predictions)
 
@@ -57,17 +58,16 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
     rows = []
     for r, caption in zip(records, captions):
         rows.append({"image_id": r["image_id"], "file": r["file"], "sample": r.get("sample", ""),
-                     "caption": caption, "references": r["captions"],
+                     "caption": caption, "references": r["references"],
                      "BLEU-4": per_image["BLEU-4"][r["image_id"]], "CIDEr": per_image["CIDEr"][r["image_id"]]})
     write_json_atomic(out_dir / "predictions.json", rows)
 
     figures = []
-    for r, caption, alpha in list(zip(records, captions, attention))[: cfg.evaluate.attention_samples]:
+    for r, caption, alpha, words in list(zip(records, captions, attention, steps))[: cfg.evaluate.attention_samples]:
         if not r.get("sample"):
             log.warning("evaluate: no sample image of %s in the test data; no attention figure for it", r["file"])
             continue
         image_path = data.root / r["sample"]
-        words = caption.split() + ["<end>"]
         png = plot_attention(read_rgb(image_path), words, np.asarray(alpha)[: len(words)],
                              out_dir / "attention" / f"{r['image_id']}.png", title=caption)
         figures.append(str(png))

@@ -33,6 +33,7 @@ from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
 from captioning.io import read_json, write_json_atomic
 from captioning.data.archive import ArchiveImages, index_archive, read_member
+from captioning.dataset import FORMAT
 from captioning.steps.log_raw_data import MANIFEST
 from captioning.steps.result import StepResult
 from captioning.text import Vocabulary, clean_caption, length_at_percentile
@@ -48,7 +49,9 @@ KARPATHY_HELD_OUT, VAL2014_IMAGES = 5000, 40504
 
 
 def load_coco_captions(data, where: str, image_dir: str, source: str):
-    """{image_id: {"file": key, "captions": [clean...]}}, the dropped blank captions, the skipped images.
+    """{image_id: {"file": key, "captions": [clean...], "references": [raw...]}}, the dropped blank captions,
+    the skipped images. The cleaned text trains and builds the vocabulary; the raw captions, as COCO has them,
+    are what evaluate scores against (coco-caption's protocol: PTB-tokenized raw references).
 
     ``data`` is a parsed COCO caption file (``where`` names it in errors); an image's key is
     ``<image_dir>/<file_name>``, its member in the archive holding ``image_dir``.
@@ -63,11 +66,13 @@ def load_coco_captions(data, where: str, image_dir: str, source: str):
         if type(image_id) is not int:
             raise DataError(f"{where}: image id {image_id!r} is not an integer")
     captions: dict[int, list[str]] = defaultdict(list)
+    raw: dict[int, list[str]] = defaultdict(list)
     blank = 0
     for ann in annotations:
         text = clean_caption(str(ann.get("caption", "")))
         if text:
             captions[ann["image_id"]].append(text)
+            raw[ann["image_id"]].append(str(ann["caption"]))
         else:
             blank += 1
     images, skipped = {}, []
@@ -76,7 +81,8 @@ def load_coco_captions(data, where: str, image_dir: str, source: str):
         if not captions.get(image_id):
             skipped.append({"file": key, "reason": "no usable caption"})
             continue
-        images[image_id] = {"file": key, "captions": captions[image_id], "source": source}
+        images[image_id] = {"file": key, "captions": captions[image_id], "references": raw[image_id],
+                            "source": source}
     return images, blank, skipped
 
 
@@ -206,7 +212,7 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
                 info = images[image_id]
                 records.append({
                     "image_id": image_id, "file": info["file"], "source": info["source"],
-                    "captions": info["captions"],
+                    "captions": info["captions"], "references": info["references"],
                     "tokens": [vocab.encode(w, max_length) for w in words[image_id]],
                 })
             if split == "train":
@@ -225,12 +231,12 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
     for record in records_of["test"][:ATTENTION_SAMPLE_LIMIT]:  # evaluate draws attention on these
         record["sample"] = _save_sample(source_images, record, test_dir / SAMPLES)
     baseline = choose_blind_caption([c for r in records_of["train"] for c in r["captions"]],
-                                    {r["image_id"]: r["captions"] for r in records_of["val"]})
+                                    {r["image_id"]: r["references"] for r in records_of["val"]})
     mean = feat_sum / positions
     std = np.sqrt(np.maximum(feat_sumsq / positions - mean**2, 0.0))
 
     dataset = {
-        "format": "captioning-features/1",
+        "format": FORMAT,
         "feature_shape": [GRID, CHANNELS], "feature_dtype": "float16", "record_bytes": RECORD_BYTES,
         "backbone": {"name": "InceptionV3", "weights": cfg.features.weights, "identity": extractor.weights,
                      "image_size": cfg.features.image_size, "weights_file": BACKBONE_FILE},

@@ -108,7 +108,8 @@ def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Pat
         def on_epoch_end(self, epoch, logs=None):
             if features is None:
                 return
-            decoder = Decoder(self.model, data.vocab.start_id, data.vocab.end_id, data.max_length, "greedy")
+            decoder = Decoder(self.model, data.vocab.start_id, data.vocab.end_id, data.max_length, "greedy",
+                              banned=data.vocab.non_words)
             tokens, _ = decoder(features)
             rows = [[epoch + 1, r["image_id"], data.vocab.decode(tok), r["captions"][0]] for r, tok in zip(sample, tokens)]
             t.table("examples", ["epoch", "image_id", "generated", "reference"], rows)

@@ -28,9 +28,6 @@ from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
 
-SIZE_KEYS = ("embedding_dim", "units")
-
-
 def _code_fingerprint() -> str:
     """The captioning package's source: a rebuilt image with other training code must not resume old epochs."""
     import captioning
@@ -86,23 +83,6 @@ def _early_stopping(patience: int, history: list[dict]):
                 self.wait = _epochs_without_improvement(history, patience)
 
     return ResumedEarlyStopping(monitor="val_loss", patience=patience)
-
-
-def _check_checkpoint_sizes(ckpt_dir: Path, cfg: Config, vocab_size: int) -> None:
-    """Refuse to resume a checkpoint of another shape, before Keras fails obscurely."""
-    recorded = ckpt_dir / "model_sizes.json"
-    current = {**{k: getattr(cfg.train, k) for k in SIZE_KEYS}, "vocab_size": vocab_size}
-    if recorded.exists():
-        old = json.loads(recorded.read_text())
-        diff = [f"{k}={current[k]} (checkpoint: {old.get(k)})" for k in current if old.get(k) != current[k]]
-        if diff:
-            raise ConfigError(
-                f"{ckpt_dir}: the checkpoint was written with other model sizes: {', '.join(diff)}; "
-                "restore those settings or use a fresh output folder"
-            )
-    else:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(recorded, current)
 
 
 def _use_mixed_precision(setting: str) -> bool:
@@ -166,7 +146,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         return StepResult(metrics={**read_json(done_file)["metrics"], "reused": True}, outputs={"model": str(model_dir)})
 
     ckpt_dir = out_dir / "checkpoints"
-    _check_checkpoint_sizes(ckpt_dir, cfg, len(data.vocab))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.train.seed)
     tf.config.experimental.enable_op_determinism()
     mixed = _use_mixed_precision(cfg.train.mixed_precision)

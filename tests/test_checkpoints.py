@@ -11,11 +11,11 @@ from captioning.errors import ConfigError
 def test_early_stopping_is_replayed_from_the_history():
     from captioning.steps.train import _epochs_without_improvement
 
-    rows = [{"epoch": i, "val_loss": v} for i, v in enumerate([3.0, 2.0, 2.5, 2.4, 1.9, 2.0, 2.1])]
-    assert _epochs_without_improvement(rows[:2], 3) == 0
-    assert _epochs_without_improvement(rows[:4], 3) == 2
-    assert _epochs_without_improvement(rows, 3) == 2  # 1.9 at epoch 4 reset it
-    assert _epochs_without_improvement([], 3) == 0
+    rows = [{"epoch": i, "val_CIDEr": v} for i, v in enumerate([0.3, 0.5, 0.4, 0.45, 0.6, 0.55, 0.5])]
+    assert _epochs_without_improvement(rows[:2], "val_CIDEr") == 0
+    assert _epochs_without_improvement(rows[:4], "val_CIDEr") == 2
+    assert _epochs_without_improvement(rows, "val_CIDEr") == 2  # 0.6 at epoch 4 reset it
+    assert _epochs_without_improvement([], "val_CIDEr") == 0
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
     import random
 
     picture = tmp_path / "p.png"
-    draw_scene("green", "square", "left", random.Random(2)).save(picture)
+    draw_scene({"objects": [("green", "square")], "side": "left"}, random.Random(2)).save(picture)
     proc = captioning_cli("caption", "--model", str(model), str(picture))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{picture}\t")

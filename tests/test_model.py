@@ -14,7 +14,7 @@ def model():
     import keras
 
     keras.utils.set_random_seed(1)
-    m = Captioner(VOCAB, embedding_dim=16, units=24, dropout=0.0, attention_reg=1.0)
+    m = Captioner(VOCAB, embedding_dim=16, units=24, dropout=0.0, attention_reg=1.0, context_dim=20)
     m.build()
     m.set_feature_stats(np.zeros(2048), np.ones(2048))
     return m
@@ -155,3 +155,113 @@ def test_a_mixed_precision_model_decodes_in_float32_without_a_gpu(tmp_path):
     (tmp_path / "backbone.weights.h5").write_bytes(b"")
     loaded = load_bundle(tmp_path).model
     assert {layer.dtype_policy.compute_dtype for layer in (loaded, *loaded.layers)} == {"float32"}
+
+
+# ---------------------------------------------------------------- the paper's model (issue 13, point 5)
+
+def test_the_context_is_gated_by_a_scalar_beta_from_the_previous_state(model, features):
+    image, projected, state = model.encode(features)
+    alpha, context = model.attend(image, projected, state)
+    beta = model.gate(state).numpy()
+    assert beta.shape == (3, 1) and ((beta > 0) & (beta < 1)).all()
+    weighted = (image.numpy() * alpha.numpy()[..., None]).sum(1)
+    np.testing.assert_allclose(context.numpy(), beta * weighted, rtol=1e-5, atol=1e-6)
+    assert context.shape == (3, 20)  # the context has its own width (train.context_dim), not the embedding's
+
+
+def test_the_attention_penalty_is_the_papers_per_caption_sum_over_real_steps_and_any_number_of_regions(model):
+    """λ Σ_i (1 − Σ_t α_ti)² per caption, padding excluded, with P read from the tensor (16 regions here),
+    added to the summed cross-entropy; the whole divided by the batch's real tokens."""
+    feats = np.random.default_rng(3).standard_normal((2, 16, 2048)).astype(np.float32)
+    inp = np.array([[START, 5, 6, 7], [START, 8, 0, 0]], np.int32)
+    tgt = np.array([[5, 6, 7, END], [8, END, 0, 0]], np.int32)
+    reg = Captioner.from_config({**model.get_config(), "attention_reg": 2.5})
+    reg.build()
+    reg.set_weights(model.get_weights())
+    out = reg({"features": feats, "tokens": inp})
+    mask = (tgt != 0).astype(np.float32)
+    alphas = out["attention"].numpy()
+    assert alphas.shape == (2, 4, 16)
+    penalty = ((1.0 - (alphas * mask[..., None]).sum(1)) ** 2).sum()
+    logits = out["logits"].numpy().astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    xent = -np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+    expected = ((xent * mask).sum() + 2.5 * penalty) / mask.sum()
+    assert float(reg.compute_loss(y=tgt, y_pred=out)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_near_constant_training_channel_is_standardised_with_a_floor():
+    m = Captioner(VOCAB, embedding_dim=8, units=8, context_dim=8)
+    m.build()
+    std = np.ones(2048, np.float32)
+    std[7] = 1e-7  # (almost) never active on the training images
+    m.set_feature_stats(np.zeros(2048), std)
+    assert float(m.feature_std.numpy()[7]) == pytest.approx(0.1)  # 0.1 x the median spread, not 1e-7
+    unseen = np.zeros((1, 64, 2048), np.float32)
+    unseen[..., 7] = 3.0  # an image where it fires like any other channel
+    standardised = (unseen - m.feature_mean.numpy()) / m.feature_std.numpy()
+    assert np.abs(standardised).max() <= 30.0
+
+
+def test_dropout_acts_on_the_state_and_on_the_deep_output():
+    m = Captioner(VOCAB, embedding_dim=8, units=8, context_dim=8, dropout=0.5)
+    assert m.state_dropout.rate == 0.5 and m.out_dropout.rate == 0.5
+
+
+def test_a_model_of_the_earlier_architecture_is_refused_by_name(model, tmp_path):
+    import json
+    import zipfile
+
+    from captioning.bundle import ModelError, load_bundle
+    from captioning.text import Vocabulary
+
+    model.save(tmp_path / "new.keras")
+    with zipfile.ZipFile(tmp_path / "new.keras") as src, \
+            zipfile.ZipFile(tmp_path / "captioner.keras", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "config.json":  # what a model saved before the architecture was recorded holds
+                config = json.loads(data)
+                config["config"].pop("architecture")
+                config["config"].pop("context_dim")
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    vocab = Vocabulary.build([[f"w{i}"] for i in range(VOCAB - 4)], min_count=1, max_size=VOCAB)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab.to_json()))
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "backbone.weights.h5").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"captioner\.keras.*show-attend-tell/1.*train the model again"):
+        load_bundle(tmp_path)
+
+
+def test_the_coco2014_preset_has_the_papers_sizes():
+    from captioning.config import load_config
+
+    t = load_config(preset="coco2014").train
+    assert t.embedding_dim == 512 and t.units >= 1024 and t.context_dim >= 512 and t.dropout == 0.5
+
+
+def test_train_deterministic_off_compiles_the_step_with_xla_and_on_rules_it_out(model, features):
+    """Issue 13, point 6: op determinism and XLA exclude each other in TensorFlow; `train.deterministic`
+    picks one. XLA compiles the step on CPUs too, so this runs here."""
+    import keras
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    from captioning.steps.train import use_determinism
+
+    tokens = np.array([[START, 5, 6, 7, END]] * 3, np.int32)
+    try:
+        for setting, xla in (("off", True), ("on", False)):
+            assert use_determinism(setting) is (not xla) and is_op_determinism_enabled() is (not xla)
+            m = Captioner.from_config(model.get_config())
+            m.build()
+            m.set_weights(model.get_weights())
+            m.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=xla)
+            assert m.jit_compile is xla
+            first = m.train_on_batch({"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:])
+            second = m.train_on_batch({"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:])
+            assert np.isfinite(first) and second < first
+        assert use_determinism("auto") is True  # no GPU here: deterministic
+    finally:
+        use_determinism("on")

@@ -51,6 +51,30 @@ def test_train_outputs_a_safe_loading_model_folder(pipeline_run):
     assert len(list((keyed / "checkpoints").glob("epoch-*.weights.h5"))) == 3
 
 
+def test_the_best_epoch_and_the_decoding_are_chosen_on_validation_captions(pipeline_run):
+    """Issue 13, points 2 and 4: greedy CIDEr of the validation subset every epoch (the loss still logged),
+    the best epoch by it, then beam width and length penalty by it; evaluate decodes as chosen."""
+    model_dir = Path(pipeline_run["summary"]["steps"]["train"]["outputs"]["model"])
+    meta = json.loads((model_dir / "meta.json").read_text())
+    history = json.loads((model_dir / "history.json").read_text())
+    assert all("val_CIDEr" in h and "val_loss" in h for h in history)
+    best = max(history, key=lambda h: h["val_CIDEr"])
+    assert meta["best_epoch"] == best["epoch"] + 1
+    assert meta["selection"] == {"metric": "CIDEr", "value": best["val_CIDEr"], "images": 8}
+    decoding = meta["decoding"]
+    trials = decoding["trials"]
+    widths = pipeline_run["cfg"].train.decode_beam_widths
+    penalties = pipeline_run["cfg"].train.decode_length_penalties
+    assert len(trials) == 1 + len(widths) * len(penalties)
+    assert decoding["val_CIDEr"] == max(t["val_CIDEr"] for t in trials)
+    # The greedy trial scores the best epoch's model as the epoch-end callback did.
+    assert trials[0]["decoder"] == "greedy" and trials[0]["val_CIDEr"] == pytest.approx(best["val_CIDEr"])
+    report = json.loads(Path(pipeline_run["summary"]["steps"]["evaluate"]["outputs"]["metrics"]).read_text())
+    assert report["chosen_on"] == "validation"
+    assert (report["decoder"], report["beam_width"], report["length_penalty"]) == (
+        decoding["decoder"], decoding["beam_width"], decoding["length_penalty"])
+
+
 def test_evaluate_reports_coco_metrics_baseline_and_figures(pipeline_run):
     evaluate = pipeline_run["summary"]["steps"]["evaluate"]
     keys = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "baseline_CIDEr"}
@@ -119,8 +143,8 @@ def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
 
     model_dir = pipeline_run["summary"]["steps"]["train"]["outputs"]["model"]
     png, jpg = tmp_path / "red.png", tmp_path / "blue.jpg"
-    draw_scene("red", "circle", "left", random.Random(0)).save(png)
-    draw_scene("blue", "square", "right", random.Random(1)).convert("L").save(jpg)  # grayscale JPEG
+    draw_scene({"objects": [("red", "circle")], "side": "left"}, random.Random(0)).save(png)
+    draw_scene({"objects": [("blue", "square")], "side": "right"}, random.Random(1)).convert("L").save(jpg)  # grayscale JPEG
     proc = captioning_cli("caption", "--model", model_dir, str(png), str(jpg), "--attention-png", str(tmp_path / "att"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -296,7 +320,8 @@ def test_tables_history_and_pictures(wandb_runs):
                    if r["type"] == "history" and "skipped_files.nrows" in r["history"]["item"])
     assert skipped["skipped_files.nrows"] == 4
     train_keys = _history_keys(wandb_runs["train"])
-    assert {"batch/loss", "epoch/loss", "epoch/val_loss", "epoch/learning_rate", "examples._type"} <= train_keys
+    assert {"batch/loss", "epoch/loss", "epoch/val_loss", "epoch/val_CIDEr", "epoch/learning_rate",
+            "examples._type"} <= train_keys
     evaluate_keys = _history_keys(wandb_runs["evaluate"])
     assert {"predictions._type", "attention.count"} <= evaluate_keys
     summary = {}

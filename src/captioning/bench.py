@@ -68,7 +68,8 @@ def bench_features(images: int = 128, batch: int = 32, repeats: int = 3, weights
 
 # ------------------------------------------------------------------ model benchmarks
 
-BENCH_SIZES = {"vocab_size": 5000, "embedding_dim": 256, "units": 512, "batch": 64}
+# The tutorial's sizes; the context at the embedding width, as the tutorial's encoder has it, so both do the same work.
+BENCH_SIZES = {"vocab_size": 5000, "embedding_dim": 256, "units": 512, "context_dim": 256, "batch": 64}
 
 
 def coco_like_lengths(count: int, rng):
@@ -103,33 +104,40 @@ def _bucketed_batches(lengths, batch: int, vocab: int, rng):
 
 
 def bench_train(steps: int = 20, repeats: int = 3, baseline: bool = True) -> dict:
-    """Teacher-forced training steps: captions per second, ours against the tutorial's."""
+    """Teacher-forced training steps, captions per second, with train.deterministic on (op determinism,
+    no XLA: the CPU default) and off (XLA-compiled steps: the GPU default), against the tutorial's."""
     import numpy as np
 
     from captioning.config import Config
-    from captioning.steps.train import build_model
+    from captioning.steps.train import build_model, use_determinism
 
     import keras
 
     rng = np.random.default_rng(0)
     s = BENCH_SIZES
-    cfg = Config.model_validate({"train": {"embedding_dim": s["embedding_dim"], "units": s["units"]}})
-    model = build_model(cfg, s["vocab_size"])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    cfg = Config.model_validate({"train": {k: s[k] for k in ("embedding_dim", "units", "context_dim")}})
     batches = _bucketed_batches(coco_like_lengths(steps * s["batch"] * 3, rng), s["batch"], s["vocab_size"], rng)
     while len(batches) < steps:
         batches += batches
     features = rng.standard_normal((s["batch"], 64, 2048)).astype(np.float16)
-
-    def ours(batch_list):
-        for tokens in batch_list:
-            model.train_on_batch({"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:])
-
-    ours(batches[:8])  # trace the step for the first shapes
-    runs = _time_runs(lambda: ours(batches[:steps]), repeats, steps * s["batch"])
     result = {"bench": "train", "steps": steps, "repeats": repeats, **s,
-              "mean_tokens": float(np.mean([t.shape[1] for t in batches[:steps]])),
-              "captions_per_s": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
+              "mean_tokens": float(np.mean([t.shape[1] for t in batches[:steps]]))}
+    # Every shape of the timed steps is compiled before timing: XLA compiles once per caption length.
+    warm = list({t.shape: t for t in batches[:steps]}.values())
+    for setting, key in (("on", "captions_per_s"), ("off", "xla_captions_per_s")):
+        deterministic = use_determinism(setting)
+        model = build_model(cfg, s["vocab_size"])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=not deterministic)
+
+        def ours(batch_list):
+            for tokens in batch_list:
+                model.train_on_batch({"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:])
+
+        ours(warm)
+        runs = _time_runs(lambda: ours(batches[:steps]), repeats, steps * s["batch"])
+        result[key] = round(statistics.median(runs), 1)
+        result["runs" if setting == "on" else "xla_runs"] = [round(r, 1) for r in runs]
+    use_determinism("auto")
     if baseline:
         from captioning.tutorial_baseline import make_tutorial, pad_to
 
@@ -139,6 +147,7 @@ def bench_train(steps: int = 20, repeats: int = 3, baseline: bool = True) -> dic
         base = _time_runs(lambda: [train_step(features, t) for t in padded], repeats, steps * s["batch"])
         result["baseline_captions_per_s"] = round(statistics.median(base), 1)
         result["speedup"] = round(result["captions_per_s"] / result["baseline_captions_per_s"], 2)
+        result["xla_speedup"] = round(result["xla_captions_per_s"] / result["baseline_captions_per_s"], 2)
     return result
 
 
@@ -152,7 +161,7 @@ def bench_decode(captions: int = 256, repeats: int = 3, baseline: bool = True, b
 
     rng = np.random.default_rng(0)
     s = BENCH_SIZES
-    cfg = Config.model_validate({"train": {"embedding_dim": s["embedding_dim"], "units": s["units"]}})
+    cfg = Config.model_validate({"train": {k: s[k] for k in ("embedding_dim", "units", "context_dim")}})
     model = build_model(cfg, s["vocab_size"])
     # end id outside the vocabulary: every caption runs the full 50 steps, the worst case
     decoder = Decoder(model, start_id=1, end_id=-1, max_length=50, method="greedy")

@@ -38,7 +38,7 @@ def _load_images(paths: list[Path], image_size: int):
 
 def caption_images(model_path: str | Path, images: list[str | Path], method: str | None = None,
                    beam_width: int | None = None, batch_size: int = 16) -> list[Captioned]:
-    from captioning.decode import Decoder
+    from captioning.decode import Decoder, chosen_decoding
     from captioning.features import FeatureExtractor
 
     bundle = load_bundle(model_path)
@@ -52,10 +52,10 @@ def caption_images(model_path: str | Path, images: list[str | Path], method: str
         extractor.backbone.load_weights(str(bundle.root / BACKBONE_FILE))
     except Exception as exc:
         raise ModelError(f"{bundle.root / BACKBONE_FILE}: cannot load the backbone weights: {exc}") from None
-    evaluate_cfg = bundle.meta.get("config", {}).get("evaluate", {})
+    decoding = chosen_decoding(bundle.meta, method or "auto", beam_width or 3, 0.7)
     decoder = Decoder(bundle.model, bundle.vocab.start_id, bundle.vocab.end_id, bundle.max_length,
-                      method or evaluate_cfg.get("decoder", "beam"), beam_width or evaluate_cfg.get("beam_width", 3),
-                      banned=bundle.vocab.non_words)
+                      decoding["decoder"], decoding["beam_width"], banned=bundle.vocab.non_words,
+                      length_penalty=decoding["length_penalty"])
     results = []
     for start in range(0, len(paths), batch_size):
         tokens, alphas = decoder(extractor(pixels[start : start + batch_size]))

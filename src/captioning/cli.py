@@ -53,8 +53,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 HIGHLIGHTS = {
     "log_raw_data": ("bytes", "bytes_downloaded"),
     "process_data": ("images", "captions", "skipped_files", "vocab_size", "max_length"),
-    "train": ("epochs", "best_epoch", "val_loss", "resumed_epochs"),
-    "evaluate": ("BLEU-4", "METEOR", "CIDEr", "baseline_CIDEr"),
+    "train": ("epochs", "best_epoch", "val_CIDEr", "val_BLEU-4", "beam_width", "resumed_epochs"),
+    "evaluate": ("BLEU-4", "METEOR", "CIDEr", "baseline_CIDEr", "scenes_correct", "two_object_scenes_correct"),
     "promote": ("promoted", "candidate", "production"),
 }
 
@@ -119,7 +119,7 @@ def caption(
     images: List[Path] = typer.Argument(..., help="JPEG or PNG files."),
     model: Path = typer.Option(..., "--model", "-m", help="The train step's model folder (or a registry version)."),
     attention_png: Optional[Path] = typer.Option(None, help="Also write one attention figure per image here."),
-    decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: as evaluated)."),
+    decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: what train chose on validation)."),
     beam_width: Optional[int] = typer.Option(None, min=1, max=20),
 ) -> None:
     """Print one caption per image: PATH<TAB>CAPTION."""

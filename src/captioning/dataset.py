@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from captioning.errors import DataError
+from captioning.features import CHANNELS, GRID, RECORD_BYTES
 from captioning.io import read_json
 from captioning.text import Vocabulary
 
@@ -14,7 +17,6 @@ from captioning.text import Vocabulary
 # process_data's output; /2: every record carries its raw COCO captions ("references") for scoring.
 FORMAT = "captioning-features/2"
 LENGTH_BUCKETS = (8, 10, 12, 14, 16, 18, 21, 25, 30, 40)
-CACHE_LIMIT_BYTES = 4 << 30  # keep features in memory across epochs below this
 
 
 @dataclass
@@ -53,31 +55,96 @@ class ProcessedDataset:
 
         return read_features(self.shard_files(split))
 
-    def caption_pairs(self, split: str, batch_size: int, shuffle: bool, seed: int = 0):
-        """Batches of ({"features", "tokens"}, targets): teacher forcing, padded per batch."""
+    def caption_pairs(self, split: str, batch_size: int, shuffle: bool, seed: int = 0, epoch=0):
+        """Batches of ({"features", "tokens"}, targets): teacher forcing, padded per batch.
+
+        With ``shuffle`` every epoch visits each (image, caption) pair once, in an order permuted over
+        the whole split (a stateless permutation of the pair index, keyed by ``seed`` and ``epoch``:
+        an int, or a ``tf.Variable`` that ``ShuffleEpoch`` sets as each epoch begins, so a resumed run
+        takes up its epoch's order). Features are read by index from the memory-mapped shards, so memory
+        does not grow with the split; pairs are then batched with others of similar length."""
         import tensorflow as tf
 
         records = self.records(split)
         if not records:
             raise DataError(f"{self.root}: the {split} split is empty")
-        captions = tf.ragged.constant([r["tokens"] for r in records], dtype=tf.int32)
-        features = self.features(split)
-        if self.feature_bytes(split) < CACHE_LIMIT_BYTES:
-            features = features.cache()
-        images = tf.data.Dataset.zip(features, tf.data.Dataset.from_tensor_slices(captions))
+        pair_image = [i for i, r in enumerate(records) for _ in r["tokens"]]
+        captions = tf.ragged.constant([c for r in records for c in r["tokens"]], dtype=tf.int32)
+        images = tf.constant(pair_image, tf.int32)
+        store = FeatureShards(self.shard_files(split), len(records))
+        count = len(pair_image)
+        order = tf.data.Dataset.range(count)
         if shuffle:
-            images = images.shuffle(min(len(records), 1024), seed=seed, reshuffle_each_iteration=True)
-        pairs = images.flat_map(
-            lambda f, caps: tf.data.Dataset.from_tensor_slices(caps).map(lambda c: (f, c[:-1], c[1:])))
-        if shuffle:
-            pairs = pairs.shuffle(2048, seed=seed + 1, reshuffle_each_iteration=True)
+            def permute(j):
+                key = tf.stack([tf.cast(seed, tf.int64), tf.cast(tf.convert_to_tensor(epoch), tf.int64)])
+                return tf.random.experimental.index_shuffle(j, key, count - 1)
+            order = order.batch(4096).map(permute).unbatch()
+        pairs = order.map(lambda j: (tf.gather(images, j), captions[j][:-1], captions[j][1:]))
         batches = pairs.bucket_by_sequence_length(
-            lambda f, inp, tgt: tf.shape(inp)[0],
+            lambda image, inp, tgt: tf.shape(inp)[0],
             bucket_boundaries=list(LENGTH_BUCKETS),
             bucket_batch_sizes=[batch_size] * (len(LENGTH_BUCKETS) + 1),
-            padded_shapes=([None, None], [None], [None]),
+            padded_shapes=([], [None], [None]),
         )
-        return batches.map(lambda f, inp, tgt: ({"features": f, "tokens": inp}, tgt)).prefetch(2)
+
+        def with_features(image, inp, tgt):
+            features = tf.numpy_function(store.gather, [image], tf.float16, stateful=False)
+            features.set_shape((None, GRID, CHANNELS))
+            return {"features": features, "tokens": inp}, tgt
+
+        # The batch count is known (pairs per length bucket, each bucket's last batch partial): Keras then
+        # neither warns that the data "ran out" nor guesses the epoch's length from the first one.
+        lengths = np.array([len(c) - 1 for r in records for c in r["tokens"]])
+        per_bucket = np.bincount(np.searchsorted(LENGTH_BUCKETS, lengths, side="right"))
+        n_batches = int(sum(-(-n // batch_size) for n in per_bucket))
+        batches = batches.apply(tf.data.experimental.assert_cardinality(n_batches))
+        return batches.map(with_features, num_parallel_calls=2).prefetch(2)
 
     def pair_count(self, split: str) -> int:
         return sum(len(r["tokens"]) for r in self.records(split))
+
+
+class FeatureShards:
+    """Random access into a split's feature shards (fixed-length records, memory-mapped: the page
+    cache holds what is read, not the process)."""
+
+    def __init__(self, files: list[str], images: int):
+        counts = []
+        for name in files:
+            size = Path(name).stat().st_size
+            if size % RECORD_BYTES:
+                raise DataError(f"{name}: {size} bytes is not a whole number of {RECORD_BYTES}-byte feature "
+                                "records; the shard is damaged, run process_data again")
+            counts.append(size // RECORD_BYTES)
+        if sum(counts) != images:
+            raise DataError(f"{Path(files[0]).parent if files else '?'}: the shards hold {sum(counts)} feature "
+                            f"records for {images} images; run process_data again")
+        self.files = files
+        self.starts = np.cumsum([0, *counts])
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._maps:
+            self._maps[k] = np.memmap(self.files[k], np.float16, "r").reshape(-1, GRID, CHANNELS)
+        return self._maps[k]
+
+    def gather(self, indices) -> np.ndarray:
+        """Image indices of the split -> their (n, 64, 2048) float16 features."""
+        indices = np.asarray(indices, np.int64)
+        shards = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), GRID, CHANNELS), np.float16)
+        for k in np.unique(shards):
+            rows = shards == k
+            out[rows] = self._shard(int(k))[indices[rows] - self.starts[k]]
+        return out
+
+
+def shuffle_epoch_callback(epoch_variable):
+    """A Keras callback that gives ``caption_pairs`` the number of the epoch that begins."""
+    import keras
+
+    class ShuffleEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            epoch_variable.assign(epoch)
+
+    return ShuffleEpoch()

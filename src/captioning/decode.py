@@ -126,18 +126,33 @@ def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int
     return pick_best(tokens), pick_best(alphas)
 
 
+def chosen_decoding(meta: dict, decoder: str = "auto", beam_width: int = 3, length_penalty: float = 0.7) -> dict:
+    """decoder=auto: what train chose on validation and recorded in the model's meta (greedy when a model
+    records no choice); greedy or beam: as given."""
+    if decoder == "auto":
+        chosen = meta.get("decoding") or {"decoder": "greedy", "beam_width": 1, "length_penalty": 0.0}
+        return {"decoder": chosen["decoder"], "beam_width": int(chosen["beam_width"]),
+                "length_penalty": float(chosen["length_penalty"]), "chosen_on": "validation"}
+    if decoder not in ("greedy", "beam"):
+        raise ValueError(f"decoder {decoder!r}: choose auto, greedy or beam")
+    beam = decoder == "beam"
+    return {"decoder": decoder, "beam_width": beam_width if beam else 1,
+            "length_penalty": length_penalty if beam else 0.0, "chosen_on": "settings"}
+
+
 class Decoder:
     """Compiled decoding for one model: ``decoder(features) -> (tokens, attention)`` as numpy."""
 
     def __init__(self, model: Captioner, start_id: int, end_id: int, max_length: int,
-                 method: str = "greedy", beam_width: int = 3, banned: tuple[int, ...] = ()):
+                 method: str = "greedy", beam_width: int = 3, banned: tuple[int, ...] = (),
+                 length_penalty: float = 0.7):
         """``banned``: token ids never emitted (the vocabulary's ``non_words``; ``<start>`` always)."""
         self.model = model
         banned = tuple(sorted({start_id, *banned}))
         if method == "greedy" or beam_width == 1:
             fn = lambda feats, s, e, m: greedy(model, feats, s, e, m, banned)
         else:
-            fn = lambda feats, s, e, m: beam(model, feats, s, e, m, beam_width, banned=banned)
+            fn = lambda feats, s, e, m: beam(model, feats, s, e, m, beam_width, length_penalty, banned=banned)
         self._fn = _compile(fn)
         self.args = (start_id, end_id, max_length)
 

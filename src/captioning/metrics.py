@@ -78,6 +78,20 @@ def score(references: dict[int, list[str]], predictions: dict[int, str]) -> tupl
     return metrics, per_image
 
 
+def metric_on(references_tok: dict[int, list[str]], predictions: dict[int, str], name: str) -> float:
+    """One corpus metric (CIDEr or BLEU-n) of raw predictions against already tokenized references."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    ids = sorted(predictions)
+    gts, res = {i: references_tok[i] for i in ids}, tokenize({i: [predictions[i]] for i in ids})
+    if name == "CIDEr":
+        return float(Cider().compute_score(gts, res)[0])
+    if name.startswith("BLEU-") and name[5:] in ("1", "2", "3", "4"):
+        return float(Bleu(4).compute_score(gts, res, verbose=0)[0][int(name[5:]) - 1])
+    raise ValueError(f"{name}: not a metric computed on validation (CIDEr or BLEU-1..4)")
+
+
 def cider_only(references_tok: dict[int, list[str]], caption_tok: str) -> float:
     from pycocoevalcap.cider.cider import Cider
 

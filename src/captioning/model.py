@@ -1,7 +1,13 @@
 """Show, Attend and Tell in Keras 3, written with ``keras.ops`` (TensorFlow or JAX).
 
 Shapes: B batch, T caption steps, P=64 grid positions, C=2048 channels,
-E embedding size, U decoder units, V vocabulary.
+D context width, E embedding size, U decoder units, V vocabulary.
+
+As in the paper (Xu et al. 2015, soft attention): a gating scalar β_t = σ(f_β(h_{t-1}))
+scales the context (§4.2.1); the deep output reads the previous word, the state and
+the context (eq. 7); dropout sits on the state and on the deep output, as in the
+authors' code (arctic-captions); the doubly-stochastic penalty is
+λ Σ_i (1 − Σ_t α_ti)² per caption (eq. 14). A GRU replaces the LSTM.
 
 Unlike the TensorFlow tutorial this model derives from:
 - the GRU state is carried from step to step (the tutorial never passed it back in);
@@ -16,65 +22,92 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+# Bumped whenever the layers or their meaning change: a saved model of another
+# architecture is refused by name instead of being loaded into the wrong layers.
+ARCHITECTURE = "show-attend-tell/2"
+# Channels whose training spread is below this share of the median channel's are
+# standardised with the floor: a channel that is almost constant on the training
+# images must not blow up on an image where it is not.
+STD_FLOOR_OF_MEDIAN = 0.1
+
+
+class ArchitectureError(ValueError):
+    pass
+
 
 @keras.saving.register_keras_serializable(package="captioning")
 class Captioner(keras.Model):
-    def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512, dropout: float = 0.3,
-                 attention_reg: float = 1.0, channels: int = 2048, **kwargs):
+    def __init__(self, vocab_size: int, embedding_dim: int = 512, units: int = 1024, dropout: float = 0.5,
+                 attention_reg: float = 1.0, channels: int = 2048, context_dim: int = 512,
+                 architecture: str = ARCHITECTURE, **kwargs):
+        if architecture != ARCHITECTURE:
+            raise ArchitectureError(f"a {architecture!r} captioner; this version builds {ARCHITECTURE!r}: "
+                                    "train the model again with this version")
         super().__init__(**kwargs)
         self.vocab_size, self.embedding_dim, self.units = vocab_size, embedding_dim, units
         self.dropout_rate, self.attention_reg, self.channels = dropout, attention_reg, channels
+        self.context_dim = context_dim
         # Standardisation of the backbone's features, from the training split.
         self.feature_mean = self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name="feature_mean")
         self.feature_std = self.add_weight(shape=(channels,), initializer="ones", trainable=False, name="feature_std")
-        self.encoder = layers.Dense(embedding_dim, activation="relu", name="encoder")        # C -> E
-        self.attend_image = layers.Dense(units, name="attend_image")                         # W1: E -> U
-        self.attend_state = layers.Dense(units, name="attend_state")                         # W2: U -> U
-        self.attend_score = layers.Dense(1, name="attend_score")                             # V:  U -> 1
-        self.init_state = layers.Dense(units, activation="tanh", name="init_state")          # mean image -> h0
+        self.encoder = layers.Dense(context_dim, activation="relu", name="encoder")        # C -> D: a_i
+        self.attend_image = layers.Dense(context_dim, name="attend_image")                 # W1: D -> D
+        self.attend_state = layers.Dense(context_dim, name="attend_state")                 # W2: U -> D
+        self.attend_score = layers.Dense(1, name="attend_score")                           # v:  D -> 1
+        self.gate = layers.Dense(1, activation="sigmoid", name="gate")                     # f_beta: U -> 1
+        self.init_state = layers.Dense(units, activation="tanh", name="init_state")        # mean a_i -> h0
         self.embed = layers.Embedding(vocab_size, embedding_dim, name="embed")
         self.gru = layers.GRUCell(units, name="gru")
-        self.out_state = layers.Dense(embedding_dim, name="out_state")                       # L_h
-        self.out_context = layers.Dense(embedding_dim, use_bias=False, name="out_context")   # L_z
+        self.state_dropout = layers.Dropout(dropout)
+        self.out_state = layers.Dense(embedding_dim, name="out_state")                     # L_h: U -> E
+        self.out_context = layers.Dense(embedding_dim, use_bias=False, name="out_context") # L_z: D -> E
         self.out_dropout = layers.Dropout(dropout)
-        self.logits = layers.Dense(vocab_size, name="logits")                               # L_o
+        self.logits = layers.Dense(vocab_size, name="logits")                             # L_o: E -> V
 
     def build(self, input_shape=None):
-        e, u, c = self.embedding_dim, self.units, self.channels
+        e, u, c, d = self.embedding_dim, self.units, self.channels, self.context_dim
         self.encoder.build((None, None, c))
-        self.attend_image.build((None, None, e))
+        self.attend_image.build((None, None, d))
         self.attend_state.build((None, u))
-        self.attend_score.build((None, None, u))
-        self.init_state.build((None, e))
+        self.attend_score.build((None, None, d))
+        self.gate.build((None, u))
+        self.init_state.build((None, d))
         self.embed.build((None, None))
-        self.gru.build((None, 2 * e))
+        self.gru.build((None, e + d))
         self.out_state.build((None, None, u))
-        self.out_context.build((None, None, e))
+        self.out_context.build((None, None, d))
         self.logits.build((None, None, e))
         self.built = True
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "embedding_dim": self.embedding_dim,
                 "units": self.units, "dropout": self.dropout_rate, "attention_reg": self.attention_reg,
-                "channels": self.channels}
+                "channels": self.channels, "context_dim": self.context_dim, "architecture": ARCHITECTURE}
+
+    @classmethod
+    def from_config(cls, config):
+        # A model saved before the architecture was recorded is the first one.
+        return cls(**{"architecture": "show-attend-tell/1", **config})
 
     def set_feature_stats(self, mean, std) -> None:
+        std = ops.convert_to_tensor(std, "float32")
+        floor = ops.maximum(STD_FLOOR_OF_MEDIAN * ops.median(std), 1e-3)
         self.feature_mean.assign(ops.convert_to_tensor(mean, "float32"))
-        self.feature_std.assign(ops.maximum(ops.convert_to_tensor(std, "float32"), 1e-6))
+        self.feature_std.assign(ops.maximum(std, floor))
 
     # ------------------------------------------------------------ pieces
 
     def encode(self, features):
-        """(B, P, C) float16/32 -> image encodings (B, P, E), their W1 projection (B, P, U), h0 (B, U)."""
+        """(B, P, C) float16/32 -> annotations a (B, P, D), their W1 projection (B, P, D), h0 (B, U)."""
         x = (ops.cast(features, "float32") - self.feature_mean) / self.feature_std
         image = self.encoder(x)
         return image, self.attend_image(image), self.init_state(ops.mean(image, axis=1))
 
     def attend(self, image, projected, state):
-        """Additive attention: alpha (B, P) over positions and the context (B, E)."""
+        """Soft attention: alpha (B, P) over positions and the gated context β·Σ α_i a_i (B, D)."""
         score = self.attend_score(ops.tanh(projected + ops.expand_dims(self.attend_state(state), 1)))
         alpha = ops.softmax(ops.squeeze(score, -1), axis=-1)
-        context = ops.sum(image * ops.expand_dims(alpha, -1), axis=1)
+        context = ops.sum(image * ops.expand_dims(alpha, -1), axis=1) * self.gate(state)
         return alpha, context
 
     def recur(self, image, projected, state, embedded):
@@ -84,7 +117,8 @@ class Captioner(keras.Model):
         return new_state, context, alpha
 
     def readout(self, states, contexts, embedded, training=False):
-        """Deep output: logits from the state, the context and the previous word."""
+        """Deep output: logits from the previous word, the state and the context."""
+        states = self.state_dropout(states, training=training)
         deep = ops.tanh(self.out_state(states) + self.out_context(contexts) + embedded)
         return self.logits(self.out_dropout(deep, training=training))
 
@@ -96,27 +130,37 @@ class Captioner(keras.Model):
         image, projected, state = self.encode(features)
         embedded = self.embed(tokens)                                   # (B, T, E), all steps at once
 
-        def step(carry, word):
-            # keras.ops.scan (TF) wants outputs shaped like the carry: carry all three.
-            new = self.recur(image, projected, carry[0], word)
-            return new, new
+        def step(carry, word):  # carries all three outputs: every step's are stacked
+            return self.recur(image, projected, carry[0], word)
 
         batch = ops.shape(features)[0]
-        init = (state, ops.zeros((batch, self.embedding_dim), state.dtype),
+        init = (state, ops.zeros((batch, self.context_dim), state.dtype),
                 ops.zeros((batch, ops.shape(features)[1]), state.dtype))
-        _, (states, contexts, alphas) = ops.scan(step, init, ops.moveaxis(embedded, 1, 0))
+        states, contexts, alphas = _scan(step, init, ops.moveaxis(embedded, 1, 0))
         states, contexts, alphas = (ops.moveaxis(t, 0, 1) for t in (states, contexts, alphas))
         logits = self.readout(states, contexts, embedded, training=training)
         return {"logits": logits, "attention": alphas}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """Cross-entropy masked on padding, plus doubly-stochastic attention regularisation."""
+        """The paper's objective per caption, Σ_t −log p(y_t) + λ Σ_i (1 − Σ_t α_ti)² over the real steps,
+        summed over the batch and divided by its real tokens (so the learning rate is per token)."""
         mask = ops.cast(ops.not_equal(y, 0), "float32")
         xent = keras.losses.sparse_categorical_crossentropy(y, ops.cast(y_pred["logits"], "float32"),
                                                             from_logits=True)
-        loss = ops.sum(xent * mask) / ops.maximum(ops.sum(mask), 1.0)
+        total = ops.sum(xent * mask)
         if self.attention_reg:
-            # Each position should receive about one unit of attention over the caption.
+            # Over a caption, each of the P regions should receive about one unit of attention.
             attended = ops.sum(ops.cast(y_pred["attention"], "float32") * ops.expand_dims(mask, -1), axis=1)
-            loss = loss + self.attention_reg * ops.mean(ops.sum(ops.square(1.0 - attended), axis=-1)) / 64.0
-        return loss
+            total = total + self.attention_reg * ops.sum(ops.square(1.0 - attended))
+        return total / ops.maximum(ops.sum(mask), 1.0)
+
+
+def _scan(step, init, xs):
+    """Every step's carry, stacked. On TensorFlow ``tf.scan``: its loop is bounded by the sequence
+    length, which XLA needs (keras.ops.scan's TensorFlow loop is not, and XLA refuses it)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.scan(step, xs, initializer=init)
+    _, stacked = ops.scan(lambda carry, x: (step(carry, x),) * 2, init, xs)
+    return stacked

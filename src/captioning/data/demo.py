@@ -3,9 +3,13 @@
 ``write_coco_mirror(DIR)`` writes ``annotations/annotations_trainval2014.zip``,
 ``zips/train2014.zip`` and ``zips/val2014.zip`` with COCO's file names and JSON,
 so the demo and the tests go through the real download, extraction and parsing
-code. Each 640x480 picture shows one coloured shape on the left or the right;
-its five captions say which, in different words, cases and punctuation, so a
-model that looks at the image can beat one that does not.
+code. Each 640x480 picture shows either one coloured shape on the left or the
+right, or two shapes of different colours with one beside or above the other;
+its five captions say which, in different words, cases and punctuation (a pair
+from either side: "a red circle left of a blue square" is also "a blue square
+right of a red circle"). A pair's caption is right only if both objects and the
+relation are: what attention is for. ``scene_of`` reads a caption back into the
+scene it describes, so evaluate can count the captions that get all of it right.
 
 With ``awkward=True`` train2014 also holds the inputs a real crawl meets: a
 truncated JPEG, an empty file, a text file named .jpg, a grayscale JPEG, a
@@ -18,7 +22,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -40,6 +46,16 @@ TEMPLATES = (
     "A {shape}, coloured {colour}, sits on the {side}!",
     "the {side} half of the image shows a {colour} {shape}",
 )
+RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+PAIR_TEMPLATES = (
+    "a {c1} {s1} {rel} a {c2} {s2}",
+    "A {c1} {s1} is {rel} a {c2} {s2}.",
+    "there is a {c1} {s1} {rel} a {c2} {s2}",
+    "a {c2} {s2} {inv} a {c1} {s1}",
+    "Two shapes: a {c1} {s1} {rel} a {c2} {s2}!",
+)
+PAIR_SHARE = 0.5  # of the scenes
 UNICODE_CAPTIONS = (
     "A {colour} {shape} — on the “{side}” side…",
     "ＡＮ image: a {colour} {shape} on the {side}",
@@ -53,15 +69,20 @@ def coco_file_name(split: str, image_id: int) -> str:
     return f"COCO_{split}_{image_id:012d}.jpg"
 
 
-def draw_scene(colour: str, shape: str, side: str, rng: random.Random, size=(640, 480)) -> Image.Image:
-    width, height = size
-    image = Image.new("RGB", size, rng.choice(BACKGROUNDS))
-    draw = ImageDraw.Draw(image)
-    radius = rng.randint(height // 6, height // 4)
-    cx = rng.randint(radius + 10, width // 2 - radius - 10)
-    if side == "right":
-        cx = width - cx
-    cy = rng.randint(radius + 10, height - radius - 10)
+def random_scene(rng: random.Random) -> dict:
+    """One shape and its side, or two shapes (never the same colour and shape) and how the first lies
+    relative to the second."""
+    first = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+    if rng.random() >= PAIR_SHARE:
+        return {"objects": [first], "side": rng.choice(SIDES)}
+    second = first
+    while second[0] == first[0]:
+        second = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+    return {"objects": [first, second], "relation": rng.choice(list(RELATIONS))}
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, cx: int, cy: int, radius: int,
+                rng: random.Random) -> None:
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
     if shape == "circle":
@@ -70,6 +91,36 @@ def draw_scene(colour: str, shape: str, side: str, rng: random.Random, size=(640
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+
+
+def draw_scene(scene: dict, rng: random.Random, size=(640, 480)) -> Image.Image:
+    width, height = size
+    image = Image.new("RGB", size, rng.choice(BACKGROUNDS))
+    draw = ImageDraw.Draw(image)
+    if len(scene["objects"]) == 1:
+        (colour, shape), side = scene["objects"][0], scene["side"]
+        radius = rng.randint(height // 6, height // 4)
+        cx = rng.randint(radius + 10, width // 2 - radius - 10)
+        if side == "right":
+            cx = width - cx
+        cy = rng.randint(radius + 10, height - radius - 10)
+        _draw_shape(draw, colour, shape, cx, cy, radius, rng)
+        return image
+    # Two shapes, each in its own half (left/right or top/bottom) of the picture.
+    relation = scene["relation"]
+    horizontal = relation in ("left", "right")
+    radius = rng.randint(height // 9, height // 6)
+    along = (width if horizontal else height) // 2
+    across = height if horizontal else width
+    centres = []
+    for half in (0, 1):
+        a = half * along + rng.randint(radius + 10, along - radius - 10)
+        b = rng.randint(radius + 10, across - radius - 10)
+        centres.append((a, b) if horizontal else (b, a))
+    if relation in ("right", "below"):  # the first object lies in the second half
+        centres.reverse()
+    for (colour, shape), (cx, cy) in zip(scene["objects"], centres):
+        _draw_shape(draw, colour, shape, cx, cy, radius, rng)
     return image
 
 
@@ -79,12 +130,56 @@ def _jpeg(image: Image.Image, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-def _captions(colour: str, shape: str, side: str, rng: random.Random) -> list[str]:
-    out = [t.format(colour=colour, shape=shape, side=side) for t in TEMPLATES]
+def _captions(scene: dict, rng: random.Random) -> list[str]:
+    if len(scene["objects"]) == 1:
+        (colour, shape), side = scene["objects"][0], scene["side"]
+        out = [t.format(colour=colour, shape=shape, side=side) for t in TEMPLATES]
+        rng.shuffle(out)
+        if rng.random() < 0.1:
+            out[0] = rng.choice(UNICODE_CAPTIONS).format(colour=colour, shape=shape, side=side)
+        return out
+    (c1, s1), (c2, s2) = scene["objects"]
+    relation = scene["relation"]
+    out = [t.format(c1=c1, s1=s1, c2=c2, s2=s2, rel=RELATIONS[relation], inv=RELATIONS[INVERSE[relation]])
+           for t in PAIR_TEMPLATES]
     rng.shuffle(out)
-    if rng.random() < 0.1:
-        out[0] = rng.choice(UNICODE_CAPTIONS).format(colour=colour, shape=shape, side=side)
     return out
+
+
+def scene_of(caption: str) -> tuple | None:
+    """The scene a caption describes, in one normal form (a pair as "left" or "above"), or None when it
+    names no whole scene: ("one", colour, shape, side) or ("two", (colour, shape), relation, (colour, shape))."""
+    words = re.findall(r"[a-z]+", caption.lower())
+    colours = [w for w in words if w in COLOURS]
+    shapes = [w for w in words if w in SHAPES]
+    if len(colours) == 1 and len(shapes) == 1:
+        sides = [w for w in words if w in SIDES]
+        return ("one", colours[0], shapes[0], sides[0]) if len(sides) == 1 else None
+    relations = [w for w in words if w in RELATIONS]
+    if len(colours) == 2 and len(shapes) == 2 and len(relations) == 1:
+        a, b, relation = (colours[0], shapes[0]), (colours[1], shapes[1]), relations[0]
+        if relation in ("right", "below"):
+            a, b, relation = b, a, INVERSE[relation]
+        return ("two", a, relation, b)
+    return None
+
+
+def scene_accuracy(predictions: dict, references: dict) -> dict[str, float] | None:
+    """Share of captions that name every object and the side or relation of their image's scene (the one
+    most of its references describe); by kind too. None when the references are not demo scenes."""
+    right: dict[str, list[bool]] = {"one": [], "two": []}
+    for key, caption in predictions.items():
+        refs = references[key]
+        truth, votes = Counter(scene_of(r) for r in refs).most_common(1)[0] if refs else (None, 0)
+        if truth is None or 2 * votes <= len(refs):
+            return None
+        right[truth[0]].append(scene_of(caption) == truth)
+    every = right["one"] + right["two"]
+    if not every:
+        return None
+    share = lambda flags: sum(flags) / len(flags) if flags else 0.0
+    return {"scenes_correct": share(every), "one_object_scenes_correct": share(right["one"]),
+            "two_object_scenes_correct": share(right["two"]), "two_object_scenes": len(right["two"])}
 
 
 def write_coco_mirror(
@@ -113,9 +208,9 @@ def write_coco_mirror(
             zf.writestr(f"{split}/", b"")
             cases = list(AWKWARD) if (awkward and split == "train2014") else []
             for index in range(count):
-                colour, shape, side = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIDES)
+                scene = random_scene(rng)
                 name = coco_file_name(split, image_id)
-                image = draw_scene(colour, shape, side, rng, image_size)
+                image = draw_scene(scene, rng, image_size)
                 case = cases[index] if index < len(cases) else None
                 payload: bytes | None = _jpeg(image)
                 if case == "truncated":
@@ -143,7 +238,7 @@ def write_coco_mirror(
                      "width": image_size[0], "date_captured": "2013-11-14 16:28:13", "flickr_url": "",
                      "id": image_id}
                 )
-                captions = _captions(colour, shape, side, rng)
+                captions = _captions(scene, rng)
                 if awkward and split == "train2014" and index % 50 == 7:
                     captions.append("   ")  # a blank caption, as COCO has a few
                 for caption in captions:
@@ -179,7 +274,7 @@ def synthetic_jpegs(dest: str | Path, count: int, seed: int = 0, size=(640, 480)
     rng = random.Random(seed)
     paths = []
     for i in range(count):
-        image = draw_scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIDES), rng, size)
+        image = draw_scene(random_scene(rng), rng, size)
         path = dest / f"bench_{i:06d}.jpg"
         path.write_bytes(_jpeg(image))
         paths.append(path)

@@ -13,8 +13,9 @@ import numpy as np
 
 from captioning.bundle import load_bundle
 from captioning.config import Config
+from captioning.data.demo import scene_accuracy
 from captioning.dataset import ProcessedDataset
-from captioning.decode import Decoder
+from captioning.decode import Decoder, chosen_decoding
 from captioning.io import write_json_atomic
 from captioning.metrics import caption_cider, score
 from captioning.steps.result import StepResult
@@ -43,8 +44,10 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
     bundle = load_bundle(model_dir)
     data = ProcessedDataset.open(dataset_dir)
     vocab = bundle.vocab
-    decoder = Decoder(bundle.model, vocab.start_id, vocab.end_id, bundle.max_length,
-                      cfg.evaluate.decoder, cfg.evaluate.beam_width, banned=vocab.non_words)
+    e = cfg.evaluate
+    decoding = chosen_decoding(bundle.meta, e.decoder, e.beam_width, e.length_penalty)
+    decoder = Decoder(bundle.model, vocab.start_id, vocab.end_id, bundle.max_length, decoding["decoder"],
+                      decoding["beam_width"], banned=vocab.non_words, length_penalty=decoding["length_penalty"])
     records = data.records("test")
     captions, attention, steps = caption_split(decoder, data, "test", cfg.evaluate.batch_size, vocab)
     refs = {r["image_id"]: r["references"] for r in records}  # raw COCO captions, PTB-tokenized by score()
@@ -54,6 +57,9 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
     baseline_caption = data.manifest["blind_baseline"]["caption"]  # chosen by process_data on train and val
     baseline_cider = caption_cider(refs, baseline_caption)
     metrics["baseline_CIDEr"] = baseline_cider
+    scenes = scene_accuracy(predictions, refs)  # the demo's scenes only: every object and relation right
+    if scenes is not None:
+        metrics.update(scenes)
 
     rows = []
     for r, caption in zip(records, captions):
@@ -74,7 +80,7 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
 
     report = {
         "metrics": metrics,
-        "decoder": cfg.evaluate.decoder, "beam_width": cfg.evaluate.beam_width,
+        **decoding,
         "test_images": len(records), "baseline_caption": baseline_caption,
         "mean_caption_words": float(np.mean([len(c.split()) for c in captions])) if captions else 0.0,
         "distinct_captions": len(set(captions)),

@@ -21,7 +21,8 @@ from pathlib import Path
 from captioning.bundle import MODEL_FILE, save_bundle
 from captioning.checkpoints import CheckpointFolder, save_every_epoch
 from captioning.config import Config
-from captioning.dataset import ProcessedDataset
+from captioning.dataset import ProcessedDataset, shuffle_epoch_callback
+from captioning.validation import ValidationCaptions, caption_metric_callback, choose_decoding
 from captioning.errors import ConfigError
 from captioning.io import file_lock, read_json, write_json_atomic
 from captioning.steps.result import StepResult
@@ -60,29 +61,34 @@ def _signature(cfg: Config, data: ProcessedDataset) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _epochs_without_improvement(history: list[dict], patience: int) -> int:
+def _best_epoch(history: list[dict], monitor: str) -> dict:
+    """The epoch with the highest selection metric (the first of equals)."""
+    return max(history, key=lambda row: row.get(monitor, -math.inf))
+
+
+def _epochs_without_improvement(history: list[dict], monitor: str) -> int:
     """EarlyStopping's count after these epochs (it starts from zero at every fit, so a resumed run replays it)."""
-    best, wait = math.inf, 0
+    best, wait = -math.inf, 0
     for row in history:
         wait += 1
-        if row["val_loss"] < best:
-            best, wait = row["val_loss"], 0
+        if row.get(monitor, -math.inf) > best:
+            best, wait = row[monitor], 0
     return wait
 
 
-def _early_stopping(patience: int, history: list[dict]):
+def _early_stopping(patience: int, history: list[dict], monitor: str):
     import keras
 
     class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
-        """Early stopping that remembers the epochs trained before a restart."""
+        """Early stopping on a caption metric (higher is better) that remembers the epochs before a restart."""
 
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
             if history:
-                self.best = min(row["val_loss"] for row in history)
-                self.wait = _epochs_without_improvement(history, patience)
+                self.best = _best_epoch(history, monitor)[monitor]
+                self.wait = _epochs_without_improvement(history, monitor)
 
-    return ResumedEarlyStopping(monitor="val_loss", patience=patience)
+    return ResumedEarlyStopping(monitor=monitor, mode="max", patience=patience)
 
 
 def _use_mixed_precision(setting: str) -> bool:
@@ -94,6 +100,19 @@ def _use_mixed_precision(setting: str) -> bool:
     if setting == "on" and not has_gpu:
         log.warning("train.mixed_precision=on but no GPU is visible; training in float32")
     return has_gpu
+
+
+def use_determinism(setting: str) -> bool:
+    """Deterministic ops, or not; TensorFlow's op determinism rules XLA out (Keras then compiles without it)."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    on = setting == "on" or (setting == "auto" and not tf.config.list_physical_devices("GPU"))
+    if on:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
+    return on
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -112,7 +131,8 @@ def _read_history(path: Path) -> list[dict]:
 def build_model(cfg: Config, vocab_size: int, stats: dict | None = None):
     from captioning.model import Captioner
 
-    model = Captioner(vocab_size, cfg.train.embedding_dim, cfg.train.units, cfg.train.dropout, cfg.train.attention_reg)
+    t = cfg.train
+    model = Captioner(vocab_size, t.embedding_dim, t.units, t.dropout, t.attention_reg, context_dim=t.context_dim)
     model.build()
     if stats is not None:
         model.set_feature_stats(stats["mean"], stats["std"])
@@ -148,7 +168,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.train.seed)
-    tf.config.experimental.enable_op_determinism()
+    deterministic = use_determinism(cfg.train.deterministic)
     mixed = _use_mixed_precision(cfg.train.mixed_precision)
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
@@ -156,32 +176,39 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
-    train_ds = data.caption_pairs("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    shuffle_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+    train_ds = data.caption_pairs("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                  epoch=shuffle_epoch)
     val_ds = data.caption_pairs("val", cfg.train.batch_size, shuffle=False)
-    steps_per_epoch = math.ceil(data.pair_count("train") / cfg.train.batch_size)
+    steps_per_epoch = int(train_ds.cardinality())
     total_steps = max(steps_per_epoch * cfg.train.epochs, cfg.train.warmup_steps + 1)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=total_steps - cfg.train.warmup_steps, alpha=0.05,
         warmup_target=cfg.train.learning_rate, warmup_steps=cfg.train.warmup_steps,
     )
-    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0))
+    # jit_compile: XLA compiles the training step, once per caption-length bucket (deterministic: off).
+    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0), jit_compile=not deterministic)
 
     history_csv = out_dir / "history.csv"
     epoch_weights = ckpt_dir / "epoch-{epoch:03d}.weights.h5"
     backup = keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"), save_freq="epoch", delete_checkpoint=False)
     resumed_from = _read_history(history_csv)
-    if not finished and _epochs_without_improvement(resumed_from, cfg.train.patience) >= cfg.train.patience:
+    validation = ValidationCaptions(data, cfg.train.select_images, cfg.train.select_metric)
+    monitor = f"val_{cfg.train.select_metric}"
+    if not finished and _epochs_without_improvement(resumed_from, monitor) >= cfg.train.patience:
         finished = True  # it had stopped early before the restart: do not train on past that
     if resumed_from and (ckpt_dir / "backup").exists():
         log.info("train: resuming after epoch %d from %s", resumed_from[-1]["epoch"] + 1, store)
     else:
         log.info("train: starting afresh; checkpoints go to %s", store)
     fit_callbacks = [
+        shuffle_epoch_callback(shuffle_epoch),  # after BackupAndRestore's resume, the epoch's own order
+        caption_metric_callback(validation),  # first at epoch end: the callbacks below read its metric
         backup,
         keras.callbacks.ModelCheckpoint(str(epoch_weights), save_weights_only=True),
         keras.callbacks.CSVLogger(str(history_csv), append=True),
         save_every_epoch(store),  # after the callbacks that write the folder
-        _early_stopping(cfg.train.patience, resumed_from),
+        _early_stopping(cfg.train.patience, resumed_from, monitor),
         *(callbacks or []),
     ]
     if finished:  # trained before (a new pod's empty model folder): rebuild the model from the best epoch
@@ -193,23 +220,33 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     history = _read_history(history_csv)
     if not history:
         raise ConfigError(f"{history_csv}: training recorded no epoch")
-    best = min(history, key=lambda row: row["val_loss"])
+    best = _best_epoch(history, monitor)
     model.load_weights(str(epoch_weights).format(epoch=best["epoch"] + 1))
+    decoding_file = out_dir / "decoding.json"
+    decoding = read_json(decoding_file, "decoding chosen on validation") if decoding_file.exists() else None
+    if decoding is None:  # the best epoch's beam width and length penalty, chosen on validation
+        decoding = choose_decoding(model, validation, cfg.train.decode_beam_widths, cfg.train.decode_length_penalties)
+        write_json_atomic(decoding_file, decoding)
+        store.save()
     meta = {
         "max_length": data.max_length,
         "backbone": data.manifest["backbone"],
         "config": cfg.model_dump(mode="json"),
         "best_epoch": best["epoch"] + 1,
         "val_loss": best["val_loss"],
+        "selection": {"metric": cfg.train.select_metric, "value": best[monitor], "images": len(validation.ids)},
+        "decoding": decoding,
         "dataset_signature": signature,
     }
     save_bundle(model_dir, model, data.vocab, meta, data.root / data.manifest["backbone"]["weights_file"], history)
     metrics = {
         "epochs": len(history), "best_epoch": best["epoch"] + 1,
-        "loss": history[-1]["loss"], "val_loss": best["val_loss"],
-        "val_perplexity": math.exp(min(best["val_loss"], 50.0)),
+        "loss": history[-1]["loss"], "val_loss": best["val_loss"], monitor: best[monitor],
+        "beam_width": decoding["beam_width"],  # 1: greedy
+        "length_penalty": decoding["length_penalty"],
         "resumed_epochs": len(resumed_from),
         "parameters": int(model.count_params()),
+        "deterministic": int(deterministic), "xla": int(bool(model.jit_compile)),
     }
     write_json_atomic(done_file, {"signature": signature, "metrics": metrics})
     store.save()

@@ -1,0 +1,79 @@
+"""Choosing on validation with caption metrics: the best epoch, early stopping and the decoding.
+
+The paper selected on BLEU, not on the loss: a lower loss can still decode to worse
+captions. Every epoch the model greedily captions a fixed validation subset
+(``train.select_images``) and the subset's CIDEr (or BLEU-4: ``train.select_metric``)
+goes into the epoch's logs, so the CSV history, early stopping and W&B all see it.
+After training, beam width and length penalty are chosen the same way, on
+validation, never on test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from captioning.dataset import ProcessedDataset
+from captioning.decode import Decoder
+from captioning.metrics import metric_on, tokenize
+
+log = logging.getLogger(__name__)
+
+
+class ValidationCaptions:
+    """The first ``images`` validation images (the split is already a seeded random draw), their
+    PTB-tokenized raw references, and scoring of a model's captions on them."""
+
+    def __init__(self, data: ProcessedDataset, images: int, metric: str, batch_size: int = 128):
+        records = data.records("val")[:images]
+        self.data, self.metric, self.batch_size = data, metric, batch_size
+        self.ids = [r["image_id"] for r in records]
+        self.references = tokenize({r["image_id"]: r["references"] for r in records})
+
+    def captions(self, decoder: Decoder) -> dict[int, str]:
+        vocab = self.data.vocab
+        out = []
+        for batch in self.data.features("val").take(len(self.ids)).batch(self.batch_size):
+            out.extend(vocab.decode(row) for row in decoder(batch)[0])
+        return dict(zip(self.ids, out))
+
+    def decoder(self, model, method: str = "greedy", width: int = 1, length_penalty: float = 0.0) -> Decoder:
+        vocab = self.data.vocab
+        return Decoder(model, vocab.start_id, vocab.end_id, self.data.max_length, method, width,
+                       banned=vocab.non_words, length_penalty=length_penalty)
+
+    def score(self, decoder: Decoder) -> float:
+        return metric_on(self.references, self.captions(decoder), self.metric)
+
+
+def caption_metric_callback(validation: ValidationCaptions):
+    """Adds ``val_<metric>`` of greedy decoding to each epoch's logs; place it before the callbacks that read them."""
+    import keras
+
+    class CaptionMetric(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.decoder = validation.decoder(self.model)  # traced once, reads the weights as they train
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = validation.score(self.decoder)
+            if logs is not None:
+                logs[f"val_{validation.metric}"] = value
+            log.info("train: epoch %d, validation %s %.4f (greedy, %d images)", epoch + 1, validation.metric,
+                     value, len(validation.ids))
+
+    return CaptionMetric()
+
+
+def choose_decoding(model, validation: ValidationCaptions, widths: list[int], penalties: list[float]) -> dict:
+    """Greedy and each (beam width, length penalty) on the validation subset; the best by the metric
+    (ties: the first, so the cheaper setting)."""
+    trials = []
+    for width, penalty in [(1, 0.0), *itertools.product(sorted(w for w in set(widths) if w > 1), penalties)]:
+        method = "greedy" if width == 1 else "beam"
+        value = validation.score(validation.decoder(model, method, width, penalty))
+        trials.append({"decoder": method, "beam_width": width, "length_penalty": penalty,
+                       f"val_{validation.metric}": value})
+        log.info("train: decoding %s width %d penalty %.2f: validation %s %.4f", method, width, penalty,
+                 validation.metric, value)
+    best = max(trials, key=lambda t: t[f"val_{validation.metric}"])
+    return {**best, "metric": validation.metric, "images": len(validation.ids), "trials": trials}

@@ -33,8 +33,11 @@ def dataset(tmp_path_factory):
                         "tokens": [[1, *rng.integers(4, 20, n).tolist(), 2] for n in lengths]})
     (root / "train.json").write_text(json.dumps(records))
     Vocabulary.build([[f"w{i}"] for i in range(16)], min_count=1, max_size=20).save(root / "vocab.json")
+    (root / "feature_stats.json").write_text(json.dumps({"mean": [0.0] * CHANNELS, "std": [1.0] * CHANNELS}))
     manifest = {"format": FORMAT, "vocab": "vocab.json", "max_length": 16, "record_bytes": RECORD_BYTES,
-                "splits": {"train": {"images": IMAGES, "captions_file": "train.json", "shards": shards}}}
+                "feature_stats": "feature_stats.json",
+                "splits": {split: {"images": IMAGES, "captions_file": "train.json", "shards": shards}
+                           for split in ("train", "val")}}
     (root / "dataset.json").write_text(json.dumps(manifest))
     return ProcessedDataset.open(root)
 
@@ -126,3 +129,25 @@ def test_a_shard_of_a_partial_record_is_refused_by_name(tmp_path):
     shard.write_bytes(b"\0" * (RECORD_BYTES + 10))
     with pytest.raises(DataError, match="train-000.f16: .* not a whole number"):
         FeatureShards([str(shard)], 1)
+
+
+def test_shards_on_a_gcsfuse_mount_are_read_from_a_local_copy(dataset, tmp_path, monkeypatch):
+    """Vertex AI gives inputs as /gcs/... paths; random reads there are one range request each."""
+    import captioning.dataset as module
+
+    assert dataset.staged(tmp_path / "scratch") is dataset  # a local folder is read in place
+    monkeypatch.setattr(module, "GCSFUSE_ROOT", str(dataset.root.resolve().parent) + "/")
+    staged = dataset.staged(tmp_path / "scratch")
+    assert staged.root == tmp_path / "scratch" / "staged-features"
+    assert all(f.startswith(str(staged.root)) for f in staged.shard_files("train"))
+    assert [b.tolist() for b in batches_of(staged, 1)] == [b.tolist() for b in batches_of(dataset, 1)]
+
+
+def test_the_decodings_tried_after_training_are_not_part_of_the_checkpoint_key(dataset):
+    from captioning.config import load_config
+    from captioning.steps.train import _signature
+
+    base = load_config()
+    other_grid = load_config(overrides=["train.decode_beam_widths=[2]", "train.decode_length_penalties=[0.3]"])
+    other_model = load_config(overrides=["train.dropout=0.1"])
+    assert _signature(base, dataset) == _signature(other_grid, dataset) != _signature(other_model, dataset)

@@ -52,7 +52,12 @@ def caption_images(model_path: str | Path, images: list[str | Path], method: str
         extractor.backbone.load_weights(str(bundle.root / BACKBONE_FILE))
     except Exception as exc:
         raise ModelError(f"{bundle.root / BACKBONE_FILE}: cannot load the backbone weights: {exc}") from None
-    decoding = chosen_decoding(bundle.meta, method or "auto", beam_width or 3, 0.7)
+    decoding = chosen = chosen_decoding(bundle.meta)  # what train chose on validation
+    if method or beam_width:  # a width alone means beam search; the validated width and penalty fill the gaps
+        validated_beam = chosen["decoder"] == "beam"
+        decoding = chosen_decoding(bundle.meta, method or "beam",
+                                   beam_width or (chosen["beam_width"] if validated_beam else 3),
+                                   chosen["length_penalty"] if validated_beam else 0.7)
     decoder = Decoder(bundle.model, bundle.vocab.start_id, bundle.vocab.end_id, bundle.max_length,
                       decoding["decoder"], decoding["beam_width"], banned=bundle.vocab.non_words,
                       length_penalty=decoding["length_penalty"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+import shutil
+
 import numpy as np
 
 from captioning.errors import DataError
@@ -16,6 +19,7 @@ from captioning.text import Vocabulary
 # longest; COCO captions are 10-16 tokens long, far short of the longest.
 # process_data's output; /2: every record carries its raw COCO captions ("references") for scoring.
 FORMAT = "captioning-features/2"
+GCSFUSE_ROOT = "/gcs/"  # where Vertex AI mounts Cloud Storage in a pod
 LENGTH_BUCKETS = (8, 10, 12, 14, 16, 18, 21, 25, 30, 40)
 
 
@@ -79,7 +83,8 @@ class ProcessedDataset:
                 key = tf.stack([tf.cast(seed, tf.int64), tf.cast(tf.convert_to_tensor(epoch), tf.int64)])
                 return tf.random.experimental.index_shuffle(j, key, count - 1)
             order = order.batch(4096).map(permute).unbatch()
-        pairs = order.map(lambda j: (tf.gather(images, j), captions[j][:-1], captions[j][1:]))
+        pairs = order.map(lambda j: (tf.gather(images, j), captions[j][:-1], captions[j][1:]),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         batches = pairs.bucket_by_sequence_length(
             lambda image, inp, tgt: tf.shape(inp)[0],
             bucket_boundaries=list(LENGTH_BUCKETS),
@@ -99,6 +104,24 @@ class ProcessedDataset:
         n_batches = int(sum(-(-n // batch_size) for n in per_bucket))
         batches = batches.apply(tf.data.experimental.assert_cardinality(n_batches))
         return batches.map(with_features, num_parallel_calls=2).prefetch(2)
+
+    def staged(self, scratch: Path) -> "ProcessedDataset":
+        """This dataset with its feature shards on local disk when they are on a gcsfuse mount (Vertex AI
+        gives inputs as /gcs/...): training reads records in random order, one range request each there."""
+        if not str(self.root.resolve()).startswith(GCSFUSE_ROOT):
+            return self
+        local = Path(scratch) / "staged-features"
+        for split in self.manifest["splits"]:
+            for name in self.manifest["splits"][split]["shards"]:
+                source, target = self.root / name, local / name
+                if not target.exists() or target.stat().st_size != source.stat().st_size:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, target.with_suffix(".part"))
+                    os.replace(target.with_suffix(".part"), target)
+        for name in (self.manifest["vocab"], self.manifest["feature_stats"],
+                     *(info["captions_file"] for info in self.manifest["splits"].values()), "dataset.json"):
+            shutil.copyfile(self.root / name, local / name)
+        return ProcessedDataset(local, self.manifest, self.vocab)
 
     def pair_count(self, split: str) -> int:
         return sum(len(r["tokens"]) for r in self.records(split))

@@ -56,7 +56,9 @@ def _data_fingerprint(data: ProcessedDataset) -> str:
 
 def _signature(cfg: Config, data: ProcessedDataset) -> str:
     """The checkpoint key: training settings (not where checkpoints live), the data and the code."""
-    payload = {"train": cfg.train.model_dump(exclude={"checkpoint_dir"}), "data": _data_fingerprint(data),
+    # Not where checkpoints live, nor the decodings tried after training (decoding.json records its grid).
+    settings = cfg.train.model_dump(exclude={"checkpoint_dir", "decode_beam_widths", "decode_length_penalties"})
+    payload = {"train": settings, "data": _data_fingerprint(data),
                "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -144,12 +146,18 @@ def train(cfg: Config, dataset_dir: str | Path, work_dir: str | Path, callbacks:
     """Checkpoints and history go to ``train.checkpoint_dir`` (default ``work_dir``), in the folder of this
     run's key; the model folder to ``model_dir`` (default ``work_dir/model``)."""
     work_dir = Path(work_dir)
-    data = ProcessedDataset.open(dataset_dir)
+    data = ProcessedDataset.open(dataset_dir).staged(work_dir)
     signature = _signature(cfg, data)
     model_dir = Path(model_dir) if model_dir else work_dir / "model"
     store = CheckpointFolder(cfg.train.checkpoint_dir or work_dir, signature, work_dir)
     with file_lock(store.folder / "train"):  # runs of one key on a shared volume take turns: the second reuses the first
         return _train_keyed(cfg, data, signature, store, model_dir, callbacks)
+
+
+def _same_decoding_grid(cfg: Config, model_dir: Path) -> bool:
+    meta = model_dir / "meta.json"
+    grid = (read_json(meta, "model metadata").get("decoding") or {}).get("grid") if meta.exists() else None
+    return grid == {"beam_widths": cfg.train.decode_beam_widths, "length_penalties": cfg.train.decode_length_penalties}
 
 
 def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: CheckpointFolder, model_dir: Path,
@@ -161,7 +169,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     out_dir = store.folder
     done_file = out_dir / "train_done.json"
     finished = done_file.exists() and read_json(done_file).get("signature") == signature
-    if finished and (model_dir / MODEL_FILE).exists():
+    if finished and (model_dir / MODEL_FILE).exists() and _same_decoding_grid(cfg, model_dir):
         log.info("train: %s already holds a model of these settings and data; reusing it", model_dir)
         return StepResult(metrics={**read_json(done_file)["metrics"], "reused": True}, outputs={"model": str(model_dir)})
 
@@ -223,9 +231,10 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     best = _best_epoch(history, monitor)
     model.load_weights(str(epoch_weights).format(epoch=best["epoch"] + 1))
     decoding_file = out_dir / "decoding.json"
+    grid = {"beam_widths": cfg.train.decode_beam_widths, "length_penalties": cfg.train.decode_length_penalties}
     decoding = read_json(decoding_file, "decoding chosen on validation") if decoding_file.exists() else None
-    if decoding is None:  # the best epoch's beam width and length penalty, chosen on validation
-        decoding = choose_decoding(model, validation, cfg.train.decode_beam_widths, cfg.train.decode_length_penalties)
+    if decoding is None or decoding.get("grid") != grid:  # the best epoch's decoding, chosen on validation
+        decoding = {**choose_decoding(model, validation, grid["beam_widths"], grid["length_penalties"]), "grid": grid}
         write_json_atomic(decoding_file, decoding)
         store.save()
     meta = {

@@ -84,7 +84,7 @@ def test_kubeflow_submission_creates_the_experiment_and_a_run_of_this_pipeline(p
         assert config["pipeline_root"] == "minio://mlpipeline/captioning"
         params = config["parameters"]
         assert params["epochs"] == 2 and params["max_images"] == 5000 and params["wandb_mode"] == "offline"
-        assert params["preset"] == "coco2014" and params["units"] == 512  # the rest from the preset
+        assert params["preset"] == "coco2014" and params["units"] == 1024  # the rest from the preset (its GRU state)
         assert set(params) <= set(docs[0]["root"]["inputDefinitions"]["parameters"])
         assert f"run: {api.url}/#/runs/details/{run['run_id']}" in proc.stdout
 

@@ -51,9 +51,6 @@ class ProcessedDataset:
     def feature_stats(self) -> dict:
         return read_json(self.root / self.manifest["feature_stats"], "feature statistics")
 
-    def feature_bytes(self, split: str) -> int:
-        return self.manifest["splits"][split]["images"] * self.manifest["record_bytes"]
-
     def features(self, split: str):
         from captioning.features import read_features
 
@@ -123,8 +120,6 @@ class ProcessedDataset:
             shutil.copyfile(self.root / name, local / name)
         return ProcessedDataset(local, self.manifest, self.vocab)
 
-    def pair_count(self, split: str) -> int:
-        return sum(len(r["tokens"]) for r in self.records(split))
 
 
 class FeatureShards:

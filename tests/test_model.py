@@ -265,3 +265,26 @@ def test_train_deterministic_off_compiles_the_step_with_xla_and_on_rules_it_out(
         assert use_determinism("auto") is True  # no GPU here: deterministic
     finally:
         use_determinism("on")
+
+
+def test_one_beam_search_ranked_by_each_length_penalty_equals_a_search_per_penalty(model):
+    import tensorflow as tf
+
+    from captioning.decode import decode_all
+
+    feats = np.random.default_rng(4).standard_normal((12, 64, 2048)).astype(np.float16)
+    biased = Captioner.from_config(model.get_config())
+    biased.build()
+    biased.set_weights(model.get_weights())
+    bias = np.zeros(VOCAB, np.float32)
+    bias[END] = 2.2  # <end> about as likely as the words: beams of different lengths compete
+    biased.logits.bias.assign(bias)
+    penalties = [0.0, 0.5, 1.0, 3.0]
+    shared = Decoder(biased, START, END, max_length=8, method="beam", beam_width=4)
+    ranked = decode_all(shared, tf.data.Dataset.from_tensor_slices(feats), 5, penalties)  # batches 5, 5, 2
+    for penalty, (tokens, alphas) in zip(penalties, ranked):
+        own, own_alphas = beam(biased, feats, START, END, 8, width=4, length_penalty=penalty, banned=(START,))
+        np.testing.assert_array_equal(tokens, np.asarray(own))
+        np.testing.assert_allclose(alphas, np.asarray(own_alphas), atol=1e-6)
+    lengths = {p: (t != 0).sum(1).mean() for p, (t, _) in zip(penalties, ranked)}
+    assert lengths[3.0] > lengths[0.0], lengths  # the penalty did change the choice: longer captions

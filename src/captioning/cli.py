@@ -353,7 +353,7 @@ def image_build(
 def demo_data(
     dest: Path = typer.Argument(..., help="Folder for the mirror (COCO 2014 layout)."),
     train_images: int = typer.Option(900, min=1),
-    val_images: int = typer.Option(300, min=1),
+    val_images: int = typer.Option(210, min=1),
     seed: int = 0,
     awkward: bool = typer.Option(True, help="Include truncated, empty, CMYK, ... files."),
 ) -> None:

@@ -9,6 +9,8 @@ never chosen, whatever the model's scores for them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 from keras import ops
@@ -73,6 +75,17 @@ def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int
     Finished beams keep their score; the final choice divides each score by
     length**length_penalty so short captions are not favoured unfairly.
     """
+    tokens, alphas, scores, lengths = beam_candidates(model, features, start_id, end_id, max_length, width, banned)
+    best = ops.argmax(scores / ops.power(ops.maximum(lengths, 1.0), length_penalty), axis=1)
+    pick_best = lambda x: ops.squeeze(ops.take_along_axis(x, ops.reshape(best, (-1, 1) + (1,) * (len(x.shape) - 2)), axis=1), 1)
+    return pick_best(tokens), pick_best(alphas)
+
+
+def beam_candidates(model: Captioner, features, start_id: int, end_id: int, max_length: int, width: int = 3,
+                    banned=()):
+    """The K final beams of each image: tokens (B, K, max_length), attention (B, K, max_length, P), summed
+    log-probabilities (B, K) and lengths (B, K). The length penalty only ranks them, so one search serves
+    every penalty."""
     image, projected, state = model.encode(features)
     batch, positions = ops.shape(features)[0], ops.shape(features)[1]
     k = width
@@ -120,10 +133,7 @@ def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int
 
     _, _, _, scores, tokens, alphas, lengths, _ = ops.while_loop(
         cond, body, (0, token, state, scores, tokens, alphas, lengths, done))
-    normalised = scores / ops.power(ops.maximum(lengths, 1.0), length_penalty)
-    best = ops.argmax(normalised, axis=1)
-    pick_best = lambda x: ops.squeeze(ops.take_along_axis(x, ops.reshape(best, (-1, 1) + (1,) * (len(x.shape) - 2)), axis=1), 1)
-    return pick_best(tokens), pick_best(alphas)
+    return tokens, alphas, scores, lengths
 
 
 def chosen_decoding(meta: dict, decoder: str = "auto", beam_width: int = 3, length_penalty: float = 0.7) -> dict:
@@ -140,6 +150,23 @@ def chosen_decoding(meta: dict, decoder: str = "auto", beam_width: int = 3, leng
             "length_penalty": length_penalty if beam else 0.0, "chosen_on": "settings"}
 
 
+@dataclass
+class Candidates:
+    """Decoded captions of a batch before the length penalty ranks them (greedy: one per image)."""
+
+    tokens: np.ndarray   # (B, K, max_length)
+    alphas: np.ndarray   # (B, K, max_length, P)
+    scores: np.ndarray   # (B, K) summed log-probabilities
+    lengths: np.ndarray  # (B, K)
+
+    def best(self, length_penalty: float) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (B, max_length) and attention (B, max_length, P) of the best candidate after
+        dividing each score by length**length_penalty (ties: the first, as argmax)."""
+        best = np.argmax(self.scores / np.power(np.maximum(self.lengths, 1.0), length_penalty), axis=1)
+        rows = np.arange(len(best))
+        return self.tokens[rows, best], self.alphas[rows, best]
+
+
 class Decoder:
     """Compiled decoding for one model: ``decoder(features) -> (tokens, attention)`` as numpy."""
 
@@ -148,14 +175,39 @@ class Decoder:
                  length_penalty: float = 0.7):
         """``banned``: token ids never emitted (the vocabulary's ``non_words``; ``<start>`` always)."""
         self.model = model
+        self.length_penalty = length_penalty
         banned = tuple(sorted({start_id, *banned}))
         if method == "greedy" or beam_width == 1:
             fn = lambda feats, s, e, m: greedy(model, feats, s, e, m, banned)
         else:
-            fn = lambda feats, s, e, m: beam(model, feats, s, e, m, beam_width, length_penalty, banned=banned)
+            fn = lambda feats, s, e, m: beam_candidates(model, feats, s, e, m, beam_width, banned=banned)
+        self.beam = not (method == "greedy" or beam_width == 1)
         self._fn = _compile(fn)
         self.args = (start_id, end_id, max_length)
 
-    def __call__(self, features):
-        tokens, alphas = self._fn(ops.convert_to_tensor(features), *self.args)
-        return np.asarray(ops.convert_to_numpy(tokens)), np.asarray(ops.convert_to_numpy(alphas))
+    def candidates(self, features) -> Candidates:
+        out = [np.asarray(ops.convert_to_numpy(x)) for x in self._fn(ops.convert_to_tensor(features), *self.args)]
+        if self.beam:
+            return Candidates(*out)
+        tokens, alphas = out
+        ones = np.ones((len(tokens), 1), np.float32)
+        return Candidates(tokens[:, None], alphas[:, None], 0 * ones, ones)
+
+    def __call__(self, features, length_penalty: float | None = None):
+        """Tokens (B, max_length) and attention (B, max_length, P); ``length_penalty`` overrides the decoder's."""
+        return self.candidates(features).best(self.length_penalty if length_penalty is None else length_penalty)
+
+
+def decode_all(decoder: Decoder, features, batch_size: int, length_penalties=(None,)):
+    """Decode an unbatched tf.data dataset of feature grids, batch by batch, searching once for every
+    length penalty (None: the decoder's own). Per penalty: tokens (N, max_length) and attention
+    (N, max_length, P) of each image, in dataset order."""
+    out = [([], []) for _ in length_penalties]
+    for batch in features.batch(batch_size):
+        candidates = decoder.candidates(batch)
+        for (tokens, alphas), penalty in zip(out, length_penalties):
+            best_tokens, best_alphas = candidates.best(decoder.length_penalty if penalty is None else penalty)
+            tokens.append(best_tokens)
+            alphas.append(best_alphas)
+    return [(np.concatenate(t), np.concatenate(a)) if t else (np.zeros((0, 0), np.int32), np.zeros((0, 0, 0)))
+            for t, a in out]

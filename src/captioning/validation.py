@@ -10,11 +10,10 @@ validation, never on test.
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 from captioning.dataset import ProcessedDataset
-from captioning.decode import Decoder
+from captioning.decode import Decoder, decode_all
 from captioning.metrics import metric_on, tokenize
 
 log = logging.getLogger(__name__)
@@ -30,20 +29,21 @@ class ValidationCaptions:
         self.ids = [r["image_id"] for r in records]
         self.references = tokenize({r["image_id"]: r["references"] for r in records})
 
-    def captions(self, decoder: Decoder) -> dict[int, str]:
-        vocab = self.data.vocab
-        out = []
-        for batch in self.data.features("val").take(len(self.ids)).batch(self.batch_size):
-            out.extend(vocab.decode(row) for row in decoder(batch)[0])
-        return dict(zip(self.ids, out))
+    def captions(self, decoder: Decoder, length_penalties=(None,)) -> list[dict[int, str]]:
+        """The subset's captions for each length penalty (None: the decoder's own), from one search."""
+        decoded = decode_all(decoder, self.data.features("val").take(len(self.ids)), self.batch_size,
+                             length_penalties)
+        return [dict(zip(self.ids, map(self.data.vocab.decode, tokens))) for tokens, _ in decoded]
 
     def decoder(self, model, method: str = "greedy", width: int = 1, length_penalty: float = 0.0) -> Decoder:
         vocab = self.data.vocab
         return Decoder(model, vocab.start_id, vocab.end_id, self.data.max_length, method, width,
                        banned=vocab.non_words, length_penalty=length_penalty)
 
-    def score(self, decoder: Decoder) -> float:
-        return metric_on(self.references, self.captions(decoder), self.metric)
+    def score(self, decoder: Decoder, length_penalties=(None,)) -> list[float]:
+        """The metric of the subset's captions, for each length penalty."""
+        return [metric_on(self.references, captions, self.metric)
+                for captions in self.captions(decoder, length_penalties)]
 
 
 def caption_metric_callback(validation: ValidationCaptions):
@@ -55,7 +55,7 @@ def caption_metric_callback(validation: ValidationCaptions):
             self.decoder = validation.decoder(self.model)  # traced once, reads the weights as they train
 
         def on_epoch_end(self, epoch, logs=None):
-            value = validation.score(self.decoder)
+            [value] = validation.score(self.decoder)
             if logs is not None:
                 logs[f"val_{validation.metric}"] = value
             log.info("train: epoch %d, validation %s %.4f (greedy, %d images)", epoch + 1, validation.metric,
@@ -68,12 +68,14 @@ def choose_decoding(model, validation: ValidationCaptions, widths: list[int], pe
     """Greedy and each (beam width, length penalty) on the validation subset; the best by the metric
     (ties: the first, so the cheaper setting)."""
     trials = []
-    for width, penalty in [(1, 0.0), *itertools.product(sorted(w for w in set(widths) if w > 1), penalties)]:
+    searches = [(1, [0.0])] + [(width, list(penalties)) for width in sorted(w for w in set(widths) if w > 1)]
+    for width, width_penalties in searches:  # one search per width, ranked by every penalty
         method = "greedy" if width == 1 else "beam"
-        value = validation.score(validation.decoder(model, method, width, penalty))
-        trials.append({"decoder": method, "beam_width": width, "length_penalty": penalty,
-                       f"val_{validation.metric}": value})
-        log.info("train: decoding %s width %d penalty %.2f: validation %s %.4f", method, width, penalty,
-                 validation.metric, value)
+        values = validation.score(validation.decoder(model, method, width), width_penalties)
+        for penalty, value in zip(width_penalties, values):
+            trials.append({"decoder": method, "beam_width": width, "length_penalty": penalty,
+                           f"val_{validation.metric}": value})
+            log.info("train: decoding %s width %d penalty %.2f: validation %s %.4f", method, width, penalty,
+                     validation.metric, value)
     best = max(trials, key=lambda t: t[f"val_{validation.metric}"])
     return {**best, "metric": validation.metric, "images": len(validation.ids), "trials": trials}

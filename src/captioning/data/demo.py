@@ -186,7 +186,7 @@ def write_coco_mirror(
     dest: str | Path,
     *,
     train_images: int = 900,
-    val_images: int = 300,
+    val_images: int = 210,
     seed: int = 0,
     awkward: bool = True,
     image_size: tuple[int, int] = (640, 480),

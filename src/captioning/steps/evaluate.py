@@ -15,7 +15,7 @@ from captioning.bundle import load_bundle
 from captioning.config import Config
 from captioning.data.demo import scene_accuracy
 from captioning.dataset import ProcessedDataset
-from captioning.decode import Decoder, chosen_decoding
+from captioning.decode import Decoder, chosen_decoding, decode_all
 from captioning.io import write_json_atomic
 from captioning.metrics import caption_cider, score
 from captioning.steps.result import StepResult
@@ -25,14 +25,8 @@ log = logging.getLogger(__name__)
 
 def caption_split(decoder: Decoder, data: ProcessedDataset, split: str, batch_size: int, vocab):
     """Captions, attention and the token of each step for every image of a split, in record order."""
-    captions, attention, steps = [], [], []
-    for batch in data.features(split).batch(batch_size):
-        tokens, alphas = decoder(batch)
-        for row, alpha in zip(tokens, alphas):
-            captions.append(vocab.decode(row))
-            attention.append(alpha)
-            steps.append(vocab.step_words(row))
-    return captions, attention, steps
+    [(tokens, alphas)] = decode_all(decoder, data.features(split), batch_size)
+    return [vocab.decode(row) for row in tokens], list(alphas), [vocab.step_words(row) for row in tokens]
 
 
 def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path) -> StepResult:

@@ -86,3 +86,42 @@ def test_override_syntax_errors():
         load_config(overrides=["epochs=3"])
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(preset="imagenet")
+
+
+@pytest.mark.parametrize("setting, problem", [
+    ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+    ("promote.margin=.nan", "promote.margin: Input should be a finite number"),
+    ("promote.min_metric=-.inf", "promote.min_metric: Input should be a finite number"),
+    ("data.timeout_s=.inf", "data.timeout_s: Input should be a finite number"),
+    ("features.seed=-1", "features.seed: Input should be greater than or equal to 0"),
+    ("train.seed=4294967296", "train.seed: Input should be less than or equal to 2147483647"),
+    ("data.seed=-5", "data.seed: Input should be greater than or equal to 0"),
+    ("train.units=10000000", "train.units: Input should be less than or equal to 8192"),
+    ("train.embedding_dim=100000", "train.embedding_dim: Input should be less than or equal to 4096"),
+    ("data.max_images=100000000", "data.max_images: Input should be less than or equal to 10000000"),
+    ("evaluate.batch_size=100000", "evaluate.batch_size: Input should be less than or equal to 4096"),
+    ("train.decode_length_penalties=[.nan]", "train.decode_length_penalties.0"),
+])
+def test_settings_that_cannot_work_are_refused_naming_the_key(setting, problem):
+    """Issue 14, point 4: finite numbers only, seeds in range, sizes a GPU can hold."""
+    with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
+        load_config(overrides=[setting])
+
+
+def test_a_refused_setting_exits_2_before_any_work(tmp_path):
+    from conftest import captioning_cli
+
+    proc = captioning_cli("run", "--workdir", str(tmp_path / "work"), "--set", "train.learning_rate=.inf")
+    assert proc.returncode == 2
+    assert "train.learning_rate: Input should be a finite number (got inf)" in proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_json_outputs_never_hold_nan_or_infinity(tmp_path):
+    import json
+
+    from captioning.io import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "m.json", {"CIDEr": float("nan"), "rows": [1.5, float("inf")], "n": 3})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"wrote {c}")) == {
+        "CIDEr": None, "rows": [1.5, None], "n": 3}

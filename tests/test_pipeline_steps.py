@@ -137,6 +137,35 @@ def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
                 model_dir, better, registry, tmp_path / "p3")
 
 
+def test_a_non_finite_loss_stops_training_with_a_clear_error_and_nothing_is_promoted(pipeline_run, tmp_path):
+    """Issue 14, point 4: NaN features (a damaged shard of the right size) make the loss NaN in the first
+    batch; train stops naming the epoch and batch and keeps no model; promote refuses a non-finite metric."""
+    import shutil
+
+    import numpy as np
+
+    from captioning.errors import DataError, TrainingError
+    from captioning.steps.promote import promote
+    from captioning.steps.train import train
+
+    work, cfg = pipeline_run["work"], pipeline_run["cfg"]
+    data = tmp_path / "train_data"
+    shutil.copytree(work / "processed" / "train", data)
+    for shard in (data / "features").glob("train-*.f16"):
+        shard.write_bytes(np.full(shard.stat().st_size // 2, np.nan, np.float16).tobytes())
+    with pytest.raises(TrainingError, match=r"the training loss became nan at epoch 1, batch 1; lower train.learning_rate"):
+        train(cfg, data, tmp_path / "work", model_dir=tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    assert not list((tmp_path / "work").glob("train-*/checkpoints/epoch-*"))
+
+    nan_metrics = tmp_path / "metrics.json"
+    nan_metrics.write_text('{"metrics": {"CIDEr": NaN}}')  # what json.dumps wrote before outputs were made finite
+    model_dir = pipeline_run["summary"]["steps"]["train"]["outputs"]["model"]
+    with pytest.raises(DataError, match="metrics.json: CIDEr is nan, not a finite number; refusing to promote"):
+        promote(cfg, model_dir, nan_metrics, tmp_path / "registry", tmp_path / "promote")
+    assert not (tmp_path / "registry").exists()
+
+
 def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
     from captioning.data.demo import draw_scene
     import random

@@ -25,8 +25,17 @@ COCO_BASE_URL = "http://images.cocodataset.org"
 DEMO_SOURCE = "demo"
 
 
+# Seeds every library takes (NumPy's legacy seed and TensorFlow's are below 2**32; Python's int range is wider).
+MAX_SEED = 2**31 - 1
+
+
+def Seed(description: str):  # noqa: N802 - a Field factory, read like a type
+    return Field(0, ge=0, le=MAX_SEED, description=description)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Finite numbers only: an inf learning rate or a NaN margin validates nowhere.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -48,17 +57,17 @@ class DataConfig(Section):
     )
     verify_sha256: bool = Field(True, description="Check the archives against data.sha256; false for a "
                                 "mirror serving other archives than the preset's (its checksums are still recorded).")
-    max_images: int | None = Field(None, gt=0, description="Seeded subset size; null keeps all images.")
-    seed: int = Field(0, description="Seed of the subset and of the split.")
+    max_images: int | None = Field(None, gt=0, le=10_000_000, description="Seeded subset size; null keeps all images.")
+    seed: int = Seed("Seed of the subset and of the split.")
     val_images: int | None = Field(
-        None, ge=1, description="Validation images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
+        None, ge=1, le=1_000_000, description="Validation images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
     )
     test_images: int | None = Field(
-        None, ge=1, description="Test images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
+        None, ge=1, le=1_000_000, description="Test images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
     )
     retries: int = Field(5, ge=0, le=100, description="Retries of a failed transfer (each resumes).")
-    retry_backoff_s: float = Field(1.0, ge=0, description="First back-off; doubles each retry.")
-    timeout_s: float = Field(60.0, gt=0, description="Socket timeout of one request.")
+    retry_backoff_s: float = Field(1.0, ge=0, le=600, description="First back-off; doubles each retry.")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Socket timeout of one request.")
     download_cache: str | None = Field(
         None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); "
         "null: the step's own output folder.")
@@ -97,15 +106,15 @@ class FeaturesConfig(Section):
     weights: str = Field(
         "imagenet", description="InceptionV3 weights: 'imagenet', 'none' (random init) or a path to a .weights.h5/.h5 file."
     )
-    seed: int = Field(0, description="Initialisation seed when weights is 'none', so restarts reproduce the features.")
+    seed: int = Seed("Initialisation seed when weights is 'none', so restarts reproduce the features.")
     batch_size: int = Field(64, ge=1, le=4096)
-    shard_images: int = Field(1000, ge=1, description="Images per feature shard (the unit of resume).")
+    shard_images: int = Field(1000, ge=1, le=100_000, description="Images per feature shard (the unit of resume).")
     image_size: Literal[299] = 299
 
 
 class TextConfig(Section):
-    min_count: int = Field(5, ge=1, description="Words seen fewer times become <unk>.")
-    max_vocab: int = Field(10000, ge=10, description="Vocabulary cap, special tokens included.")
+    min_count: int = Field(5, ge=1, le=1_000_000, description="Words seen fewer times become <unk>.")
+    max_vocab: int = Field(10000, ge=10, le=200_000, description="Vocabulary cap, special tokens included.")
     max_length_percentile: float = Field(
         99.0, gt=0, le=100, description="Longest caption kept, as a percentile of training caption lengths."
     )
@@ -118,23 +127,24 @@ class TrainConfig(Section):
     batch_size: int = Field(256, ge=1, le=8192)
     # The paper's sizes (embedding 512; its LSTM had 1,000-1,800 units; a GRU of 1,024 here) and a
     # context at the paper's feature width (512), projected from InceptionV3's 2,048 channels.
-    embedding_dim: int = Field(512, ge=8)
-    units: int = Field(1024, ge=8)
-    context_dim: int = Field(512, ge=8, description="Width of the image annotations the attention reads.")
+    # Upper bounds a single GPU holds (units 8192: a GRU of ~0.3 G parameters).
+    embedding_dim: int = Field(512, ge=8, le=4096)
+    units: int = Field(1024, ge=8, le=8192)
+    context_dim: int = Field(512, ge=8, le=4096, description="Width of the image annotations the attention reads.")
     dropout: float = Field(0.5, ge=0, lt=1, description="On the state and the deep output, as in the paper.")
-    attention_reg: float = Field(1.0, ge=0, description="Doubly-stochastic attention weight λ (0 turns it off).")
-    learning_rate: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(200, ge=0)
-    patience: int = Field(3, ge=1, description="Early stopping: epochs without a better selection metric.")
+    attention_reg: float = Field(1.0, ge=0, le=100, description="Doubly-stochastic attention weight λ (0 turns it off).")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0)
+    warmup_steps: int = Field(200, ge=0, le=1_000_000)
+    patience: int = Field(3, ge=1, le=10_000, description="Early stopping: epochs without a better selection metric.")
     select_metric: Literal["CIDEr", "BLEU-4"] = Field(
         "CIDEr", description="Chooses the best epoch, stops early and chooses the decoding: this metric of the "
         "model's captions on the validation subset (the paper selected on BLEU).")
-    select_images: int = Field(1000, ge=1, description="Validation images captioned for the selection metric.")
+    select_images: int = Field(1000, ge=1, le=100_000, description="Validation images captioned for the selection metric.")
     decode_beam_widths: list[Annotated[int, Field(ge=1, le=20)]] = Field(
         default_factory=lambda: [3, 5], description="Beam widths tried on validation after training (greedy too).")
     decode_length_penalties: list[Annotated[float, Field(ge=0, le=5)]] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0], description="Length penalties tried with each beam width.")
-    seed: int = 0
+    seed: int = Seed("Initialisation, dropout and shuffling.")
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     deterministic: Literal["auto", "on", "off"] = Field(
         "auto", description="Deterministic ops (same weights run to run) without XLA, or XLA-compiled steps; "
@@ -159,14 +169,14 @@ class EvaluateConfig(Section):
         "auto", description="auto: the decoding train chose on validation; greedy or beam: as set here.")
     beam_width: int = Field(3, ge=1, le=20, description="With decoder=beam.")
     length_penalty: float = Field(0.7, ge=0, le=5, description="With decoder=beam: scores divided by length**this.")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, le=4096)
     attention_samples: int = Field(4, ge=0, le=ATTENTION_SAMPLE_LIMIT,
                                    description="Test images that get an attention figure.")
 
 
 class PromoteConfig(Section):
     metric: str = Field("CIDEr", description="The evaluate metric that decides: BLEU-1..4, METEOR, ROUGE-L or CIDEr.")
-    margin: float = Field(0.0, ge=0, description="Promote only when candidate > production + margin.")
+    margin: float = Field(0.0, ge=0, le=1000, description="Promote only when candidate > production + margin.")
     alias: str = "production"
     collection: str = Field("captioning-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             description="Registry collection the model is linked into.")

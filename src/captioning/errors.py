@@ -23,3 +23,7 @@ class DataError(CaptioningError):
 
 class SubmitError(CaptioningError):
     """A pipeline package or a submission a backend (Kubeflow, Vertex AI) refused."""
+
+
+class TrainingError(CaptioningError):
+    """Training went wrong in a way more epochs cannot fix (a non-finite loss)."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 
 from captioning.config import Config
-from captioning.errors import ConfigError
+from captioning.errors import ConfigError, DataError
 from captioning.io import read_json, write_json_atomic
 from captioning.steps.result import StepResult
 
@@ -75,7 +76,9 @@ def promote(cfg: Config, model_dir: str | Path, metrics_file: str | Path, regist
     if name not in metrics:
         raise ConfigError(f"promote.metric={name!r}: not among the evaluated metrics ({', '.join(sorted(metrics))})")
     registry = LocalRegistry(Path(registry_dir), cfg.promote.collection)
-    candidate = float(metrics[name])
+    candidate = metrics[name]
+    if not isinstance(candidate, (int, float)) or not math.isfinite(candidate):
+        raise DataError(f"{metrics_file}: {name} is {candidate!r}, not a finite number; refusing to promote")
     holder = registry.holder(cfg.promote.alias)
     production = float(holder[1]["metrics"][name]) if holder and name in holder[1].get("metrics", {}) else None
     model_digest = _digest(model_dir / "captioner.keras")

@@ -23,7 +23,7 @@ from captioning.checkpoints import CheckpointFolder, save_every_epoch
 from captioning.config import Config
 from captioning.dataset import ProcessedDataset, shuffle_epoch_callback
 from captioning.validation import ValidationCaptions, caption_metric_callback, choose_decoding
-from captioning.errors import ConfigError
+from captioning.errors import ConfigError, TrainingError
 from captioning.io import file_lock, read_json, write_json_atomic
 from captioning.steps.result import StepResult
 
@@ -91,6 +91,25 @@ def _early_stopping(patience: int, history: list[dict], monitor: str):
                 self.wait = _epochs_without_improvement(history, monitor)
 
     return ResumedEarlyStopping(monitor=monitor, mode="max", patience=patience)
+
+
+def _stop_on_non_finite_loss(out_dir: Path):
+    import keras
+
+    class StopOnNonFiniteLoss(keras.callbacks.Callback):
+        """Keras' TerminateOnNaN only stops quietly, and the run would then save and promote a broken model."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingError(
+                    f"{out_dir}: the training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}; "
+                    "lower train.learning_rate or check the features (process_data's feature_stats.json)")
+
+    return StopOnNonFiniteLoss()
 
 
 def _use_mixed_precision(setting: str) -> bool:
@@ -210,6 +229,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     else:
         log.info("train: starting afresh; checkpoints go to %s", store)
     fit_callbacks = [
+        _stop_on_non_finite_loss(out_dir),  # first: no later callback saves a non-finite epoch
         shuffle_epoch_callback(shuffle_epoch),  # after BackupAndRestore's resume, the epoch's own order
         caption_metric_callback(validation),  # first at epoch end: the callbacks below read its metric
         backup,

@@ -22,3 +22,22 @@ def test_demo_beats_the_blind_baseline_twice_over(tmp_path):
     assert summary["steps"]["promote"]["metrics"]["promoted"] is True
     assert summary["steps"]["process_data"]["metrics"]["skipped_files"] == 4
     assert summary["config"]["wandb"]["mode"] == "offline"
+
+
+def test_a_demo_mirror_of_other_sizes_is_written_again_not_reused(tmp_path, monkeypatch):
+    """An old work dir keeps the mirror an earlier version wrote; the sizes in its marker tell it apart.
+    (write_coco_mirror stubbed: only the decision is under test, the real writer runs in the demo test.)"""
+    import json
+
+    from captioning.data import demo
+    from captioning.steps.log_raw_data import demo_mirror
+
+    calls = []
+    monkeypatch.setattr(demo, "write_coco_mirror", lambda root: calls.append(root) or {
+        "train_images": demo.DEMO_TRAIN_IMAGES, "val_images": demo.DEMO_VAL_IMAGES})
+    root = tmp_path / "demo-mirror"
+    root.mkdir()
+    (root / ".complete").write_text(json.dumps({"train_images": 900, "val_images": 300}))
+    demo_mirror(tmp_path)
+    demo_mirror(tmp_path)
+    assert calls == [root]  # rewritten once, then reused

@@ -279,7 +279,7 @@ def test_one_beam_search_ranked_by_each_length_penalty_equals_a_search_per_penal
     bias = np.zeros(VOCAB, np.float32)
     bias[END] = 2.2  # <end> about as likely as the words: beams of different lengths compete
     biased.logits.bias.assign(bias)
-    penalties = [0.0, 0.5, 1.0, 3.0]
+    penalties = [0.0, 0.5, 0.7, 1.0, 3.0]
     shared = Decoder(biased, START, END, max_length=8, method="beam", beam_width=4)
     ranked = decode_all(shared, tf.data.Dataset.from_tensor_slices(feats), 5, penalties)  # batches 5, 5, 2
     for penalty, (tokens, alphas) in zip(penalties, ranked):

@@ -14,6 +14,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from captioning import DEFAULT_IMAGE
+from captioning.data.demo import DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
 from captioning.errors import CaptioningError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -352,8 +353,8 @@ def image_build(
 @app.command("demo-data")
 def demo_data(
     dest: Path = typer.Argument(..., help="Folder for the mirror (COCO 2014 layout)."),
-    train_images: int = typer.Option(900, min=1),
-    val_images: int = typer.Option(210, min=1),
+    train_images: int = typer.Option(DEMO_TRAIN_IMAGES, min=1),
+    val_images: int = typer.Option(DEMO_VAL_IMAGES, min=1),
     seed: int = 0,
     awkward: bool = typer.Option(True, help="Include truncated, empty, CMYK, ... files."),
 ) -> None:

@@ -70,15 +70,14 @@ def greedy(model: Captioner, features, start_id: int, end_id: int, max_length: i
 
 def beam(model: Captioner, features, start_id: int, end_id: int, max_length: int, width: int = 3,
          length_penalty: float = 0.7, banned=()):
-    """Beam search for a batch; returns the best beam's tokens (B, max_length) and attention (B, max_length, P).
+    """Beam search for a batch (eagerly; ``Decoder`` compiles it); returns the best beam's tokens
+    (B, max_length) and attention (B, max_length, P), as numpy.
 
     Finished beams keep their score; the final choice divides each score by
     length**length_penalty so short captions are not favoured unfairly.
     """
-    tokens, alphas, scores, lengths = beam_candidates(model, features, start_id, end_id, max_length, width, banned)
-    best = ops.argmax(scores / ops.power(ops.maximum(lengths, 1.0), length_penalty), axis=1)
-    pick_best = lambda x: ops.squeeze(ops.take_along_axis(x, ops.reshape(best, (-1, 1) + (1,) * (len(x.shape) - 2)), axis=1), 1)
-    return pick_best(tokens), pick_best(alphas)
+    found = beam_candidates(model, features, start_id, end_id, max_length, width, banned)
+    return Candidates(*(np.asarray(ops.convert_to_numpy(x)) for x in found)).best(length_penalty)
 
 
 def beam_candidates(model: Captioner, features, start_id: int, end_id: int, max_length: int, width: int = 3,
@@ -162,7 +161,11 @@ class Candidates:
     def best(self, length_penalty: float) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (B, max_length) and attention (B, max_length, P) of the best candidate after
         dividing each score by length**length_penalty (ties: the first, as argmax)."""
-        best = np.argmax(self.scores / np.power(np.maximum(self.lengths, 1.0), length_penalty), axis=1)
+        if self.tokens.shape[1] == 1:  # greedy
+            return self.tokens[:, 0], self.alphas[:, 0]
+        # float64: one ranking, whatever the backend's float32 power would round to
+        lengths = np.maximum(self.lengths.astype(np.float64), 1.0)
+        best = np.argmax(self.scores.astype(np.float64) / np.power(lengths, length_penalty), axis=1)
         rows = np.arange(len(best))
         return self.tokens[rows, best], self.alphas[rows, best]
 
@@ -209,5 +212,5 @@ def decode_all(decoder: Decoder, features, batch_size: int, length_penalties=(No
             best_tokens, best_alphas = candidates.best(decoder.length_penalty if penalty is None else penalty)
             tokens.append(best_tokens)
             alphas.append(best_alphas)
-    return [(np.concatenate(t), np.concatenate(a)) if t else (np.zeros((0, 0), np.int32), np.zeros((0, 0, 0)))
-            for t, a in out]
+    empty = (np.zeros((0, decoder.args[2]), np.int32), np.zeros((0, decoder.args[2], 0), np.float32))
+    return [(np.concatenate(t), np.concatenate(a)) if t else empty for t, a in out]

@@ -68,7 +68,8 @@ def choose_decoding(model, validation: ValidationCaptions, widths: list[int], pe
     """Greedy and each (beam width, length penalty) on the validation subset; the best by the metric
     (ties: the first, so the cheaper setting)."""
     trials = []
-    searches = [(1, [0.0])] + [(width, list(penalties)) for width in sorted(w for w in set(widths) if w > 1)]
+    beams = sorted(w for w in set(widths) if w > 1) if penalties else []
+    searches = [(1, [0.0])] + [(width, list(penalties)) for width in beams]
     for width, width_penalties in searches:  # one search per width, ranked by every penalty
         method = "greedy" if width == 1 else "beam"
         values = validation.score(validation.decoder(model, method, width), width_penalties)

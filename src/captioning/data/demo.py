@@ -182,11 +182,15 @@ def scene_accuracy(predictions: dict, references: dict) -> dict[str, float] | No
             "two_object_scenes_correct": share(right["two"]), "two_object_scenes": len(right["two"])}
 
 
+# The demo's size: val2014 holds the 100 validation and 100 test images and 10 more that train.
+DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES = 900, 210
+
+
 def write_coco_mirror(
     dest: str | Path,
     *,
-    train_images: int = 900,
-    val_images: int = 210,
+    train_images: int = DEMO_TRAIN_IMAGES,
+    val_images: int = DEMO_VAL_IMAGES,
     seed: int = 0,
     awkward: bool = True,
     image_size: tuple[int, int] = (640, 480),

@@ -63,11 +63,16 @@ def _progress_bar():
 
 def demo_mirror(scratch: Path) -> Path:
     """Write the synthetic COCO-layout mirror once, in the step's scratch folder (never an artifact)."""
-    from captioning.data.demo import write_coco_mirror
+    from captioning.data.demo import DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, write_coco_mirror
 
     root = scratch / "demo-mirror"
     marker = root / ".complete"
-    if not marker.exists():
+    try:
+        written = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        written = {}
+    # A mirror another version wrote (other sizes) is written again, not reused.
+    if (written.get("train_images"), written.get("val_images")) != (DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES):
         info = write_coco_mirror(root)
         marker.write_text(json.dumps(info))
     return root

@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def small_mirror(tmp_path_factory) -> dict:
-    """A small COCO-layout mirror with every awkward input, written once per session."""
+    """A small COCO-layout mirror with every awkward and hostile input, written once per session."""
     from captioning.data.demo import write_coco_mirror
 
     root = tmp_path_factory.mktemp("mirror")
-    return write_coco_mirror(root, train_images=40, val_images=30, seed=3, awkward=True)
+    return write_coco_mirror(root, train_images=40, val_images=30, seed=3, awkward=True, hostile=True)
 
 
 @pytest.fixture

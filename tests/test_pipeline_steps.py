@@ -186,8 +186,21 @@ def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
     out = tmp_path / "att2"
     proc = captioning_cli("caption", "--model", model_dir, str(png), str(bad), "--attention-png", str(out))
     assert proc.returncode == 2
-    assert f"{bad}: cannot decode the image" in proc.stderr
+    assert f"{bad}: cannot caption it: unreadable image header" in proc.stderr
     assert not out.exists()  # nothing written when one input is bad
+
+    from captioning.data.demo import png_declaring
+
+    bomb, cut = tmp_path / "bomb.png", tmp_path / "cut.png"
+    bomb.write_bytes(png_declaring(9000, 9000))  # 69 bytes declaring 81 megapixels
+    cut.write_bytes(png.read_bytes()[:-200])  # a sane header, a broken body: the decoder's own error
+    for path, why in ((bomb, "cannot caption it: decompression bomb: declares 9000x9000 pixels, more than "
+                             "features.max_image_pixels=50000000"),
+                      (cut, "cannot decode the image (truncated or corrupt image")):
+        proc = captioning_cli("caption", "--model", model_dir, str(path))
+        assert proc.returncode == 2, proc.stderr
+        (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # one line
+        assert error.startswith(f"error: {path}: {why}") and "Traceback" not in proc.stderr
 
     proc = captioning_cli("caption", "--model", str(tmp_path), str(png))
     assert proc.returncode == 2 and "not a captioning model (no captioner.keras)" in proc.stderr
@@ -347,7 +360,7 @@ def test_tables_history_and_pictures(wandb_runs):
     assert {"samples._type", "skipped_files.nrows"} <= process_keys
     skipped = next(r["history"]["item"] for r in wandb_runs["process_data"]["records"]
                    if r["type"] == "history" and "skipped_files.nrows" in r["history"]["item"])
-    assert skipped["skipped_files.nrows"] == 4
+    assert skipped["skipped_files.nrows"] == 6  # the 4 awkward files, the decompression bomb and the TIFF
     train_keys = _history_keys(wandb_runs["train"])
     assert {"batch/loss", "epoch/loss", "epoch/val_loss", "epoch/val_CIDEr", "epoch/learning_rate",
             "examples._type"} <= train_keys

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from captioning.bundle import BACKBONE_FILE, ModelError, load_bundle
+from captioning.config import MAX_IMAGE_PIXELS
 from captioning.errors import CaptioningError
 
 
@@ -19,20 +20,31 @@ class Captioned:
     attention: np.ndarray  # (len(words), 64)
 
 
-def _load_images(paths: list[Path], image_size: int):
+def _load_images(paths: list[Path], image_size: int, max_pixels: int):
+    """Every image checked (header first, then decoded) before any work; one line naming the file if not."""
     import tensorflow as tf
 
     from captioning.data.archive import FolderImages
-    from captioning.features import decode_and_resize, why_unreadable
+    from captioning.features import decode_and_resize, image_problem, why_unreadable
 
     images = []
     for path in paths:
-        if not path.is_file():
-            raise CaptioningError(f"{path}: no such image file")
         try:
-            images.append(decode_and_resize(tf.io.read_file(str(path)), image_size))
-        except tf.errors.InvalidArgumentError:
-            raise CaptioningError(f"{path}: cannot decode the image ({why_unreadable(FolderImages(), str(path))})") from None
+            data = path.read_bytes()
+        except IsADirectoryError:
+            raise CaptioningError(f"{path}: a directory, not an image file") from None
+        except FileNotFoundError:
+            raise CaptioningError(f"{path}: no such image file") from None
+        except OSError as exc:
+            raise CaptioningError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+        problem = image_problem(data, max_pixels)
+        if problem:
+            raise CaptioningError(f"{path}: cannot caption it: {problem}")
+        try:
+            images.append(decode_and_resize(tf.constant(data), image_size))
+        except tf.errors.OpError:
+            why = why_unreadable(FolderImages(), str(path), max_pixels)
+            raise CaptioningError(f"{path}: cannot decode the image ({why})") from None
     return tf.stack(images)
 
 
@@ -45,7 +57,8 @@ def caption_images(model_path: str | Path, images: list[str | Path], method: str
     backbone = bundle.meta["backbone"]
     image_size = int(backbone.get("image_size", 299))
     paths = [Path(p) for p in images]
-    pixels = _load_images(paths, image_size)  # every image is checked before any work is done
+    max_pixels = int(bundle.meta.get("config", {}).get("features", {}).get("max_image_pixels", MAX_IMAGE_PIXELS))
+    pixels = _load_images(paths, image_size, max_pixels)  # every image is checked before any work is done
 
     extractor = FeatureExtractor("none", image_size)
     try:

@@ -102,6 +102,10 @@ class DataConfig(Section):
         return value.rstrip("/") if value != "/" else value
 
 
+# COCO's largest pictures are 640x640; 50 megapixels (8660x5773) decode in about 150 MB.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
 class FeaturesConfig(Section):
     weights: str = Field(
         "imagenet", description="InceptionV3 weights: 'imagenet', 'none' (random init) or a path to a .weights.h5/.h5 file."
@@ -110,6 +114,8 @@ class FeaturesConfig(Section):
     batch_size: int = Field(64, ge=1, le=4096)
     shard_images: int = Field(1000, ge=1, le=100_000, description="Images per feature shard (the unit of resume).")
     image_size: Literal[299] = 299
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=500_000_000, description=(
+        "Images whose header declares more pixels are skipped, with the reason, before anything decodes them."))
 
 
 class TextConfig(Section):

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from captioning.config import MAX_IMAGE_PIXELS
 from captioning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,44 @@ class FeatureExtractor:
         return self._embed(images)
 
 
-def why_unreadable(source, key: str) -> str:
-    """A human reason for an image the decoder refused (looked at only on failure)."""
+# What tf.io.decode_image reads; anything else is refused by name before decoding.
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+
+
+def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """Why these bytes are not an image to hand to the decoder, from the header alone (nothing is
+    decoded, so a 20000x20000 declaration costs nothing); None when they are."""
+    import warnings
     from io import BytesIO
 
     from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "empty file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(BytesIO(data)) as image:  # reads the header only
+                fmt, (width, height) = image.format, image.size
+    except Image.DecompressionBombError as exc:
+        return f"decompression bomb: {exc}"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as exc:  # noqa: BLE001 - any header a plugin cannot parse
+        return f"unreadable image header: {type(exc).__name__}: {exc}"
+    if fmt not in DECODABLE_FORMATS:
+        return f"a {fmt} image; only {', '.join(DECODABLE_FORMATS)} are read"
+    if width * height > max_pixels:
+        return (f"decompression bomb: declares {width}x{height} pixels, more than "
+                f"features.max_image_pixels={max_pixels}")
+    return None
+
+
+def why_unreadable(source, key: str, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
+    """A human reason for an image the decoder refused or was never given (looked at only on failure)."""
+    from io import BytesIO
+
+    from PIL import Image
 
     from captioning.errors import DataError
 
@@ -113,15 +147,16 @@ def why_unreadable(source, key: str) -> str:
         return "missing file"
     except DataError as exc:
         return f"unreadable archive entry: {exc}"
-    if not data:
-        return "empty file"
-    try:
+    except OSError as exc:
+        return f"unreadable file: {exc.strerror or exc}"
+    problem = image_problem(data, max_pixels)
+    if problem:
+        return problem
+    try:  # the header was sane and small: a full decode is safe
         with Image.open(BytesIO(data)) as image:
             fmt = image.format
             image.load()
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, SyntaxError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the reason names it
         return f"truncated or corrupt image: {exc}"
     return f"{fmt} image the decoder cannot read"
 
@@ -179,9 +214,10 @@ def _finished(out_dir: Path, plan: ShardPlan, weights: str) -> ShardResult | Non
 class _ShardWriter(threading.Thread):
     """Writes batches to shard files off the main thread, so the backbone never waits on disk."""
 
-    def __init__(self, out_dir: Path, plans: list[ShardPlan], weights: str, source):
+    def __init__(self, out_dir: Path, plans: list[ShardPlan], weights: str, source, max_pixels: int):
         super().__init__(daemon=True)
         self.out_dir, self.plans, self.weights, self.source = out_dir, plans, weights, source
+        self.max_pixels = max_pixels
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
         self.results: list[ShardResult] = []
         self.error: BaseException | None = None
@@ -236,7 +272,7 @@ class _ShardWriter(threading.Thread):
             fh.close()
         seen_set = set(seen)
         skipped = [
-            {"file": self.source.where(key), "reason": why_unreadable(self.source, key)}
+            {"file": self.source.where(key), "reason": why_unreadable(self.source, key, self.max_pixels)}
             for j, (_, key) in enumerate(plan.items) if j not in seen_set
         ]
         result = ShardResult(
@@ -254,9 +290,10 @@ class _ShardWriter(threading.Thread):
         self.results.append(result)
 
 
-def image_dataset(keys: list[str], batch_size: int, image_size: int = IMAGE_SIZE, source=None):
-    """(index, image) batches read from ``source`` (zips or folders); undecodable images are dropped
-    here and reported by index later."""
+def image_dataset(keys: list[str], batch_size: int, image_size: int = IMAGE_SIZE, source=None,
+                  max_pixels: int = MAX_IMAGE_PIXELS):
+    """(index, image) batches read from ``source`` (zips or folders); images that fail ``image_problem``
+    never reach the decoder, and those and undecodable ones are dropped here and reported by index later."""
     import tensorflow as tf
 
     from captioning.data.archive import FolderImages
@@ -264,7 +301,8 @@ def image_dataset(keys: list[str], batch_size: int, image_size: int = IMAGE_SIZE
     source = source or FolderImages()
 
     def fetch(key):
-        return source.read_or_empty(key.numpy().decode())
+        data = source.read_or_empty(key.numpy().decode())
+        return b"" if image_problem(data, max_pixels) else data
 
     def load(index, key):
         contents = tf.py_function(fetch, [key], tf.string)
@@ -287,6 +325,7 @@ def extract_to_shards(
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
     source=None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[ShardResult]:
     """Run the backbone over every image of the plans, read from ``source`` (default: files by path);
     finished shards are reused."""
@@ -302,11 +341,11 @@ def extract_to_shards(
     results = list(done.values())
     if pending:
         keys = [key for plan in pending for _, key in plan.items]
-        writer = _ShardWriter(out_dir, pending, extractor.weights, source)
+        writer = _ShardWriter(out_dir, pending, extractor.weights, source, max_pixels)
         writer.start()
         processed = 0
         try:
-            for indices, images in image_dataset(keys, batch_size, extractor.image_size, source):
+            for indices, images in image_dataset(keys, batch_size, extractor.image_size, source, max_pixels):
                 feats = extractor(images)
                 writer.inbox.put((indices.numpy(), feats.numpy()))
                 processed += int(indices.shape[0])

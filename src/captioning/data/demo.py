@@ -14,7 +14,10 @@ scene it describes, so evaluate can count the captions that get all of it right.
 With ``awkward=True`` train2014 also holds the inputs a real crawl meets: a
 truncated JPEG, an empty file, a text file named .jpg, a grayscale JPEG, a
 CMYK JPEG, PNG bytes named .jpg, a file listed in the annotations but absent
-from the zip, and some blank or unicode-laden captions.
+from the zip, and some blank or unicode-laden captions. With ``hostile=True`` it
+also holds what an attacker sends: a tiny PNG whose header declares 20000x20000
+pixels (a decompression bomb), a TIFF named .jpg, and a real 1200x1000 PNG (over a
+lowered ``features.max_image_pixels``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,26 @@ UNICODE_CAPTIONS = (
 
 # (file suffix of the case, what it is) for awkward=True
 AWKWARD = ("truncated", "empty", "not_an_image", "grayscale", "cmyk", "png_content", "missing")
+HOSTILE = ("bomb_header", "tiff", "oversized")
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid, tiny PNG whose header declares ``width`` x ``height`` RGB pixels: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
 
 
 def coco_file_name(split: str, image_id: int) -> str:
@@ -193,6 +216,7 @@ def write_coco_mirror(
     val_images: int = DEMO_VAL_IMAGES,
     seed: int = 0,
     awkward: bool = True,
+    hostile: bool = False,
     image_size: tuple[int, int] = (640, 480),
 ) -> dict:
     """Write the mirror; returns a description (counts, awkward file names)."""
@@ -210,7 +234,8 @@ def write_coco_mirror(
         tmp = zip_path.with_suffix(".zip.tmp")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr(f"{split}/", b"")
-            cases = list(AWKWARD) if (awkward and split == "train2014") else []
+            cases = (list(AWKWARD) if (awkward and split == "train2014") else []) + (
+                list(HOSTILE) if (hostile and split == "train2014") else [])
             for index in range(count):
                 scene = random_scene(rng)
                 name = coco_file_name(split, image_id)
@@ -228,9 +253,13 @@ def write_coco_mirror(
                 elif case == "cmyk":
                     payload = _jpeg(image.convert("CMYK"))
                 elif case == "png_content":
-                    buf = io.BytesIO()
-                    image.save(buf, format="PNG")
-                    payload = buf.getvalue()
+                    payload = _encoded(image, "PNG")
+                elif case == "bomb_header":
+                    payload = png_declaring(20000, 20000)
+                elif case == "tiff":
+                    payload = _encoded(image, "TIFF")
+                elif case == "oversized":
+                    payload = _encoded(image.resize((1200, 1000)), "PNG")
                 elif case == "missing":
                     payload = None
                 if case:

@@ -199,7 +199,7 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
         plans = plan_shards({s: [(i, images[i]["file"]) for i in splits[s]] for s in splits_here},
                             cfg.features.shard_images)
         shards += extract_to_shards(plans, outs[part] / "features", extractor, cfg.features.batch_size, progress,
-                                    source=source_images)
+                                    source=source_images, max_pixels=cfg.features.max_image_pixels)
 
     split_info, records_of = {}, {}
     positions, feat_sum, feat_sumsq = 0, np.zeros(CHANNELS), np.zeros(CHANNELS)

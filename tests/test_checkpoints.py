@@ -55,3 +55,19 @@ def test_checkpoint_folders_that_cannot_be_used_are_named(gcs_emulator, tmp_path
         read_only.mkdir(mode=0o555)
         with pytest.raises(ConfigError, match="train.checkpoint_dir=.*not writable"):
             CheckpointFolder(read_only / "x", "k", tmp_path)
+
+
+def test_history_csv_is_rewritten_whole_so_two_writers_never_leave_two_headers(tmp_path):
+    """Issue 14, point 6: Keras' CSVLogger appended in place; two staggered runs wrote two headers."""
+    from captioning.steps.train import _history_csv, _read_history
+
+    path = tmp_path / "history.csv"
+    first, second = _history_csv(path), _history_csv(path)
+    first.on_epoch_end(0, {"loss": 2.0, "val_CIDEr": 0.5})
+    second.on_epoch_end(0, {"loss": 1.9, "val_CIDEr": 0.6})  # the same epoch again: its last row is kept
+    first.on_epoch_end(1, {"loss": 1.5, "val_CIDEr": 0.7})
+    text = path.read_text().splitlines()
+    assert text[0] == "epoch,loss,val_CIDEr" and text.count(text[0]) == 1 and len(text) == 3
+    assert _read_history(path) == [{"epoch": 0, "loss": 1.9, "val_CIDEr": 0.6},
+                                   {"epoch": 1, "loss": 1.5, "val_CIDEr": 0.7}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]  # no temporary file left

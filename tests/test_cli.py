@@ -57,3 +57,52 @@ def test_bench_features_prints_one_json_line():
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line["bytes_per_image"] == 64 * 2048 * 2
     assert line["images_per_s"] > 0 and line["model_only_images_per_s"] > 0
+
+
+HOLD_WORKDIR = """
+import sys, time
+from captioning.io import exclusive_workdir
+with exclusive_workdir(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_per_work_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    """Issue 14, point 6: a second run on a busy work dir is refused at once, naming the dir and the holder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from captioning.io import LOCK_FILE, exclusive_workdir
+
+    work = tmp_path / "work"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WORKDIR, str(work)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        proc = captioning_cli("run", "--workdir", str(work))
+        assert proc.returncode == 2
+        assert f"--workdir {work}: busy, another run (PID {holder.pid}) is using it" in proc.stderr
+        assert time.monotonic() - started < 60  # refused at once, not after waiting
+        assert not (work / "summary.json").exists() and sorted(p.name for p in work.iterdir()) == [LOCK_FILE]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with exclusive_workdir(work):  # the killed run's lock file is still there, and free
+        assert (work / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_workdir_that_is_a_file_or_a_summary_path_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    """Issue 14, point 7."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    proc = captioning_cli("run", "--workdir", str(afile))
+    assert proc.returncode == 2 and f"--workdir {afile}: a file, not a folder" in proc.stderr
+    folder = tmp_path / "summary-here"
+    folder.mkdir()
+    proc = captioning_cli("run", "--workdir", str(tmp_path / "work"), "--summary-json", str(folder))
+    assert proc.returncode == 2 and f"--summary-json {folder}: a directory; name a file" in proc.stderr
+    assert not (tmp_path / "work").exists()

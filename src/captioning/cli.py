@@ -98,17 +98,25 @@ def run(
 
     if runner not in ("inprocess", "docker"):
         _fail(CaptioningError(f"--runner {runner!r}: choose inprocess or docker"))
+    from captioning.errors import ConfigError
+    from captioning.io import check_writable, exclusive_workdir
+
+    summary_path = summary_json or Path(workdir) / "summary.json"
     try:
         cfg = load_config(config, set_, preset)
-        if runner == "docker":
-            from captioning.runners.kfp_local import run_in_docker
+        if summary_path.is_dir():  # refused before the work, not after it
+            raise ConfigError(f"--summary-json {summary_path}: a directory; name a file")
+        with exclusive_workdir(workdir):
+            check_writable(summary_path.parent, "--summary-json")
+            if runner == "docker":
+                from captioning.runners.kfp_local import run_in_docker
 
-            summary = run_in_docker(cfg, workdir, image, preset, user)
-        else:
-            summary = run_pipeline(cfg, workdir)
+                summary = run_in_docker(cfg, workdir, image, preset, user)
+            else:
+                summary = run_pipeline(cfg, workdir)
+            path = write_summary(summary, summary_path)
     except CaptioningError as exc:
         _fail(exc)
-    path = write_summary(summary, summary_json or Path(workdir) / "summary.json")
     _print_summary(summary)
     typer.echo(f"summary: {path}")
     if summary["status"] != "ok":

@@ -81,3 +81,39 @@ def file_lock(path: str | Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+LOCK_FILE = ".captioning.lock"
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: str | Path):
+    """One run per work dir: a second run is refused at once, naming the dir and the holder's PID. The lock
+    is an flock, which dies with its process: the lock file a killed run leaves behind is simply taken over."""
+    from captioning.errors import ConfigError
+
+    work = Path(workdir)
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"--workdir {work}: a file, not a folder")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        fh = open(work / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise ConfigError(f"--workdir {work}: cannot use it: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise ConfigError(f"--workdir {work.resolve()}: busy, another run (PID {holder}) is using it; "
+                              "wait for it to finish or choose another --workdir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield work
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from captioning.bundle import MODEL_FILE, save_bundle
@@ -110,6 +111,27 @@ def _stop_on_non_finite_loss(out_dir: Path):
                     "lower train.learning_rate or check the features (process_data's feature_stats.json)")
 
     return StopOnNonFiniteLoss()
+
+
+def _history_csv(path: Path):
+    import keras
+
+    class AtomicHistory(keras.callbacks.Callback):
+        """Keras' CSVLogger appends to the file in place: a run killed mid-write, or two writers, leave a
+        file no later run can read. This rewrites the whole history beside it and renames it into place."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            rows = [row for row in _read_history(path) if row["epoch"] != epoch]
+            rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+            fields = list(dict.fromkeys(key for row in rows for key in row))
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+
+    return AtomicHistory()
 
 
 def _use_mixed_precision(setting: str) -> bool:
@@ -234,7 +256,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         caption_metric_callback(validation),  # first at epoch end: the callbacks below read its metric
         backup,
         keras.callbacks.ModelCheckpoint(str(epoch_weights), save_weights_only=True),
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        _history_csv(history_csv),
         save_every_epoch(store),  # after the callbacks that write the folder
         _early_stopping(cfg.train.patience, resumed_from, monitor),
         *(callbacks or []),

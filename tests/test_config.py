@@ -125,3 +125,43 @@ def test_json_outputs_never_hold_nan_or_infinity(tmp_path):
     path = write_json_atomic(tmp_path / "m.json", {"CIDEr": float("nan"), "rows": [1.5, float("inf")], "n": 3})
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"wrote {c}")) == {
         "CIDEr": None, "rows": [1.5, None], "n": 3}
+
+
+def _alias_bomb() -> str:
+    """Nine levels of nine aliases: a few hundred bytes that expand to 9**9 strings if anything walks them."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 9):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]")
+    return "\n".join(lines) + "\ntrain:\n  decode_beam_widths: *l8\n"
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("folder.yaml", None, "a directory, not a config file"),
+    ("binary.yaml", b"\xff\xfe\x00\x01", "not UTF-8 text (byte 0)"),
+    ("latin1.yaml", "train:\n  epochs: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 20)"),
+    ("nul.yaml", b"train:\n  epochs: 3\x00\n", "a binary file, not a YAML config file"),
+    ("deep.yaml", ("a: " + "[" * 5000 + "]" * 5000 + "\n").encode(), "nested too deeply to be a config file"),
+    ("huge.yaml", b"# " + b"x" * (1 << 20) + b"\n", "1048579 bytes; a config file holds at most 1048576"),
+])
+def test_config_files_that_are_not_config_files_are_refused_naming_the_file(tmp_path, name, content, problem):
+    """Issue 14, point 7: a clear error naming the file, never a traceback."""
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^{path}: {problem}".replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)
+
+
+def test_an_alias_bomb_gives_a_short_error_quickly(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.monotonic() - started < 10  # 50 s and a 35 MB message when the whole list was printed
+    assert f"{path}: train.decode_beam_widths.0: Input should be a valid integer (got [[[...]" in str(err.value)
+    assert len(str(err.value)) < 5000

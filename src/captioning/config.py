@@ -11,6 +11,7 @@ setting means the same thing everywhere.
 from __future__ import annotations
 
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -219,6 +220,10 @@ class Config(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 120, 120
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for item in err.errors():
@@ -229,8 +234,11 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             why = item["msg"]
             # Never echo what was given for a secret's setting: it may be the secret itself.
             if "input" in item and not isinstance(item["input"], dict) and "secret" not in key:
-                why += f" (got {item['input']!r})"
+                # Abbreviated: an alias-bombed list repeats itself millions of times.
+                why += f" (got {_SHORT.repr(item['input'])})"
         lines.append(f"{origin}: {key}: {why}")
+    if len(lines) > 20:
+        lines = [*lines[:20], f"{origin}: ... and {len(lines) - 20} more problems"]
     return "\n".join(lines)
 
 
@@ -275,13 +283,31 @@ def preset_dict(name: str) -> dict:
     return yaml.safe_load(text) or {}
 
 
+# A settings file is a few KB; anything far larger is not one.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_yaml(path: Path) -> dict:
+    path = Path(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        if path.is_dir():
+            raise ConfigError(f"{path}: a directory, not a config file")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file holds at most {MAX_CONFIG_BYTES}")
+        text = path.read_bytes().decode("utf-8")
+        if "\0" in text:
+            raise ConfigError(f"{path}: a binary file, not a YAML config file")
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config file is UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(exc)[:500]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

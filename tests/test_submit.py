@@ -199,6 +199,32 @@ def test_kubeflow_dry_run_contacts_nothing(packages):
     assert "tok-abc-999" not in proc.stdout  # the kind of auth, never the token
 
 
+def test_passwords_in_urls_are_never_printed(packages, tmp_path):
+    """Issue 14, point 7: --host and a mirror URL with user:password, in the dry-run plan, in errors and in the
+    summary of a failed run."""
+    secret = "hunter2-pw"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://alice:{secret}@127.0.0.1:{s.getsockname()[1]}"
+    plan = captioning_cli("submit", "--target", "kubeflow", "--host", closed, "--package", str(packages["kubeflow"]),
+                          "--dry-run", env=_env(), timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["host"] == closed.replace(secret, "***")
+    failed = captioning_cli("submit", "--target", "kubeflow", "--host", closed, "--package", str(packages["kubeflow"]),
+                            env=_env(), timeout=60)
+    assert "cannot reach the KFP API at http://alice:***@127.0.0.1" in _one_line_error(failed)
+    run = captioning_cli("run", "--workdir", str(tmp_path / "work"), "--set", f"data.base_url={closed}/coco",
+                         "--set", "data.retries=0", timeout=120)
+    assert run.returncode == 1
+    summary = (tmp_path / "work" / "summary.json").read_text()
+    assert "alice:***@127.0.0.1" in summary and "alice:***@127.0.0.1" in run.stderr + run.stdout
+    for output in (plan.stdout, plan.stderr, failed.stdout, failed.stderr, run.stdout, run.stderr, summary):
+        assert secret not in output
+    written = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]  # W&B's offline run among them
+    assert any("wandb" in p.parts for p in written)
+    assert [p for p in written if secret.encode() in p.read_bytes()] == []
+
+
 # ------------------------------------------------------------------ Vertex AI
 
 

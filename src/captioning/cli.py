@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -16,6 +17,7 @@ import typer
 from captioning import DEFAULT_IMAGE
 from captioning.data.demo import DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
 from captioning.errors import CaptioningError
+from captioning.redact import redact, redact_tree
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 bench_app = typer.Typer(no_args_is_help=True, help="Speed measurements (medians over repeats), one JSON line each.")
@@ -33,7 +35,10 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbose else "3")
     from rich.console import Console
 
+    from captioning.redact import RedactingFilter
+
     handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+    handler.addFilter(RedactingFilter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)
     for noisy in ("urllib3", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "google"):
@@ -41,7 +46,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    typer.echo(redact(f"error: {exc}"), err=True)
     raise typer.Exit(2)
 
 
@@ -49,6 +54,8 @@ def _fail(exc: Exception) -> None:
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     """Show, Attend and Tell captioning on MS-COCO as a Kubeflow/Vertex pipeline tracked in W&B."""
     _setup_logging(verbose)
+    # Parsed already; W&B records the command line in each run's metadata, so no URL password may stay in it.
+    sys.argv[:] = [redact(arg) for arg in sys.argv]
 
 
 HIGHLIGHTS = {
@@ -73,7 +80,7 @@ def _print_summary(summary: dict) -> None:
                 value = metrics[key]
                 shown.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
         if step["status"] == "failed":
-            shown = [f"error: {step.get('error')}"]
+            shown = [redact(f"error: {step.get('error')}")]
         elif step["status"] == "skipped":
             shown = [step.get("reason", "")]
         table.add_row(name, step["status"], str(step.get("seconds", "")), " ".join(shown))
@@ -304,7 +311,7 @@ def _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, targ
     from captioning.submit import kubeflow
 
     if dry_run:
-        typer.echo(json.dumps(kubeflow.dry_run_plan(package, parameters, target), indent=1))
+        typer.echo(json.dumps(redact_tree(kubeflow.dry_run_plan(package, parameters, target)), indent=1))
         return {}
     outcome = kubeflow.submit_kubeflow(package, parameters, target, wait=wait, timeout_s=timeout_s, poll_s=poll_s,
                                        on_state=_state_echo)
@@ -320,7 +327,7 @@ def _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, target
     from captioning.submit import vertex
 
     if dry_run:
-        typer.echo(json.dumps(vertex.dry_run_plan(package, parameters, target), indent=1))
+        typer.echo(json.dumps(redact_tree(vertex.dry_run_plan(package, parameters, target)), indent=1))
         return {}
     outcome = vertex.submit_vertex(package, parameters, target, wait=wait, timeout_s=timeout_s, poll_s=poll_s,
                                    access_token=access_token, on_state=_state_echo)

@@ -67,4 +67,6 @@ def run_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:
-    return write_json_atomic(path, summary)
+    from captioning.redact import redact_tree
+
+    return write_json_atomic(path, redact_tree(summary))

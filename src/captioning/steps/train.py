@@ -25,6 +25,7 @@ from captioning.config import Config
 from captioning.dataset import ProcessedDataset, shuffle_epoch_callback
 from captioning.validation import ValidationCaptions, caption_metric_callback, choose_decoding
 from captioning.errors import ConfigError, TrainingError
+from captioning.redact import redact_tree
 from captioning.io import file_lock, read_json, write_json_atomic
 from captioning.steps.result import StepResult
 
@@ -282,7 +283,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     meta = {
         "max_length": data.max_length,
         "backbone": data.manifest["backbone"],
-        "config": cfg.model_dump(mode="json"),
+        "config": redact_tree(cfg.model_dump(mode="json")),  # travels with the model: no password
         "best_epoch": best["epoch"] + 1,
         "val_loss": best["val_loss"],
         "selection": {"metric": cfg.train.select_metric, "value": best[monitor], "images": len(validation.ids)},

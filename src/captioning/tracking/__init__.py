@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from captioning.config import Config
 from captioning.errors import ConfigError
+from captioning.redact import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class StepTracker:
         os.environ["WANDB_DIR"] = str(wandb_dir)
         os.environ["WANDB_DATA_DIR"] = str(wandb_dir / "artifact-staging")
         (wandb_dir / "artifact-staging").mkdir(parents=True, exist_ok=True)
-        config = self.cfg.model_dump(mode="json")
+        config = redact_tree(self.cfg.model_dump(mode="json"))
         if not self.online:
             config["upstream_artifacts"] = self.upstream  # lineage, recorded where use_artifact cannot run
         try:

@@ -239,13 +239,53 @@ def test_image_ids_must_be_integers(bad_id):
     from captioning.steps.process_data import load_coco_captions
 
     data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": bad_id, "file_name": "b.jpg"}],
-            "annotations": [{"image_id": 1, "caption": "a cat"}]}
-    with pytest.raises(DataError, match=r"annotations.zip:captions.json: image id .* is not an integer"):
-        load_coco_captions(data, "annotations.zip:captions.json", "train2014", "train2014")
-    data["images"].pop()
-    data["annotations"].append({"image_id": bad_id, "caption": "a dog"})
-    with pytest.raises(DataError, match="is not an integer"):
-        load_coco_captions(data, "annotations.zip:captions.json", "train2014", "train2014")
+            "annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": bad_id, "caption": "a dog"}]}
+    images, _, skipped, _ = load_coco_captions(data, "annotations.zip:captions.json", "train2014", "train2014")
+    assert list(images) == [1]
+    assert {"file": "annotations.zip:captions.json images[1]",
+            "reason": f"image id {bad_id!r} is not an integer"} in skipped
+    assert {"file": "annotations.zip:captions.json annotations[1]",
+            "reason": f"image_id {bad_id!r} is not an integer"} in skipped
+
+
+def test_hostile_annotations_are_skipped_and_counted_naming_the_file_and_the_id():
+    """Issue 14, points 2 and 5: paths leaving the image folder, duplicate ids, captions that are not strings,
+    captions of 500 words; a file that is not a COCO caption file fails naming it."""
+    from captioning.steps.process_data import load_coco_captions
+
+    where = "annotations.zip:annotations/captions_train2014.json"
+    data = {
+        "images": [{"id": 1, "file_name": "ok.jpg"}, {"id": 2, "file_name": "../../../etc/some.png"},
+                   {"id": 3, "file_name": "/etc/hostname"}, {"id": 4, "file_name": "twice-a.jpg"},
+                   {"id": 4, "file_name": "twice-b.jpg"}, {"id": 5, "file_name": None}, {"id": 6, "file_name": "x.jpg"},
+                   {"id": 7, "file_name": "C:\\evil.jpg"}, "not an entry"],
+        "annotations": [{"image_id": 1, "caption": "a red circle"}, {"image_id": 2, "caption": "a host file"},
+                        {"image_id": 3, "caption": "another"}, {"image_id": 4, "caption": "whose is it"},
+                        {"image_id": 6, "caption": None}, {"image_id": 6, "caption": ["a", "list"]},
+                        {"image_id": 1, "caption": " ".join(["word"] * 500)}, {"caption": "no image id"}],
+    }
+    images, blank, skipped, truncated = load_coco_captions(data, where, "train2014", "train2014", max_words=100)
+    assert list(images) == [1]
+    assert images[1]["file"] == "train2014/ok.jpg"
+    assert [len(c.split()) for c in images[1]["captions"]] == [3, 100] and truncated == 1
+    assert len(images[1]["references"][1].split()) == 500  # scoring sees the raw text
+    reasons = {entry["file"]: entry["reason"] for entry in skipped}
+    assert reasons[f"{where} image 2"] == "file_name '../../../etc/some.png' is not a plain path inside train2014/"
+    assert reasons[f"{where} image 3"] == "file_name '/etc/hostname' is not a plain path inside train2014/"
+    assert reasons[f"{where} image 5"] == "file_name None is not a plain path inside train2014/"
+    assert reasons[f"{where} image 7"].startswith("file_name 'C:\\\\evil.jpg' is not a plain path")
+    assert reasons[f"{where} images[3]"].startswith("image id 4 appears 2 times")
+    assert reasons[f"{where} images[4]"].startswith("image id 4 appears 2 times")
+    assert reasons[f"{where} images[8]"] == "image id None is not an integer"
+    assert reasons[f"{where} annotations[4] (image 6)"] == "caption None is not a string"
+    assert reasons[f"{where} annotations[5] (image 6)"] == "caption ['a', 'list'] is not a string"
+    assert reasons[f"{where} annotations[7]"] == "image_id None is not an integer"
+    assert reasons["train2014/x.jpg"] == "no usable caption"  # its only captions were not strings
+    assert blank == 0
+
+    for not_coco in ([], {"images": {}}, {"images": [], "annotations": "none"}, "text"):
+        with pytest.raises(DataError, match=f"^{where}: not a COCO caption file"):
+            load_coco_captions(not_coco, where, "train2014", "train2014")
 
 
 def test_the_raw_artifact_drops_what_its_manifest_does_not_list(http_mirror, tmp_path):
@@ -272,7 +312,7 @@ def test_records_keep_the_raw_coco_captions_for_scoring():
     data = {"images": [{"id": 1, "file_name": "a.jpg"}],
             "annotations": [{"image_id": 1, "caption": "A man's T-shirt on the bed."},
                             {"image_id": 1, "caption": "   "}, {"image_id": 1, "caption": "Two dogs, running!"}]}
-    images, blank, _ = load_coco_captions(data, "captions.json", "train2014", "train2014")
+    images, blank, _, _ = load_coco_captions(data, "captions.json", "train2014", "train2014")
     assert images[1]["references"] == ["A man's T-shirt on the bed.", "Two dogs, running!"]
     assert images[1]["captions"] == ["a man s t shirt on the bed", "two dogs running"] and blank == 1
 

@@ -119,9 +119,15 @@ class FeaturesConfig(Section):
         "Images whose header declares more pixels are skipped, with the reason, before anything decodes them."))
 
 
+# COCO's longest caption is far shorter; a 500-word "caption" is noise or an attack.
+MAX_CAPTION_WORDS = 100
+
+
 class TextConfig(Section):
     min_count: int = Field(5, ge=1, le=1_000_000, description="Words seen fewer times become <unk>.")
     max_vocab: int = Field(10000, ge=10, le=200_000, description="Vocabulary cap, special tokens included.")
+    max_caption_words: int = Field(MAX_CAPTION_WORDS, ge=5, le=1000, description=(
+        "Captions longer than this are truncated for training (and counted); evaluation scores the raw text."))
     max_length_percentile: float = Field(
         99.0, gt=0, le=100, description="Longest caption kept, as a percentile of training caption lengths."
     )

@@ -23,12 +23,12 @@ import logging
 import os
 import random
 import time
-from collections import defaultdict
-from pathlib import Path
+from collections import Counter, defaultdict
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from captioning.config import ATTENTION_SAMPLE_LIMIT, Config
+from captioning.config import ATTENTION_SAMPLE_LIMIT, MAX_CAPTION_WORDS, Config
 from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
 from captioning.io import read_json, write_json_atomic
@@ -48,42 +48,76 @@ SAMPLES = "samples"  # in test_data: the test images evaluate draws attention on
 KARPATHY_HELD_OUT, VAL2014_IMAGES = 5000, 40504
 
 
-def load_coco_captions(data, where: str, image_dir: str, source: str):
-    """{image_id: {"file": key, "captions": [clean...], "references": [raw...]}}, the dropped blank captions,
-    the skipped images. The cleaned text trains and builds the vocabulary; the raw captions, as COCO has them,
-    are what evaluate scores against (coco-caption's protocol: PTB-tokenized raw references).
+def _confined(image_dir: str, name) -> str | None:
+    """``<image_dir>/<name>`` when ``name`` is a plain relative path that stays inside ``image_dir``; else None."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return None
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":"):
+        return None
+    return f"{image_dir}/{path}"
 
-    ``data`` is a parsed COCO caption file (``where`` names it in errors); an image's key is
-    ``<image_dir>/<file_name>``, its member in the archive holding ``image_dir``.
+
+def load_coco_captions(data, where: str, image_dir: str, source: str, max_words: int = MAX_CAPTION_WORDS):
+    """{image_id: {"file": key, "captions": [clean...], "references": [raw...]}}, the count of dropped blank
+    captions, the skipped images and bad entries (each ``{"file", "reason"}``) and the count of captions
+    truncated to ``max_words`` for training. The cleaned text trains and builds the vocabulary; the raw
+    captions, as COCO has them, are what evaluate scores against (coco-caption's protocol).
+
+    ``data`` is a parsed COCO caption file (``where`` names it in errors). A file that is not one fails;
+    an entry that is wrong (an id that is not an integer, one image id twice, a ``file_name`` leaving
+    ``image_dir``, a caption that is not a string) is skipped with the file and the id named.
     """
-    try:
-        files = {img["id"]: img["file_name"] for img in data["images"]}
-        annotations = data["annotations"]
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{where}: not a COCO caption file (missing {exc})") from None
-    # Ids name files later (samples, attention figures): only integers, as COCO has.
-    for image_id in (*files, *(ann.get("image_id") for ann in annotations)):
-        if type(image_id) is not int:
-            raise DataError(f"{where}: image id {image_id!r} is not an integer")
+    images_in = data.get("images") if isinstance(data, dict) else None
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(images_in, list) or not isinstance(annotations, list):
+        raise DataError(f"{where}: not a COCO caption file (it needs lists 'images' and 'annotations')")
+    skipped: list[dict] = []
+
+    def bad(what: str, reason: str) -> None:
+        skipped.append({"file": f"{where} {what}", "reason": reason})
+
+    files: dict[int, str] = {}
+    seen: Counter = Counter(img.get("id") if isinstance(img, dict) else None for img in images_in)
+    for n, img in enumerate(images_in):
+        image_id = img.get("id") if isinstance(img, dict) else None
+        if type(image_id) is not int:  # ids name files later (samples, figures): integers only, as COCO has
+            bad(f"images[{n}]", f"image id {image_id!r} is not an integer")
+        elif seen[image_id] > 1:
+            bad(f"images[{n}]", f"image id {image_id} appears {seen[image_id]} times; its captions could belong "
+                "to either, so none is used")
+        elif (key := _confined(image_dir, img.get("file_name"))) is None:
+            bad(f"image {image_id}", f"file_name {img.get('file_name')!r} is not a plain path inside {image_dir}/")
+        else:
+            files[image_id] = key
     captions: dict[int, list[str]] = defaultdict(list)
     raw: dict[int, list[str]] = defaultdict(list)
-    blank = 0
-    for ann in annotations:
-        text = clean_caption(str(ann.get("caption", "")))
-        if text:
-            captions[ann["image_id"]].append(text)
-            raw[ann["image_id"]].append(str(ann["caption"]))
+    blank = truncated = 0
+    for n, ann in enumerate(annotations):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        caption = ann.get("caption") if isinstance(ann, dict) else None
+        if type(image_id) is not int:
+            bad(f"annotations[{n}]", f"image_id {image_id!r} is not an integer")
+            continue
+        if not isinstance(caption, str):
+            bad(f"annotations[{n}] (image {image_id})", f"caption {caption!r} is not a string")
+            continue
+        words = clean_caption(caption).split()
+        if len(words) > max_words:
+            words, truncated = words[:max_words], truncated + 1
+        if words:
+            captions[image_id].append(" ".join(words))
+            raw[image_id].append(caption)
         else:
             blank += 1
-    images, skipped = {}, []
-    for image_id, name in sorted(files.items()):
-        key = f"{image_dir}/{name}"
+    images = {}
+    for image_id, key in sorted(files.items()):
         if not captions.get(image_id):
             skipped.append({"file": key, "reason": "no usable caption"})
             continue
         images[image_id] = {"file": key, "captions": captions[image_id], "references": raw[image_id],
                             "source": source}
-    return images, blank, skipped
+    return images, blank, skipped, truncated
 
 
 def open_raw(raw_dir: Path) -> tuple[dict, ArchiveImages]:
@@ -159,11 +193,13 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
     images: dict[int, dict] = {}
     pools: dict[str, list[int]] = {}
     skipped: list[dict] = []
-    blank = 0
+    blank = truncated = 0
     for source, rel in manifest["annotations"].items():
         where = f"{manifest['members'][rel.split('/', 1)[0]]}:{rel}"
-        found, dropped, missing_caps = load_coco_captions(_json_member(raw_dir, manifest, rel), where,
-                                                          manifest["image_dirs"][source], source)
+        found, dropped, missing_caps, cut = load_coco_captions(_json_member(raw_dir, manifest, rel), where,
+                                                               manifest["image_dirs"][source], source,
+                                                               cfg.text.max_caption_words)
+        truncated += cut
         overlap = images.keys() & found.keys()
         if overlap:
             raise DataError(f"{where}: image ids {sorted(overlap)[:5]} also appear in another split")
@@ -253,7 +289,8 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
         vocab.save(out / "vocab.json")
         extra = {"blind_baseline": baseline} if part == "test_data" else {}
         write_json_atomic(out / DATASET, {**dataset, **extra, "splits": {s: split_info[s] for s in splits_here}})
-    write_json_atomic(train_dir / "report.json", {"skipped": skipped, "blank_captions_dropped": blank})
+    write_json_atomic(train_dir / "report.json", {"skipped": skipped, "blank_captions_dropped": blank,
+                                                  "captions_truncated": truncated})
 
     kept_images = sum(v["images"] for v in split_info.values())
     kept_captions = sum(v["captions"] for v in split_info.values())
@@ -261,7 +298,7 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
     metrics = {
         "images": kept_images, "captions": kept_captions,
         **{f"{s}_images": split_info[s]["images"] for s in SPLITS},
-        "skipped_files": len(skipped), "blank_captions_dropped": blank,
+        "skipped_files": len(skipped), "blank_captions_dropped": blank, "captions_truncated": truncated,
         "vocab_size": len(vocab), "max_length": max_length,
         "feature_bytes": sum(RECORD_BYTES * v["images"] for v in split_info.values()),
         "shards_reused": sum(1 for s in shards if s.reused),

@@ -115,3 +115,23 @@ def test_the_decoding_pipeline_opens_each_archive_once_not_per_image(tmp_path):
                                                               source=images))
     assert seen == 64
     assert images.opened == 1
+
+
+def test_archives_that_expand_too_far_are_refused_naming_them(tmp_path):
+    """Issue 14, point 2: a ~200 KB zip of one 200 MB entry (deflated zeros) is refused from its directory,
+    before a byte is inflated; a total over data.max_expanded_bytes likewise."""
+    bomb = tmp_path / "train2014.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("train2014/zeros.jpg", "w", force_zip64=True) as fh:
+            for _ in range(200):
+                fh.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 300_000
+    with pytest.raises(UnsafeArchiveError, match=r"train2014.zip: entry 'train2014/zeros.jpg' expands \d+ bytes to "
+                       r"209715200 \(over data.max_expansion_ratio=200\); refusing the archive"):
+        index_archive(bomb)
+    assert index_archive(bomb, max_ratio=5000) == {"train2014": {"files": 1, "images": 1}}
+
+    plain = make_zip(tmp_path / "val2014.zip", [("val2014/a.jpg", b"x" * 4000), ("val2014/b.jpg", b"y" * 4000)])
+    with pytest.raises(UnsafeArchiveError, match=r"val2014.zip: its entries expand to 8000 bytes, over "
+                       r"data.max_expanded_bytes=5000; refusing the archive"):
+        index_archive(plain, max_bytes=5000)

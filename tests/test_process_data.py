@@ -336,3 +336,20 @@ def test_images_are_resized_with_antialiasing_and_the_features_say_so():
     aliased = tf.image.resize(stripes, (299, 299), antialias=False).numpy() / 127.5 - 1.0
     assert ours.std() < 0.2 < aliased.std()
     assert backbone_identity("none", 0) == "none(seed=0)+antialiased-bilinear"  # old shards are not reused
+
+
+def test_an_archive_holding_another_archives_folder_is_refused(small_mirror, tmp_path):
+    """Issue 14, point 2: train2014.zip carrying its own annotations/ must not replace the real captions."""
+    import shutil
+    import zipfile
+
+    from captioning.steps.log_raw_data import log_raw_data
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(small_mirror["root"], mirror)
+    with zipfile.ZipFile(mirror / "zips" / "train2014.zip", "a") as zf:
+        zf.writestr("annotations/captions_train2014.json", '{"images": [], "annotations": []}')
+    cfg = load_config(overrides=[f"data.base_url={mirror}"])
+    with pytest.raises(DataError, match=r"train2014.zip: holds annotations/, which .*annotations_trainval2014.zip "
+                       r"already holds; one archive must not replace another's files"):
+        log_raw_data(cfg.data, tmp_path / "raw")

@@ -69,6 +69,10 @@ class DataConfig(Section):
     retries: int = Field(5, ge=0, le=100, description="Retries of a failed transfer (each resumes).")
     retry_backoff_s: float = Field(1.0, ge=0, le=600, description="First back-off; doubles each retry.")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Socket timeout of one request.")
+    max_expanded_bytes: int = Field(64 << 30, ge=1 << 20, le=1 << 50, description=(
+        "An archive whose entries expand to more is refused (COCO's zips: about 19 GB)."))
+    max_expansion_ratio: float = Field(200.0, ge=1, le=100_000, description=(
+        "An archive with an entry (over 1 MiB) expanding more than this many times its compressed size is refused."))
     download_cache: str | None = Field(
         None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); "
         "null: the step's own output folder.")

@@ -45,13 +45,35 @@ def open_zip(archive: Path) -> zipfile.ZipFile:
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from None
 
 
-def index_archive(archive: str | Path) -> dict[str, dict[str, int]]:
-    """Check every entry of ``archive``; returns its top-level folders with their file and image counts."""
+# COCO's three zips expand to about 19 GB; JPEGs barely compress and the caption JSON about 10x.
+MAX_EXPANDED_BYTES = 64 << 30
+MAX_EXPANSION_RATIO = 200
+
+
+def _check_expansion(archive: Path, infos: list[zipfile.ZipInfo], max_bytes: int, max_ratio: float) -> None:
+    """Declared sizes bound what reading can produce (zipfile stops at an entry's declared size)."""
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > max(info.compress_size, 1) * max_ratio and info.file_size > 1 << 20:
+            raise UnsafeArchiveError(
+                f"{archive}: entry {info.filename!r} expands {info.compress_size} bytes to {info.file_size} "
+                f"(over data.max_expansion_ratio={max_ratio:g}); refusing the archive")
+    if total > max_bytes:
+        raise UnsafeArchiveError(f"{archive}: its entries expand to {total} bytes, over "
+                                 f"data.max_expanded_bytes={max_bytes}; refusing the archive")
+
+
+def index_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
+                  max_ratio: float = MAX_EXPANSION_RATIO) -> dict[str, dict[str, int]]:
+    """Check every entry of ``archive`` (paths, links, expansion); returns its top-level folders with their
+    file and image counts."""
     archive = Path(archive)
     with open_zip(archive) as zf:
         infos = zf.infolist()
     for info in infos:
         _check_entry(archive, info)
+    _check_expansion(archive, infos, max_bytes, max_ratio)
     files, images = Counter(), Counter()
     for info in infos:
         if info.is_dir():

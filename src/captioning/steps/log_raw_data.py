@@ -20,6 +20,7 @@ from pathlib import Path
 
 from captioning.config import DEMO_SOURCE, DataConfig
 from captioning.data.archive import index_archive, read_member
+from captioning.redact import redact, redact_tree
 from captioning.data.fetch import download, join_url, record_dict, sidecar
 from captioning.errors import DataError
 from captioning.io import check_writable, file_lock, write_json_atomic
@@ -140,7 +141,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
                 )
                 if cache:
                     _place(fetched, dest)
-            held = index_archive(dest)  # every entry checked before anything is read
+            held = index_archive(dest, cfg.max_expanded_bytes, cfg.max_expansion_ratio)  # before any read
             for top in held:
                 if top in members:
                     raise DataError(f"{url}: holds {top}/, which {files_by_path(files, members[top])} "
@@ -148,7 +149,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
                 members[top] = str(dest.relative_to(out_dir))
             contents.update(held)
             downloaded += record.size if record.downloaded else 0
-            entry = record_dict(record)
+            entry = redact_tree(record_dict(record))  # the manifest is an artifact: no URL password in it
             entry["path"] = str(dest.relative_to(out_dir))
             entry["contents"] = held
             files[rel] = entry
@@ -159,8 +160,8 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     counts = _counts(out_dir, members, contents)
     manifest = {
         "format": "coco-archives/1",
-        "base_url": cfg.base_url,
-        "resolved_base_url": base,
+        "base_url": redact(cfg.base_url),
+        "resolved_base_url": redact(base),
         "files": files,
         "members": members,
         "annotations": ANNOTATION_FILES,

@@ -32,7 +32,8 @@ from captioning.config import ATTENTION_SAMPLE_LIMIT, MAX_CAPTION_WORDS, Config
 from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
 from captioning.io import read_json, write_json_atomic
-from captioning.data.archive import ArchiveImages, index_archive, read_member
+from captioning.data.archive import (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO, ArchiveImages, index_archive,
+                                     read_member)
 from captioning.dataset import FORMAT
 from captioning.steps.log_raw_data import MANIFEST
 from captioning.steps.result import StepResult
@@ -120,7 +121,8 @@ def load_coco_captions(data, where: str, image_dir: str, source: str, max_words:
     return images, blank, skipped, truncated
 
 
-def open_raw(raw_dir: Path) -> tuple[dict, ArchiveImages]:
+def open_raw(raw_dir: Path, limits: tuple[int, float] = (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO),
+             ) -> tuple[dict, ArchiveImages]:
     """log_raw_data's manifest and a reader of its archives, each checked entry by entry first."""
     manifest = read_json(raw_dir / MANIFEST, "log_raw_data manifest")
     if manifest.get("format") != "coco-archives/1":
@@ -129,7 +131,7 @@ def open_raw(raw_dir: Path) -> tuple[dict, ArchiveImages]:
     for path in sorted(set(manifest["members"].values())):
         if not (raw_dir / path).resolve().is_relative_to(raw_dir.resolve()):
             raise DataError(f"{raw_dir / MANIFEST}: archive {path!r} is outside the raw-data artifact")
-        index_archive(raw_dir / path)
+        index_archive(raw_dir / path, *limits)
     return manifest, ArchiveImages({top: raw_dir / path for top, path in manifest["members"].items()})
 
 
@@ -188,7 +190,7 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
     outs = {"train_data": train_dir, "test_data": test_dir}
     for folder in outs.values():
         folder.mkdir(parents=True, exist_ok=True)
-    manifest, source_images = open_raw(raw_dir)
+    manifest, source_images = open_raw(raw_dir, (cfg.data.max_expanded_bytes, cfg.data.max_expansion_ratio))
 
     images: dict[int, dict] = {}
     pools: dict[str, list[int]] = {}

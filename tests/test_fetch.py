@@ -27,7 +27,8 @@ def test_http_download_is_verified_and_idempotent(http_mirror, small_mirror, tmp
     before = len(http_mirror.requests)
     again = download(f"{http_mirror.url}/{ZIP}", dest, retries=0)
     assert not again.downloaded and again.sha256 == record.sha256
-    assert len(http_mirror.requests) == before  # nothing was even asked of the server
+    # one HEAD, to see that the ETag is still the one verified; no byte transferred
+    assert [(r.method, r.body_bytes) for r in http_mirror.requests[before:]] == [("HEAD", 0)]
 
 
 def test_interrupted_transfer_resumes_with_range(http_mirror, small_mirror, tmp_path):
@@ -103,3 +104,106 @@ def test_gcs_download_through_the_emulator(gcs_emulator, small_mirror, tmp_path)
     assert record.size == source.stat().st_size and record.sha256 == sha(source)
     with pytest.raises(DownloadError, match="gs://coco-mirror/zips/missing.zip: object not found"):
         download("gs://coco-mirror/zips/missing.zip", tmp_path / "m.zip")
+
+
+# ------------------------------------------------------------------ issue 14, point 3: nothing unverified is trusted
+
+
+def _zip_check(path):
+    from captioning.data.archive import check_archive
+
+    check_archive(path)
+
+
+def test_a_page_served_as_a_zip_is_never_marked_verified_and_a_fixed_source_is_fetched(http_mirror, small_mirror,
+                                                                                       tmp_path):
+    import json
+
+    bad_root = tmp_path / "bad-mirror" / "zips"
+    bad_root.mkdir(parents=True)
+    (bad_root / "train2014.zip").write_text("<html><body>Please log in</body></html>")
+    dest = tmp_path / "cache" / "train2014.zip"
+    for _ in range(2):  # the failure repeats: nothing of it was kept
+        with pytest.raises(DownloadError, match=r"train2014.zip: downloaded as train2014.zip, but it failed the "
+                           r"check: .*not a valid zip archive"):
+            download(str(bad_root / "train2014.zip"), dest, retries=0, check=_zip_check)
+        assert sorted(p.name for p in dest.parent.iterdir()) == []
+    record = download(f"{http_mirror.url}/{ZIP}", dest, retries=0, check=_zip_check)  # base_url fixed
+    assert record.downloaded and record.sha256 == sha(Path(small_mirror["root"]) / ZIP)
+    side = json.loads(dest.with_name(dest.name + ".verified.json").read_text())
+    assert side["source"] == f"{http_mirror.url}/{ZIP}" and side["validators"]["etag"].startswith('"')
+    assert "last_modified" in side["validators"]
+
+
+def test_a_changed_source_or_another_source_downloads_again(small_mirror, tmp_path):
+    from helpers.http_mirror import HttpMirror
+
+    root = tmp_path / "mirror"
+    (root / "zips").mkdir(parents=True)
+    served = root / ZIP
+    served.write_bytes((Path(small_mirror["root"]) / ZIP).read_bytes())
+    dest = tmp_path / "train2014.zip"
+    with HttpMirror(root) as server:
+        download(f"{server.url}/{ZIP}", dest, retries=0, check=_zip_check)
+        served.write_bytes((Path(small_mirror["root"]) / "zips/val2014.zip").read_bytes())  # a new version
+        record = download(f"{server.url}/{ZIP}", dest, retries=0, check=_zip_check)
+        assert record.downloaded and sha(dest) == sha(served)
+    other = tmp_path / "elsewhere.zip"
+    other.write_bytes((Path(small_mirror["root"]) / ZIP).read_bytes())
+    record = download(str(other), dest, retries=0, check=_zip_check)  # same name, another source
+    assert record.downloaded and sha(dest) == sha(other)
+
+
+def test_a_partial_copy_of_an_older_version_is_not_resumed(small_mirror, tmp_path):
+    """The server's If-Range check and our own record of where the .part came from: a changed file restarts
+    from zero instead of gluing two versions together (which once passed the size check and failed with CRC
+    errors on every later run)."""
+    from helpers.http_mirror import HttpMirror
+
+    root = tmp_path / "mirror"
+    (root / "zips").mkdir(parents=True)
+    served = root / ZIP
+    old = (Path(small_mirror["root"]) / ZIP).read_bytes()
+    served.write_bytes(old)
+    dest = tmp_path / "train2014.zip"
+    with HttpMirror(root) as server:
+        server.fault(f"/{ZIP}", ("cut", len(old) // 2))
+        with pytest.raises(DownloadError, match="giving up after 0 retries"):
+            download(f"{server.url}/{ZIP}", dest, retries=0, check=_zip_check)
+        assert dest.with_name(dest.name + ".part").stat().st_size > 0
+        new = bytearray(old)
+        new[len(old) // 2 + 10 :] = bytes(len(old) - len(old) // 2 - 10)  # same size, later half changed
+        served.write_bytes(bytes(new))
+        with pytest.raises(DownloadError, match="failed the check"):  # the new version is not a valid zip...
+            download(f"{server.url}/{ZIP}", dest, retries=0, check=_zip_check)
+        gets = [r for r in server.requests if r.method == "GET"]
+        assert gets[-1].range is None  # ...but it was fetched whole: the old half was not resumed
+        assert gets[-1].body_bytes == len(old)
+
+        # The server alone also guards it: a Range with a stale If-Range gets the whole file.
+        served.write_bytes(old)
+        server.fault(f"/{ZIP}", ("cut", len(old) // 2))
+        with pytest.raises(DownloadError):
+            download(f"{server.url}/{ZIP}", dest, retries=0, check=_zip_check)
+        served.write_bytes(bytes(new))
+        part_meta = dest.with_name(dest.name + ".part.json")
+        import json
+
+        meta = json.loads(part_meta.read_text())
+        meta["validators"] = {}  # as a record that could not tell: only If-Range is left
+        part_meta.write_text(json.dumps(meta))
+        served.write_bytes(old)  # back to the version the .part holds: resumed with If-Range, which matches
+        record = download(f"{server.url}/{ZIP}", dest, retries=0, check=_zip_check)
+        assert record.downloaded and sha(dest) == sha(served)
+
+
+def test_a_trickling_server_is_stopped_by_the_transfer_time_limit(http_mirror, tmp_path):
+    import time
+
+    http_mirror.fault("/zips/val2014.zip", ("trickle", 50))
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"val2014.zip: not finished within data.transfer_timeout_s=2s "
+                       r"\(\d+ bytes received\)"):
+        download(f"{http_mirror.url}/zips/val2014.zip", tmp_path / "v.zip", retries=3, timeout_s=30,
+                 transfer_timeout_s=2)
+    assert time.monotonic() - started < 15

@@ -2,13 +2,19 @@
 
 Faults are consumed one per GET of a path: ``("cut", n)`` sends the full
 headers and then closes the connection after ``n`` body bytes; ``("status", code)``
-answers ``code`` with no body. Every request is recorded for the test to inspect.
+answers ``code`` with no body; ``("trickle", ms)`` sends one byte every ``ms``
+milliseconds. Files carry an ETag (of their content) and Last-Modified, and a
+Range request whose If-Range no longer matches gets the whole file (200), as
+RFC 9110 says. Every request is recorded for the test to inspect.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
+import time
+from email.utils import formatdate
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +25,7 @@ class Request:
     method: str
     path: str
     range: str | None
+    if_range: str | None = None
     status: int = 0
     body_bytes: int = 0
 
@@ -45,7 +52,7 @@ def _handler(state: MirrorState):
             self._serve(head=False)
 
         def _serve(self, head: bool):
-            req = Request(self.command, self.path, self.headers.get("Range"))
+            req = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("If-Range"))
             state.requests.append(req)
             fault = None
             if not head and state.faults.get(self.path):
@@ -62,8 +69,11 @@ def _handler(state: MirrorState):
                 self.send_error(404)
                 return
             data = file.read_bytes()
+            etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
             start = 0
             match = re.fullmatch(r"bytes=(\d+)-", req.range or "")
+            if match and req.if_range is not None and req.if_range != etag:
+                match = None  # changed since the client's partial copy: the whole file
             if match:
                 start = int(match.group(1))
                 if start >= len(data):
@@ -82,8 +92,19 @@ def _handler(state: MirrorState):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", formatdate(file.stat().st_mtime, usegmt=True))
             self.end_headers()
             if head:
+                return
+            if fault and fault[0] == "trickle":
+                for k in range(len(body)):
+                    try:
+                        self.wfile.write(body[k : k + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(fault[1] / 1000)
                 return
             if fault and fault[0] == "cut":
                 body = body[: fault[1]]

@@ -84,6 +84,21 @@ def index_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
     return {top: {"files": files[top], "images": images[top]} for top in sorted(files)}
 
 
+def check_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
+                  max_ratio: float = MAX_EXPANSION_RATIO) -> None:
+    """The check a download passes before it is marked verified: a zip whose entries are safe (see
+    ``index_archive``) and whose every member reads back with the right CRC. Reads the whole archive once."""
+    archive = Path(archive)
+    index_archive(archive, max_bytes, max_ratio)
+    with open_zip(archive) as zf:
+        try:
+            bad = zf.testzip()
+        except MEMBER_ERRORS as exc:
+            raise DataError(f"{archive.name}: a member cannot be read: {type(exc).__name__}: {exc}") from None
+    if bad is not None:
+        raise DataError(f"{archive.name}: member {bad} fails its CRC check (a damaged or mixed download)")
+
+
 def read_member(archive: str | Path, member: str, what: str = "file") -> bytes:
     """One member's bytes; the error names the archive and the member."""
     with open_zip(Path(archive)) as zf:

@@ -1,9 +1,14 @@
 """Streamed, resumable, verified downloads from http(s)://, gs://, file:// or a path.
 
 A transfer writes ``NAME.part`` and resumes it after an interruption (HTTP
-Range, a GCS read at an offset, a seek in a local file). A finished file gets
-a sidecar ``NAME.verified.json`` with its size and SHA-256; a later run that
-finds the file unchanged downloads nothing and contacts nothing.
+Range with If-Range, a GCS read at an offset, a seek in a local file), but only
+while the source still has the same validators (ETag/Last-Modified, a GCS
+generation, a file's size and mtime): a changed source restarts from zero. A
+finished file gets a sidecar ``NAME.verified.json`` (source URL without its
+password, validators, size, SHA-256) only after it passes the caller's check
+(for the COCO zips: the archive check); a later run that finds the same source
+with the same validators downloads nothing, and one that finds another source
+or a changed validator downloads again. A whole transfer has a time limit.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 import requests
+import urllib3
 
-from captioning.errors import DownloadError
+from captioning.errors import CaptioningError, DownloadError
+from captioning.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +52,24 @@ class TransientError(Exception):
 # ---------------------------------------------------------------- sources
 
 
+class TransferTooSlow(Exception):
+    """The transfer ran past its deadline: not retried, a trickling server would only trickle again."""
+
+
 class Source:
-    """One remote file: its size, and its bytes from an offset."""
+    """One remote file: its size and validators, and its bytes from an offset."""
 
     def __init__(self, url: str, timeout: float):
         self.url = url
+        self.shown = redact(url)  # for messages and records: no password
         self.timeout = timeout
+        self.validators: dict = {}
 
     def size(self) -> int:
+        """The size, and ``self.validators``: what changes when the file does."""
         raise NotImplementedError
 
-    def stream(self, offset: int) -> Iterator[bytes]:
+    def stream(self, offset: int, deadline: float) -> Iterator[bytes]:
         raise NotImplementedError
 
 
@@ -66,36 +80,49 @@ class HttpSource(Source):
 
     def _check(self, resp: requests.Response) -> None:
         if resp.status_code >= 500 or resp.status_code == 429:
-            raise TransientError(f"{self.url}: HTTP {resp.status_code}")
+            raise TransientError(f"{self.shown}: HTTP {resp.status_code}")
         if resp.status_code >= 400:
-            raise DownloadError(f"{self.url}: HTTP {resp.status_code} {resp.reason}")
+            raise DownloadError(f"{self.shown}: HTTP {resp.status_code} {resp.reason}")
 
     def size(self) -> int:
         try:
             resp = self.session.head(self.url, timeout=self.timeout, allow_redirects=True)
         except requests.RequestException as exc:
-            raise TransientError(f"{self.url}: {exc}") from exc
+            raise TransientError(f"{self.shown}: {redact(str(exc))}") from exc
         self._check(resp)
         length = resp.headers.get("Content-Length")
         if length is None:
-            raise DownloadError(f"{self.url}: the server sends no Content-Length, so the size cannot be verified")
+            raise DownloadError(f"{self.shown}: the server sends no Content-Length, so the size cannot be verified")
+        self.validators = {key: resp.headers[header] for key, header in
+                           (("etag", "ETag"), ("last_modified", "Last-Modified")) if header in resp.headers}
         return int(length)
 
-    def stream(self, offset: int) -> Iterator[bytes]:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+    def stream(self, offset: int, deadline: float) -> Iterator[bytes]:
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            # Only the version the partial copy came from may continue it; else the server sends all (200).
+            if_range = self.validators.get("etag") or self.validators.get("last_modified")
+            if if_range:
+                headers["If-Range"] = if_range
         try:
             resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise TransientError(f"{self.url}: {exc}") from exc
+            raise TransientError(f"{self.shown}: {redact(str(exc))}") from exc
         with resp:
             self._check(resp)
             if offset and resp.status_code != 206:
-                # The server ignored Range: the caller must start over.
+                # The server ignored Range, or the file changed (If-Range): the caller must start over.
                 raise RangeIgnored()
+            # read1: whatever one socket read brings (iter_content waits to fill its chunk), so a server
+            # sending a byte now and then is seen, and stopped, at the deadline.
             try:
-                yield from resp.iter_content(NET_CHUNK)
-            except (requests.RequestException, ConnectionError) as exc:
-                raise TransientError(f"{self.url}: transfer interrupted: {exc}") from exc
+                while chunk := resp.raw.read1(NET_CHUNK, decode_content=True):
+                    yield chunk
+                    if time.monotonic() > deadline:
+                        raise TransferTooSlow()
+            except (requests.RequestException, ConnectionError, urllib3.exceptions.HTTPError) as exc:
+                raise TransientError(f"{self.shown}: transfer interrupted: {redact(str(exc))}") from exc
 
 
 class RangeIgnored(Exception):
@@ -109,11 +136,13 @@ class LocalSource(Source):
 
     def size(self) -> int:
         try:
-            return self.path.stat().st_size
+            stat = self.path.stat()
         except FileNotFoundError:
             raise DownloadError(f"{self.path}: file not found") from None
+        self.validators = {"mtime_ns": stat.st_mtime_ns}
+        return stat.st_size
 
-    def stream(self, offset: int) -> Iterator[bytes]:
+    def stream(self, offset: int, deadline: float) -> Iterator[bytes]:
         with open(self.path, "rb") as fh:
             fh.seek(offset)
             while chunk := fh.read(CHUNK):
@@ -146,9 +175,10 @@ class GcsSource(Source):
             raise DownloadError(f"{self.url}: access denied: {exc.message}") from None
         except (gexc.ServerError, gexc.TooManyRequests, requests.RequestException) as exc:
             raise TransientError(f"{self.url}: {exc}") from exc
+        self.validators = {"generation": str(blob.generation), "etag": blob.etag}
         return int(blob.size)
 
-    def stream(self, offset: int) -> Iterator[bytes]:
+    def stream(self, offset: int, deadline: float) -> Iterator[bytes]:
         from google.api_core import exceptions as gexc
 
         try:
@@ -208,6 +238,17 @@ def verified_record(dest: Path) -> dict | None:
 ProgressHook = Callable[[str, int, int], None]  # (name, done, total)
 
 
+def unverify(dest: Path) -> None:
+    """Withdraw a file's verified mark (it failed a later check): the next run downloads it again."""
+    sidecar(dest).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def download(
     url: str,
     dest: Path,
@@ -216,57 +257,98 @@ def download(
     retries: int = 5,
     backoff_s: float = 1.0,
     timeout_s: float = 60.0,
+    transfer_timeout_s: float = 6 * 3600.0,
     progress: ProgressHook | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> FileRecord:
-    """Fetch ``url`` to ``dest``: resumable, retried, verified, idempotent."""
+    """Fetch ``url`` to ``dest``: resumable, retried, verified, idempotent. ``check(path)`` (e.g. the archive
+    check) must pass before the file is marked verified; what it raises is reported with the URL."""
     dest = Path(dest)
+    source = open_source(url, timeout_s)
     record = verified_record(dest)
-    if record and (expected_sha256 is None or record["sha256"] == expected_sha256):
-        log.info("%s: already present and verified, not downloading", dest)
-        return FileRecord(url, str(dest), record["size"], record["sha256"], downloaded=False)
+    if record and record.get("source") == source.shown and expected_sha256 in (None, record["sha256"]):
+        try:
+            size = source.size()
+        except TransientError as exc:  # offline: the verified copy is the best there is
+            log.warning("%s; using the copy verified earlier, %s", exc, dest)
+            return FileRecord(source.shown, str(dest), record["size"], record["sha256"], downloaded=False)
+        if size == record["size"] and source.validators == record.get("validators"):
+            log.info("%s: already present and verified, not downloading", dest)
+            return FileRecord(source.shown, str(dest), record["size"], record["sha256"], downloaded=False)
+        log.info("%s changed at the source (%s); downloading it again", source.shown, source.validators)
+    elif record:
+        log.info("%s was verified from %s; downloading it from %s", dest, record.get("source"), source.shown)
+    unverify(dest)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    source = open_source(url, timeout_s)
+    deadline = time.monotonic() + transfer_timeout_s
     attempt = 0
     while True:
         try:
             total = source.size()
-            _transfer(source, part, total, dest.name, progress)
+            _transfer(source, part, total, dest.name, progress, deadline)
             break
+        except TransferTooSlow:
+            got = part.stat().st_size if part.exists() else 0
+            raise DownloadError(f"{source.shown}: not finished within data.transfer_timeout_s={transfer_timeout_s:g}s "
+                                f"({got} bytes received); the partial copy is kept for the next run") from None
         except TransientError as exc:
             attempt += 1
             if attempt > retries:
-                raise DownloadError(f"{url}: giving up after {retries} retries: {exc}") from None
+                raise DownloadError(f"{source.shown}: giving up after {retries} retries: {exc}") from None
             wait = backoff_s * (2 ** (attempt - 1))
             log.warning("%s; retry %d/%d in %.1fs (resuming)", exc, attempt, retries, wait)
             time.sleep(wait)
 
     size = part.stat().st_size
     if size != total:
-        raise DownloadError(f"{url}: size mismatch: got {size} bytes, the source says {total}")
+        raise DownloadError(f"{source.shown}: size mismatch: got {size} bytes, the source says {total}")
     digest = sha256_file(part)
     if expected_sha256 and digest != expected_sha256:
-        part.unlink()
-        raise DownloadError(f"{url}: checksum mismatch: sha256 {digest}, expected {expected_sha256}")
+        _discard(part)
+        raise DownloadError(f"{source.shown}: checksum mismatch: sha256 {digest}, expected {expected_sha256}")
+    if check:
+        try:
+            check(part)
+        except CaptioningError as exc:
+            _discard(part)  # never kept, never verified: the next run fetches it afresh
+            raise DownloadError(f"{source.shown}: downloaded as {dest.name}, but it failed the check: {exc}") from None
     os.replace(part, dest)
-    stat = dest.stat()
-    side = {"source": url, "size": size, "sha256": digest, "mtime_ns": stat.st_mtime_ns}
-    tmp = sidecar(dest).with_suffix(".tmp")
-    tmp.write_text(json.dumps(side, indent=1))
-    os.replace(tmp, sidecar(dest))
-    return FileRecord(url, str(dest), size, digest, downloaded=True)
+    _part_meta(part).unlink(missing_ok=True)
+    _write_json(sidecar(dest), {"source": source.shown, "validators": source.validators, "size": size,
+                                "sha256": digest, "mtime_ns": dest.stat().st_mtime_ns})
+    return FileRecord(source.shown, str(dest), size, digest, downloaded=True)
 
 
-def _transfer(source: Source, part: Path, total: int, name: str, progress: ProgressHook | None) -> None:
+def _part_meta(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _part_meta(part).unlink(missing_ok=True)
+
+
+def _transfer(source: Source, part: Path, total: int, name: str, progress: ProgressHook | None,
+              deadline: float) -> None:
+    origin = {"source": source.shown, "validators": source.validators, "size": total}
+    meta = _part_meta(part)
+    if part.exists():
+        try:
+            same = json.loads(meta.read_text()) == origin
+        except (OSError, ValueError):
+            same = False
+        if not same or part.stat().st_size > total:  # a partial copy of another version or source
+            log.info("%s: the partial copy came from another version of the file; starting over", name)
+            _discard(part)
+    if not part.exists():
+        _write_json(meta, origin)
     offset = part.stat().st_size if part.exists() else 0
-    if offset > total:  # a stale partial file of some other version
-        offset = 0
-        part.unlink()
     if offset == total:
         return
     try:
-        chunks = source.stream(offset)
+        chunks = source.stream(offset, deadline)
         mode = "ab" if offset else "wb"
         with open(part, mode) as fh:
             done = offset
@@ -275,12 +357,14 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
                 done += len(chunk)
                 if progress:
                     progress(name, done, total)
+                if time.monotonic() > deadline:
+                    raise TransferTooSlow()
     except RangeIgnored:
         part.unlink()
-        _transfer(source, part, total, name, progress)
+        _transfer(source, part, total, name, progress, deadline)
         return
     if part.stat().st_size < total:
-        raise TransientError(f"{source.url}: connection closed at {part.stat().st_size} of {total} bytes")
+        raise TransientError(f"{source.shown}: connection closed at {part.stat().st_size} of {total} bytes")
 
 
 def record_dict(record: FileRecord) -> dict:

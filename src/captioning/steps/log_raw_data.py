@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from captioning.config import DEMO_SOURCE, DataConfig
-from captioning.data.archive import index_archive, read_member
+from captioning.data.archive import check_archive, index_archive, read_member
 from captioning.redact import redact, redact_tree
-from captioning.data.fetch import download, join_url, record_dict, sidecar
-from captioning.errors import DataError
+from captioning.data.fetch import download, join_url, record_dict, sidecar, unverify
+from captioning.errors import CaptioningError, DataError
 from captioning.io import check_writable, file_lock, write_json_atomic
 from captioning.steps.result import StepResult
 
@@ -135,13 +135,19 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
             dest = out_dir / ARCHIVES / rel
             fetched = cache / rel if cache else dest
             with _locked(fetched, shared=cache is not None):
+                limits = (cfg.max_expanded_bytes, cfg.max_expansion_ratio)
                 record = download(
                     url, fetched, expected_sha256=cfg.sha256.get(rel) if cfg.verify_sha256 else None, retries=cfg.retries,
-                    backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, progress=hook,
+                    backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, transfer_timeout_s=cfg.transfer_timeout_s,
+                    progress=hook, check=lambda path: check_archive(path, *limits),
                 )
+                try:
+                    held = index_archive(fetched, *limits)  # every entry checked before anything is read
+                except CaptioningError:
+                    unverify(fetched)  # verified under other limits, or changed since: never trusted again
+                    raise
                 if cache:
                     _place(fetched, dest)
-            held = index_archive(dest, cfg.max_expanded_bytes, cfg.max_expansion_ratio)  # before any read
             for top in held:
                 if top in members:
                     raise DataError(f"{url}: holds {top}/, which {files_by_path(files, members[top])} "

@@ -82,7 +82,11 @@ def _run_in_pod(step: Step, **kwargs):
     from captioning.tracking import StepTracker
     from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, write_result
 
+    from captioning.redact import RedactingFilter
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the pod's log, like the CLI's: no URL password
+        handler.addFilter(RedactingFilter())
     given = {name: kwargs[name] for name in step_parameters(step)}
     cfg = config_from_parameters(kwargs[PRESET_PARAMETER], **given)
     if step.name == "log_raw_data" and os.environ.get(DOWNLOAD_CACHE_ENV):

@@ -27,6 +27,7 @@ import requests
 import urllib3
 
 from captioning.errors import CaptioningError, DownloadError
+from captioning.io import write_json_atomic
 from captioning.redact import redact
 
 log = logging.getLogger(__name__)
@@ -243,12 +244,6 @@ def unverify(dest: Path) -> None:
     sidecar(dest).unlink(missing_ok=True)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def download(
     url: str,
     dest: Path,
@@ -316,7 +311,7 @@ def download(
             raise DownloadError(f"{source.shown}: downloaded as {dest.name}, but it failed the check: {exc}") from None
     os.replace(part, dest)
     _part_meta(part).unlink(missing_ok=True)
-    _write_json(sidecar(dest), {"source": source.shown, "validators": source.validators, "size": size,
+    write_json_atomic(sidecar(dest), {"source": source.shown, "validators": source.validators, "size": size,
                                 "sha256": digest, "mtime_ns": dest.stat().st_mtime_ns})
     return FileRecord(source.shown, str(dest), size, digest, downloaded=True)
 
@@ -343,7 +338,7 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
             log.info("%s: the partial copy came from another version of the file; starting over", name)
             _discard(part)
     if not part.exists():
-        _write_json(meta, origin)
+        write_json_atomic(meta, origin)
     offset = part.stat().st_size if part.exists() else 0
     if offset == total:
         return

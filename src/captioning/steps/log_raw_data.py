@@ -20,9 +20,9 @@ from pathlib import Path
 
 from captioning.config import DEMO_SOURCE, DataConfig
 from captioning.data.archive import check_archive, index_archive, read_member
-from captioning.redact import redact, redact_tree
 from captioning.data.fetch import download, join_url, record_dict, sidecar, unverify
 from captioning.errors import CaptioningError, DataError
+from captioning.redact import redact, redact_tree
 from captioning.io import check_writable, file_lock, write_json_atomic
 from captioning.steps.result import StepResult
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -82,11 +83,12 @@ def _run_in_pod(step: Step, **kwargs):
     from captioning.tracking import StepTracker
     from captioning.workflow import StepIO, read_result, returned, run_step, scratch_folder, write_result
 
-    from captioning.redact import RedactingFilter
+    from captioning.redact import RedactingFilter, redact
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # the pod's log, like the CLI's: no URL password
         handler.addFilter(RedactingFilter())
+    sys.argv[:] = [redact(arg) for arg in sys.argv]  # W&B records the command line (KFP's executor input)
     given = {name: kwargs[name] for name in step_parameters(step)}
     cfg = config_from_parameters(kwargs[PRESET_PARAMETER], **given)
     if step.name == "log_raw_data" and os.environ.get(DOWNLOAD_CACHE_ENV):

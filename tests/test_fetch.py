@@ -207,3 +207,40 @@ def test_a_trickling_server_is_stopped_by_the_transfer_time_limit(http_mirror, t
         download(f"{http_mirror.url}/zips/val2014.zip", tmp_path / "v.zip", retries=3, timeout_s=30,
                  transfer_timeout_s=2)
     assert time.monotonic() - started < 15
+
+
+def test_a_verified_copy_is_used_when_the_source_cannot_be_asked_and_old_records_are_adopted(small_mirror,
+                                                                                           tmp_path):
+    import json
+
+    source = tmp_path / "mirror.zip"
+    source.write_bytes((Path(small_mirror["root"]) / ZIP).read_bytes())
+    dest = tmp_path / "cache" / "train2014.zip"
+    first = download(str(source), dest, retries=0, check=_zip_check)
+    side_path = dest.with_name(dest.name + ".verified.json")
+    side = json.loads(side_path.read_text())
+    side.pop("validators")  # as a version before validators wrote it
+    side_path.write_text(json.dumps(side))
+    again = download(str(source), dest, retries=0, check=_zip_check)
+    assert not again.downloaded and "validators" in json.loads(side_path.read_text())  # adopted, not fetched
+    source.unlink()  # the mirror is gone (or refuses the HEAD): the verified copy still serves
+    offline = download(str(source), dest, retries=0, check=_zip_check)
+    assert not offline.downloaded and offline.sha256 == first.sha256
+
+
+def test_whatever_the_check_raises_the_download_is_discarded(small_mirror, tmp_path):
+    def library_bug(path):
+        raise NotImplementedError("zip version 200")  # what zipfile raises for some damaged directories
+
+    dest = tmp_path / "train2014.zip"
+    with pytest.raises(DownloadError, match="failed the check: NotImplementedError: zip version 200"):
+        download(str(Path(small_mirror["root"]) / ZIP), dest, retries=0, check=library_bug)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_passwords_with_at_signs_and_quotes_are_redacted():
+    from captioning.redact import redact
+
+    assert redact("http://u:p@ss@host/x") == "http://u:***@host/x"
+    assert redact("fetch http://u:pa\"s's@h:80/x failed") == "fetch http://u:***@h:80/x failed"
+    assert redact("gs://bucket/a@b and http://h/x@y") == "gs://bucket/a@b and http://h/x@y"

@@ -283,6 +283,11 @@ def test_hostile_annotations_are_skipped_and_counted_naming_the_file_and_the_id(
     assert reasons["train2014/x.jpg"] == "no usable caption"  # its only captions were not strings
     assert blank == 0
 
+    unhashable = {"images": [{"id": [1], "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"}],
+                  "annotations": [{"image_id": 9, "caption": "a cat"}]}
+    images, _, skipped, _ = load_coco_captions(unhashable, where, "train2014", "train2014")
+    assert list(images) == [9] and skipped == [{"file": f"{where} images[0]", "reason": "image id [1] is not an integer"}]
+
     for not_coco in ([], {"images": {}}, {"images": [], "annotations": "none"}, "text"):
         with pytest.raises(DataError, match=f"^{where}: not a COCO caption file"):
             load_coco_captions(not_coco, where, "train2014", "train2014")

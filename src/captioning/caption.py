@@ -29,6 +29,8 @@ def _load_images(paths: list[Path], image_size: int, max_pixels: int):
 
     images = []
     for path in paths:
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device reads forever
+            raise CaptioningError(f"{path}: not a regular file")
         try:
             data = path.read_bytes()
         except IsADirectoryError:

@@ -101,7 +101,7 @@ class FeatureExtractor:
 
 
 # What tf.io.decode_image reads; anything else is refused by name before decoding.
-DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")  # MPO: a phone's JPEG with extra frames
 
 
 def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:

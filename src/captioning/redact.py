@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 # scheme://user:password@ -> scheme://user:***@ (a user name alone is kept: it is not a secret)
-_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"]*:)[^\s/@'\"]+@")
+# The password runs to the authority's last "@" (it may hold "@" and quotes itself).
+_USERINFO_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s/]*@")
 
 
 def redact(text: str) -> str:

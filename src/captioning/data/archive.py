@@ -41,7 +41,7 @@ def _check_entry(archive: Path, info: zipfile.ZipInfo) -> None:
 def open_zip(archive: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:  # fuzzed directories
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from None
 
 

@@ -176,7 +176,7 @@ class GcsSource(Source):
             raise DownloadError(f"{self.url}: access denied: {exc.message}") from None
         except (gexc.ServerError, gexc.TooManyRequests, requests.RequestException) as exc:
             raise TransientError(f"{self.url}: {exc}") from exc
-        self.validators = {"generation": str(blob.generation), "etag": blob.etag}
+        self.validators = {"generation": str(blob.generation)}  # the etag also changes on metadata edits
         return int(blob.size)
 
     def stream(self, offset: int, deadline: float) -> Iterator[bytes]:
@@ -264,9 +264,13 @@ def download(
     if record and record.get("source") == source.shown and expected_sha256 in (None, record["sha256"]):
         try:
             size = source.size()
-        except TransientError as exc:  # offline: the verified copy is the best there is
-            log.warning("%s; using the copy verified earlier, %s", exc, dest)
+        except Exception as exc:  # noqa: BLE001 - offline, or a HEAD refused: the verified copy is the best there is
+            log.warning("%s: cannot ask the source whether it changed (%s); using the copy verified earlier",
+                        dest, redact(str(exc)))
             return FileRecord(source.shown, str(dest), record["size"], record["sha256"], downloaded=False)
+        if size == record["size"] and "validators" not in record:  # verified by an earlier version: adopt it
+            write_json_atomic(sidecar(dest), {**record, "validators": source.validators})
+            record["validators"] = source.validators
         if size == record["size"] and source.validators == record.get("validators"):
             log.info("%s: already present and verified, not downloading", dest)
             return FileRecord(source.shown, str(dest), record["size"], record["sha256"], downloaded=False)
@@ -306,9 +310,10 @@ def download(
     if check:
         try:
             check(part)
-        except CaptioningError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the check raise
             _discard(part)  # never kept, never verified: the next run fetches it afresh
-            raise DownloadError(f"{source.shown}: downloaded as {dest.name}, but it failed the check: {exc}") from None
+            why = exc if isinstance(exc, CaptioningError) else f"{type(exc).__name__}: {exc}"
+            raise DownloadError(f"{source.shown}: downloaded as {dest.name}, but it failed the check: {why}") from None
     os.replace(part, dest)
     _part_meta(part).unlink(missing_ok=True)
     write_json_atomic(sidecar(dest), {"source": source.shown, "validators": source.validators, "size": size,

@@ -79,7 +79,7 @@ def load_coco_captions(data, where: str, image_dir: str, source: str, max_words:
         skipped.append({"file": f"{where} {what}", "reason": reason})
 
     files: dict[int, str] = {}
-    seen: Counter = Counter(img.get("id") if isinstance(img, dict) else None for img in images_in)
+    seen: Counter = Counter(img["id"] for img in images_in if isinstance(img, dict) and type(img.get("id")) is int)
     for n, img in enumerate(images_in):
         image_id = img.get("id") if isinstance(img, dict) else None
         if type(image_id) is not int:  # ids name files later (samples, figures): integers only, as COCO has
@@ -182,6 +182,8 @@ def _json_member(raw_dir: Path, manifest: dict, rel: str):
         return json.loads(read_member(archive, rel, "COCO caption file"))
     except ValueError as exc:
         raise DataError(f"{archive}:{rel}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{archive}:{rel}: nested too deeply to be a COCO caption file") from None
 
 
 def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_dir: str | Path,

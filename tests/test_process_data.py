@@ -96,7 +96,7 @@ def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
     assert reasons[by_case["bomb_header"]].startswith("decompression bomb: Image size (400000000 pixels) exceeds")
     assert reasons[by_case["oversized"]] == ("decompression bomb: declares 1200x1000 pixels, more than "
                                              "features.max_image_pixels=1000000")
-    assert reasons[by_case["tiff"]] == "a TIFF image; only JPEG, PNG, GIF, BMP are read"
+    assert reasons[by_case["tiff"]] == "a TIFF image; only JPEG, MPO, PNG, GIF, BMP are read"
     assert reasons[by_case["not_an_image"]] == "not an image"
     assert reasons[by_case["missing"]] == "missing file"
     assert reasons[by_case["truncated"]].startswith("truncated or corrupt image")

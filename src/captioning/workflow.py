@@ -215,8 +215,9 @@ def html_report(out_dir: Path, figures: list[str]) -> str:
         f"<th>CIDEr</th></tr>{preds}</table></body></html>")
 
 
+ARCHIVE_LIMIT_KEYS = ("data.max_expanded_bytes", "data.max_expansion_ratio")  # checked on download and extraction
 DOWNLOAD_KEYS = ("data.base_url", "data.files", "data.sha256", "data.verify_sha256", "data.retries", "data.retry_backoff_s",
-                 "data.timeout_s", "data.download_cache")
+                 "data.timeout_s", "data.transfer_timeout_s", "data.download_cache", *ARCHIVE_LIMIT_KEYS)
 SPLIT_KEYS = ("data.max_images", "data.seed", "data.val_images", "data.test_images")
 
 STEPS: dict[str, Step] = {s.name: s for s in (
@@ -225,7 +226,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          outputs={"raw_data": Output("Dataset", "raw")}),
     Step("process_data", "Clean and split the captions, build the vocabulary, extract InceptionV3 grid features "
          "from the zips; train_data holds train+val and the backbone, test_data the test split.",
-         _process_data, reads=(*SPLIT_KEYS, "features", "text"),
+         _process_data, reads=(*SPLIT_KEYS, *ARCHIVE_LIMIT_KEYS, "features", "text"),
          inputs={"raw_data": ("log_raw_data", "raw_data")},
          outputs={"train_data": Output("Dataset", "processed/train"),
                   "test_data": Output("Dataset", "processed/test")}),

@@ -105,8 +105,18 @@ def _run_in_pod(step: Step, **kwargs):
     if tracker.mode == "offline":  # a fixed local folder: W&B records its absolute paths, `wandb sync` needs them
         tracker.workdir = OFFLINE_WANDB_ROOT / step.name
         shutil.rmtree(tracker.workdir, ignore_errors=True)
-    with tracker:
-        result = run_step(step, cfg, io, tracker)
+    try:
+        with tracker:
+            result = run_step(step, cfg, io, tracker)
+    except Exception as exc:
+        from captioning.errors import DiskFullError
+        from captioning.io import disk_full_from, exit_process
+
+        full = exc if isinstance(exc, DiskFullError) else disk_full_from(exc)
+        if full is None:
+            raise
+        logging.getLogger(__name__).error("step %s failed: %s", step.name, full)
+        exit_process(1)  # one line, not a traceback, and not HDF5's crash at exit (h5py#914)
     _keep_offline_run(tracker, kwargs[WANDB_RUN], result)
     if step.result_in:  # the result handed on as a parameter carries the figures too
         result.returns[step.result_in] = json.dumps(result.summary())

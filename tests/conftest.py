@@ -54,3 +54,23 @@ def gcs_emulator(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     yield
     server.stop()
+
+
+@pytest.fixture
+def small_volume():
+    """Mount a tmpfs of a given size (a real file system that fills up): ``small_volume(path, bytes)``.
+    Needs root, as CI has; elsewhere the test is skipped, saying why."""
+    mounted = []
+
+    def mount(path: Path, size: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

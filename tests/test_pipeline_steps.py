@@ -166,6 +166,20 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error_and_nothing_is_prom
     assert not (tmp_path / "registry").exists()
 
 
+def test_train_refuses_an_epoch_its_volume_cannot_hold_and_keeps_no_half_files(pipeline_run, small_volume,
+                                                                              tmp_path):
+    """Issue 14, point 7: before an epoch's weights are written, each volume is checked to hold them."""
+    from captioning.errors import DiskFullError
+    from captioning.steps.train import train
+
+    work = small_volume(tmp_path / "work", 2 << 20)  # two weights files of the tiny model, with margins, do not fit
+    data = pipeline_run["work"] / "processed" / "train"
+    with pytest.raises(DiskFullError, match=r"/checkpoints: epoch 1's checkpoints needs about .*, but the volume has"):
+        train(pipeline_run["cfg"], data, work, model_dir=tmp_path / "model")
+    assert not [p for p in work.rglob("*") if p.name.startswith(".tmp-") or p.suffix in (".tmp", ".part")]
+    assert not list(work.rglob("*.weights.h5")) and not (tmp_path / "model").exists()
+
+
 def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
     from captioning.data.demo import draw_scene
     import random

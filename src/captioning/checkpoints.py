@@ -13,11 +13,10 @@ scratch folder before training and uploaded after every epoch.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from captioning.errors import ConfigError
-from captioning.io import check_writable
+from captioning.io import atomic_path, check_writable, require_free_space
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,9 @@ class CheckpointFolder:
                 if not rel or rel.endswith("/"):  # a "folder" placeholder object
                     continue
                 dest = self.folder / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(f".{dest.name}.part")
-                blob.download_to_filename(str(tmp))
-                os.replace(tmp, dest)
+                require_free_space(self.folder, blob.size or 0, f"restoring {blob.name}")
+                with atomic_path(dest, f".{dest.name}.part") as tmp:
+                    blob.download_to_filename(str(tmp))
                 stat = dest.stat()
                 restored[rel] = (stat.st_size, stat.st_mtime_ns)
             probe = bucket.blob(f"{prefix}/.write-probe")
@@ -109,7 +107,8 @@ class CheckpointFolder:
     def _state(self) -> dict[str, tuple[int, int]]:
         out = {}
         for path in self.folder.rglob("*"):
-            if path.is_file() and not path.name.endswith((".part", ".lock")):
+            if path.is_file() and not path.name.endswith((".part", ".lock", ".tmp")) \
+                    and not path.name.startswith(".tmp-"):  # what a kill left half written is never uploaded
                 stat = path.stat()
                 out[path.relative_to(self.folder).as_posix()] = (stat.st_size, stat.st_mtime_ns)
         return out

@@ -46,7 +46,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: Exception) -> None:
+    """One line naming the file or setting; exit 2 for what was refused up front, 1 for a full disk."""
+    from captioning.errors import DiskFullError
+    from captioning.io import exit_process
+
     typer.echo(redact(f"error: {exc}"), err=True)
+    if isinstance(exc, DiskFullError):
+        exit_process(1)
     raise typer.Exit(2)
 
 
@@ -127,7 +133,9 @@ def run(
     _print_summary(summary)
     typer.echo(f"summary: {path}")
     if summary["status"] != "ok":
-        raise typer.Exit(1)
+        from captioning.io import exit_process
+
+        exit_process(1)
 
 
 @app.command()

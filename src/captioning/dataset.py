@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import os
 import shutil
 
 import numpy as np
 
 from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES
-from captioning.io import read_json
+from captioning.io import atomic_path, read_json, require_free_space
 from captioning.text import Vocabulary
 
 # Captions are batched with others of similar length and padded only to their own
@@ -112,9 +111,9 @@ class ProcessedDataset:
             for name in self.manifest["splits"][split]["shards"]:
                 source, target = self.root / name, local / name
                 if not target.exists() or target.stat().st_size != source.stat().st_size:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source, target.with_suffix(".part"))
-                    os.replace(target.with_suffix(".part"), target)
+                    require_free_space(local, source.stat().st_size, f"a local copy of {source}")
+                    with atomic_path(target, f"{target.stem}.part") as tmp:
+                        shutil.copyfile(source, tmp)
         for name in (self.manifest["vocab"], self.manifest["feature_stats"],
                      *(info["captions_file"] for info in self.manifest["splits"].values()), "dataset.json"):
             shutil.copyfile(self.root / name, local / name)

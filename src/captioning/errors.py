@@ -27,3 +27,7 @@ class SubmitError(CaptioningError):
 
 class TrainingError(CaptioningError):
     """Training went wrong in a way more epochs cannot fix (a non-finite loss)."""
+
+
+class DiskFullError(CaptioningError):
+    """A volume ran out of space: the message names the file and what is free."""

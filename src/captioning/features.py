@@ -9,6 +9,7 @@ sidecar naming the images it holds, so a restarted step reuses finished shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import numpy as np
 
 from captioning.config import MAX_IMAGE_PIXELS
 from captioning.errors import ConfigError
+from captioning.io import atomic_path, disk_full_error, is_disk_full, require_free_space
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,7 @@ class _ShardWriter(threading.Thread):
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
         self.results: list[ShardResult] = []
         self.error: BaseException | None = None
+        self.writing = None  # (file, path) of the shard being written
         self.owner = {}  # global index -> (plan number, position in plan)
         offset = 0
         for p, plan in enumerate(plans):
@@ -232,6 +235,13 @@ class _ShardWriter(threading.Thread):
         try:
             self._run()
         except BaseException as exc:  # surfaced by finish()
+            writing, self.writing = self.writing, None
+            if writing is not None:  # the shard being written is lost: no half of it stays behind
+                with contextlib.suppress(OSError):  # closing flushes, and the disk may still be full
+                    writing[0].close()
+                writing[1].unlink(missing_ok=True)
+            if is_disk_full(exc):
+                exc = disk_full_error(writing[1].with_suffix("") if writing else self.out_dir)
             self.error = exc
 
     def _run(self):
@@ -251,6 +261,7 @@ class _ShardWriter(threading.Thread):
                         self._close(skipped, None, [], None, None)
                     current, seen = p, []
                     fh = open(self.out_dir / f"{self.plans[p].name}.f16.tmp", "wb")
+                    self.writing = (fh, self.out_dir / f"{self.plans[p].name}.f16.tmp")
                     total = np.zeros(CHANNELS, np.float64)
                     sumsq = np.zeros(CHANNELS, np.float64)
                 fh.write(np.ascontiguousarray(feat, dtype="<f2").tobytes())
@@ -270,6 +281,7 @@ class _ShardWriter(threading.Thread):
             tmp.write_bytes(b"")
         else:
             fh.close()
+            self.writing = None
         seen_set = set(seen)
         skipped = [
             {"file": self.source.where(key), "reason": why_unreadable(self.source, key, self.max_pixels)}
@@ -284,9 +296,8 @@ class _ShardWriter(threading.Thread):
         side = {"digest": plan.digest, "weights": self.weights, "image_ids": result.image_ids,
                 "skipped": skipped, "sum": result.feature_sum, "sumsq": result.feature_sumsq,
                 "positions": result.positions}
-        tmp_side = _sidecar(self.out_dir, plan.name).with_suffix(".json.tmp")
-        tmp_side.write_text(json.dumps(side))
-        os.replace(tmp_side, _sidecar(self.out_dir, plan.name))
+        with atomic_path(_sidecar(self.out_dir, plan.name)) as tmp_side:
+            tmp_side.write_text(json.dumps(side))
         self.results.append(result)
 
 
@@ -341,6 +352,7 @@ def extract_to_shards(
     results = list(done.values())
     if pending:
         keys = [key for plan in pending for _, key in plan.items]
+        require_free_space(out_dir, RECORD_BYTES * len(keys), f"the features of {len(keys)} images")
         writer = _ShardWriter(out_dir, pending, extractor.weights, source, max_pixels)
         writer.start()
         processed = 0

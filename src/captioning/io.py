@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,121 @@ def finite_json(data: Any) -> Any:
     return data
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+disk_full_seen = False  # set once a write hit a full disk: see exit_process
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the volume that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full_error(path: str | Path, kept: str = ""):
+    """The error for a write that found the volume full, naming the file; remembered for exit_process."""
+    from captioning.errors import DiskFullError
+
+    global disk_full_seen
+    disk_full_seen = True
+    return DiskFullError(f"{path}: no space left on the device ({human_bytes(free_bytes(path))} free there); "
+                         f"{kept + '; ' if kept else ''}free space or give the step a larger volume")
+
+
+def disk_full_from(exc: BaseException):
+    """The DiskFullError for an OSError a full disk raised anywhere (a library's own write, HDF5's, a copy),
+    or None. A copy's half-written destination is removed; HDF5 names its file only inside the message."""
+    if not is_disk_full(exc):
+        return None
+    if exc.filename2:  # shutil.copy*: the destination holds a partial copy
+        with contextlib.suppress(OSError):
+            Path(exc.filename2).unlink()
+    found = re.search(r"filename = '([^']+)'", str(exc))
+    path = exc.filename2 or exc.filename or (found.group(1) if found else "a file")
+    return disk_full_error(path)
+
+
+def require_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse, before writing a byte, a write the volume cannot hold: a clean error now rather than a
+    half-written file (and HDF5's crash on a full disk, h5py#914) hours later."""
+    from captioning.errors import DiskFullError
+
+    free = free_bytes(folder)
+    if needed > free:
+        raise DiskFullError(f"{folder}: {what} needs about {human_bytes(needed)}, but the volume has "
+                            f"{human_bytes(free)} free; free space or give the step a larger volume")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, tmp_name: str = ""):
+    """A temporary path beside ``path``, renamed onto it when the block succeeds and removed when it fails:
+    no half-written file under either name, a full disk included (then a DiskFullError naming ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite_json(data), indent=1, ensure_ascii=False, allow_nan=False))
-    os.replace(tmp, path)
+    tmp = path.with_name(tmp_name or f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    text = json.dumps(finite_json(data), indent=1, ensure_ascii=False, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def weights_bytes(model) -> int:
+    """What ``model.save_weights`` writes, about: every variable, the optimizer's included."""
+    import numpy as np
+
+    optimizer = getattr(model, "optimizer", None)
+    variables = [*model.weights, *(optimizer.variables if optimizer is not None else [])]
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables) + (1 << 20)  # + HDF5's own
+
+
+def save_weights_atomic(model, path: str | Path) -> Path:
+    """``model.save_weights`` checked against the free space first and renamed into place when complete:
+    HDF5 left writing on a full disk leaves a broken file and crashes the process at exit (h5py#914)."""
+    path = Path(path)
+    require_free_space(path.parent, weights_bytes(model), f"saving {path.name}")
+    with atomic_path(path, f".tmp-{path.name}") as tmp:  # Keras wants the name to end in .weights.h5
+        model.save_weights(tmp)
     return path
+
+
+def exit_process(code: int) -> None:
+    """Exit with ``code``. After a full disk HDF5 may hold a half-closed file that crashes the interpreter's
+    teardown (h5py#914, exit 139): then flush what was printed and leave without that teardown."""
+    if disk_full_seen:
+        import logging
+        import sys
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:

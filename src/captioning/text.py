@@ -107,7 +107,10 @@ class Vocabulary:
                 "specials": {"pad": PAD, "start": START, "end": END, "unk": UNK}}
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=0))
+        from captioning.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path: Path) -> "Vocabulary":

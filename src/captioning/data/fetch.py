@@ -27,7 +27,7 @@ import requests
 import urllib3
 
 from captioning.errors import CaptioningError, DownloadError
-from captioning.io import write_json_atomic
+from captioning.io import disk_full_error, is_disk_full, require_free_space, write_json_atomic
 from captioning.redact import redact
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,8 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
     offset = part.stat().st_size if part.exists() else 0
     if offset == total:
         return
+    require_free_space(part.parent, total - offset,
+                       f"the rest of {name} (from byte {offset})" if offset else f"downloading {name}")
     try:
         chunks = source.stream(offset, deadline)
         mode = "ab" if offset else "wb"
@@ -359,6 +361,12 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
                     progress(name, done, total)
                 if time.monotonic() > deadline:
                     raise TransferTooSlow()
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # The volume filled during the transfer (something else wrote to it): what arrived is resumable.
+        raise disk_full_error(part, kept=f"the partial download ({part.stat().st_size} bytes) is kept to resume "
+                                         "from; delete it to get the space back") from None
     except RangeIgnored:
         part.unlink()
         _transfer(source, part, total, name, progress, deadline)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from captioning.config import Config
 from captioning.errors import CaptioningError
-from captioning.io import write_json_atomic
+from captioning.io import disk_full_from, write_json_atomic
 from captioning.steps.result import StepResult
 from captioning.tracking import StepTracker, new_group
 from captioning.workflow import STEPS, StepIO, run_step, upstream_of
@@ -53,7 +53,8 @@ def run_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
             result = StepResult(status="failed", extra={"error": str(exc)})
         except Exception as exc:  # keep the summary honest even on a bug
             log.debug("%s", traceback.format_exc())
-            result = StepResult(status="failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+            error = disk_full_from(exc) or f"{type(exc).__name__}: {exc}"
+            result = StepResult(status="failed", extra={"error": str(error)})
         result.extra["seconds"] = round(time.monotonic() - started, 2)
         summary["steps"][name] = result.summary()
         if result.status == "failed":

@@ -23,7 +23,7 @@ from captioning.data.archive import check_archive, index_archive, read_member
 from captioning.data.fetch import download, join_url, record_dict, sidecar, unverify
 from captioning.errors import CaptioningError, DataError
 from captioning.redact import redact, redact_tree
-from captioning.io import check_writable, file_lock, write_json_atomic
+from captioning.io import atomic_path, check_writable, file_lock, require_free_space, write_json_atomic
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,13 @@ def _place(cached: Path, dest: Path) -> None:
     for src, dst in ((cached, dest), (sidecar(cached), sidecar(dest))):
         if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system: a copy, if the volume can hold it
+                require_free_space(dst.parent, src.stat().st_size, f"copying {src.name} from the download cache")
+                shutil.copy2(src, tmp)
 
 
 def _counts(out_dir: Path, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:

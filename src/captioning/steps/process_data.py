@@ -20,7 +20,6 @@ and ``train_data`` keeps ``report.json``: every file that was skipped, with the 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections import Counter, defaultdict
@@ -31,7 +30,7 @@ import numpy as np
 from captioning.config import ATTENTION_SAMPLE_LIMIT, MAX_CAPTION_WORDS, Config
 from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
-from captioning.io import read_json, write_json_atomic
+from captioning.io import atomic_path, read_json, save_weights_atomic, write_json_atomic
 from captioning.data.archive import (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO, ArchiveImages, index_archive,
                                      read_member)
 from captioning.dataset import FORMAT
@@ -168,10 +167,9 @@ def save_backbone(extractor: FeatureExtractor, out_dir: Path) -> None:
     path, identity = out_dir / BACKBONE_FILE, out_dir / (BACKBONE_FILE + ".identity")
     if path.exists() and identity.exists() and identity.read_text() == extractor.weights:
         return
-    tmp = out_dir / f".tmp.{BACKBONE_FILE}"
-    extractor.backbone.save_weights(tmp)
-    os.replace(tmp, path)
-    identity.write_text(extractor.weights)
+    save_weights_atomic(extractor.backbone, path)
+    with atomic_path(identity) as tmp:
+        tmp.write_text(extractor.weights)
 
 
 def _json_member(raw_dir: Path, manifest: dict, rel: str):
@@ -316,9 +314,8 @@ def _save_sample(source: ArchiveImages, record: dict, folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{int(record['image_id'])}{Path(record['file']).suffix.lower()}"
     if not (folder / name).exists():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(source.read(record["file"]))
-        os.replace(tmp, folder / name)
+        with atomic_path(folder / name) as tmp:
+            tmp.write_bytes(source.read(record["file"]))
     return f"{SAMPLES}/{name}"
 
 

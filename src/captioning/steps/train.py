@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from captioning.bundle import MODEL_FILE, save_bundle
@@ -26,7 +25,8 @@ from captioning.dataset import ProcessedDataset, shuffle_epoch_callback
 from captioning.validation import ValidationCaptions, caption_metric_callback, choose_decoding
 from captioning.errors import ConfigError, TrainingError
 from captioning.redact import redact_tree
-from captioning.io import file_lock, read_json, write_json_atomic
+from captioning.io import (atomic_path, file_lock, read_json, require_free_space, save_weights_atomic, weights_bytes,
+                           write_json_atomic)
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,51 @@ def _stop_on_non_finite_loss(out_dir: Path):
     return StopOnNonFiniteLoss()
 
 
+def _epoch_weights(pattern: Path):
+    """Keras' ModelCheckpoint, but each file complete or absent: the best epoch is loaded from these."""
+    import keras
+
+    class EpochWeights(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            save_weights_atomic(self.model, str(pattern).format(epoch=epoch + 1))
+
+    return EpochWeights()
+
+
+def _backup_and_restore(folder: Path):
+    """Keras' BackupAndRestore writes its weights in place, so a full disk or a kill mid-write leaves a file the
+    next attempt cannot load: here the weights, then the epoch they belong to, are each renamed into place."""
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _save_model(self):
+            save_weights_atomic(self.model, self._weights_path)
+            write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch,
+                                                             "batch": self._last_batch_seen})
+
+    return AtomicBackupAndRestore(str(folder), save_freq="epoch", delete_checkpoint=False)
+
+
+def free_space_guard(needs: list[tuple[Path, int]]):
+    """Before an epoch's files are written, check each volume can hold them (``needs``: a folder and how many
+    weights files of this model go there): a clean error, not HDF5 failing half way through a file."""
+    import keras
+
+    class FreeSpaceGuard(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            size = weights_bytes(self.model)
+            by_volume: dict[int, tuple[Path, int]] = {}
+            for folder, copies in needs:
+                folder.mkdir(parents=True, exist_ok=True)
+                device = folder.stat().st_dev
+                first, total = by_volume.get(device, (folder, 0))
+                by_volume[device] = (first, total + copies * size)
+            for folder, total in by_volume.values():
+                require_free_space(folder, total, f"epoch {epoch + 1}'s checkpoints")
+
+    return FreeSpaceGuard()
+
+
 def _history_csv(path: Path):
     import keras
 
@@ -125,12 +170,10 @@ def _history_csv(path: Path):
             rows = [row for row in _read_history(path) if row["epoch"] != epoch]
             rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
             fields = list(dict.fromkeys(key for row in rows for key in row))
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w", newline="") as fh:
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fields)
                 writer.writeheader()
                 writer.writerows(rows)
-            os.replace(tmp, path)
 
     return AtomicHistory()
 
@@ -241,7 +284,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
 
     history_csv = out_dir / "history.csv"
     epoch_weights = ckpt_dir / "epoch-{epoch:03d}.weights.h5"
-    backup = keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"), save_freq="epoch", delete_checkpoint=False)
+    backup = _backup_and_restore(ckpt_dir / "backup")
     resumed_from = _read_history(history_csv)
     validation = ValidationCaptions(data, cfg.train.select_images, cfg.train.select_metric)
     monitor = f"val_{cfg.train.select_metric}"
@@ -255,8 +298,9 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         _stop_on_non_finite_loss(out_dir),  # first: no later callback saves a non-finite epoch
         shuffle_epoch_callback(shuffle_epoch),  # after BackupAndRestore's resume, the epoch's own order
         caption_metric_callback(validation),  # first at epoch end: the callbacks below read its metric
+        free_space_guard([(ckpt_dir, 2)]),  # the epoch's weights, and the backup beside the one it replaces
+        _epoch_weights(epoch_weights),  # before the backup: a resumed run never skips an epoch's file
         backup,
-        keras.callbacks.ModelCheckpoint(str(epoch_weights), save_weights_only=True),
         _history_csv(history_csv),
         save_every_epoch(store),  # after the callbacks that write the folder
         _early_stopping(cfg.train.patience, resumed_from, monitor),

@@ -158,6 +158,14 @@ class StepTracker:
         import wandb
         from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
 
+        from captioning.io import require_free_space
+        from captioning.workflow import tree_size
+
+        files = list(files)
+        dirs = list(dirs)
+        staged = sum(tree_size(Path(item[1] if isinstance(item, tuple) else item))["bytes"] for item in (*files, *dirs))
+        # W&B copies what it uploads into its staging folder first: refuse now what that volume cannot hold.
+        require_free_space(os.environ.get("WANDB_DATA_DIR") or self.workdir, staged, f"W&B's copy of artifact {name}")
         artifact = wandb.Artifact(name, type=kind, metadata=metadata or {})
         for item in files:
             name_in, path = item if isinstance(item, tuple) else (None, item)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,7 @@ def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Pat
 
     from captioning.dataset import ProcessedDataset
     from captioning.decode import Decoder
+    from captioning.steps.train import free_space_guard
 
     data = ProcessedDataset.open(dataset_dir)
     sample = data.records("val")[:8]
@@ -114,8 +116,10 @@ def train_callbacks(t: StepTracker, cfg: Config, dataset_dir: Path, out_dir: Pat
             rows = [[epoch + 1, r["image_id"], data.vocab.decode(tok), r["captions"][0]] for r, tok in zip(sample, tokens)]
             t.table("examples", ["epoch", "image_id", "generated", "reference"], rows)
 
+    staging = Path(os.environ.get("WANDB_DATA_DIR") or out_dir)
     return [
         WandbMetricsLogger(log_freq=10),  # per-batch and per-epoch loss, and the learning rate
+        free_space_guard([(out_dir, 1), (staging, 1)]),  # the W&B checkpoint and the copy staged for upload
         # save_best_only stays off: it raises on the first epoch that does not improve (wandb#8842).
         WandbModelCheckpoint(str(out_dir / "wandb-checkpoint.weights.h5"), save_weights_only=True),
         ExampleCaptions(),

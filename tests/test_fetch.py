@@ -244,3 +244,46 @@ def test_passwords_with_at_signs_and_quotes_are_redacted():
     assert redact("http://u:p@ss@host/x") == "http://u:***@host/x"
     assert redact("fetch http://u:pa\"s's@h:80/x failed") == "fetch http://u:***@h:80/x failed"
     assert redact("gs://bucket/a@b and http://h/x@y") == "gs://bucket/a@b and http://h/x@y"
+
+
+def test_an_archive_damaged_after_its_check_loses_its_mark_everywhere_and_is_fetched_again(small_mirror, tmp_path):
+    """Issue 14, point 3: a member failing to read later (the file rotted or was changed in place, its mtime
+    put back) skips that image, names the archive, and withdraws the verified mark of every hard link
+    (the shared download cache's copy too): the next download fetches it afresh."""
+    import os
+    import zipfile
+
+    from captioning.data.archive import ArchiveImages, read_member
+    from captioning.data.fetch import verified_record
+    from captioning.errors import DataError
+
+    source = Path(small_mirror["root"]) / ZIP
+    cached = tmp_path / "cache" / "train2014.zip"
+    download(str(source), cached, retries=0, check=_zip_check)
+    artifact = tmp_path / "raw" / "train2014.zip"
+    artifact.parent.mkdir()
+    os.link(cached, artifact)  # what log_raw_data places from a cache on the same volume
+    (artifact.parent / (artifact.name + ".verified.json")).write_bytes(
+        (cached.parent / (cached.name + ".verified.json")).read_bytes())
+    assert verified_record(cached) and verified_record(artifact)
+
+    with zipfile.ZipFile(artifact) as zf:
+        info = next(i for i in zf.infolist() if i.file_size > 1000)
+    stat = artifact.stat()
+    data = bytearray(artifact.read_bytes())
+    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])  # bit rot inside one member
+    artifact.write_bytes(bytes(data))
+    os.utime(artifact, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and nothing to see from outside
+    assert verified_record(cached) and verified_record(artifact)
+
+    images = ArchiveImages({"train2014": artifact})
+    with pytest.raises(DataError, match=rf"train2014.zip:{info.filename}: "):
+        images.read(info.filename)
+    assert verified_record(artifact) is None and verified_record(cached) is None
+    with pytest.raises(DataError, match=rf"{artifact}: cannot read {info.filename} \(caption file\): .*; "
+                       "train2014.zip is damaged; its verified mark is withdrawn, so the next log_raw_data "
+                       "downloads it again"):
+        read_member(artifact, info.filename, "caption file")
+    record = download(str(source), cached, retries=0, check=_zip_check)
+    assert record.downloaded and sha(cached) == sha(source)

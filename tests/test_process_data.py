@@ -358,3 +358,30 @@ def test_an_archive_holding_another_archives_folder_is_refused(small_mirror, tmp
     with pytest.raises(DataError, match=r"train2014.zip: holds annotations/, which .*annotations_trainval2014.zip "
                        r"already holds; one archive must not replace another's files"):
         log_raw_data(cfg.data, tmp_path / "raw")
+
+
+@pytest.mark.parametrize("content, why", [
+    ("[1, 2]", "not a COCO caption file (it needs lists 'images' and 'annotations')"),
+    ('{"images": [', "not valid JSON: Expecting value"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply to be a COCO caption file"),
+])
+def test_log_raw_data_names_an_annotation_file_that_is_not_coco(small_mirror, tmp_path, content, why):
+    import shutil
+    import zipfile
+
+    from captioning.steps.log_raw_data import log_raw_data
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(small_mirror["root"], mirror)
+    annotations = mirror / "annotations" / "annotations_trainval2014.zip"
+    with zipfile.ZipFile(annotations) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    members["annotations/captions_train2014.json"] = content.encode()
+    with zipfile.ZipFile(annotations, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    cfg = load_config(overrides=[f"data.base_url={mirror}"])
+    with pytest.raises(DataError) as caught:
+        log_raw_data(cfg.data, tmp_path / "raw")
+    assert str(caught.value).startswith(f"{tmp_path}/raw/archives/annotations/annotations_trainval2014.zip:"
+                                        f"annotations/captions_train2014.json: {why}")

@@ -11,6 +11,7 @@ ever written to disk or uploaded as an artifact.
 
 from __future__ import annotations
 
+import logging
 import stat
 import threading
 import zipfile
@@ -19,6 +20,8 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 
 from captioning.errors import DataError, UnsafeArchiveError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 # What reading one damaged member raises: a bad CRC or header, a broken deflate stream,
@@ -99,6 +102,14 @@ def check_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
         raise DataError(f"{archive.name}: member {bad} fails its CRC check (a damaged or mixed download)")
 
 
+def _withdraw_verification(archive: Path) -> str:
+    """A member that fails to read after the download's full check: the archive changed or rotted since."""
+    from captioning.data.fetch import unverify
+
+    unverify(archive)
+    return f"{archive.name} is damaged; its verified mark is withdrawn, so the next log_raw_data downloads it again"
+
+
 def read_member(archive: str | Path, member: str, what: str = "file") -> bytes:
     """One member's bytes; the error names the archive and the member."""
     with open_zip(Path(archive)) as zf:
@@ -107,7 +118,20 @@ def read_member(archive: str | Path, member: str, what: str = "file") -> bytes:
         except KeyError:
             raise DataError(f"{archive}: holds no {member} ({what})") from None
         except MEMBER_ERRORS as exc:
-            raise DataError(f"{archive}: cannot read {member} ({what}): {type(exc).__name__}: {exc}") from None
+            raise DataError(f"{archive}: cannot read {member} ({what}): {type(exc).__name__}: {exc}; "
+                            f"{_withdraw_verification(Path(archive))}") from None
+
+
+def read_json_member(archive: str | Path, member: str, what: str = "file"):
+    """One member parsed as JSON; every failure names the archive and the member."""
+    import json
+
+    try:
+        return json.loads(read_member(archive, member, what))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise DataError(f"{archive}:{member}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{archive}:{member}: nested too deeply to be a {what}") from None
 
 
 class ArchiveImages:
@@ -121,6 +145,7 @@ class ArchiveImages:
         self._handles: dict[str, zipfile.ZipFile] = {}
         self._lock = threading.Lock()
         self.opened = 0
+        self.damaged: set[str] = set()  # archives a member of which failed to read
 
     def _zip(self, top: str) -> zipfile.ZipFile:
         handle = self._handles.get(top)
@@ -147,6 +172,10 @@ class ArchiveImages:
         except KeyError:
             raise FileNotFoundError(key) from None
         except MEMBER_ERRORS as exc:
+            if top not in self.damaged:  # the image is skipped; the archive is not trusted again
+                self.damaged.add(top)
+                log.warning("%s: %s: %s; %s", self.where(key), type(exc).__name__, exc,
+                            _withdraw_verification(self.archives[top]))
             raise DataError(f"{self.where(key)}: {type(exc).__name__}: {exc}") from None
 
     def read_or_empty(self, key: str) -> bytes:

@@ -13,6 +13,7 @@ or a changed validator downloads again. A whole transfer has a time limit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -240,8 +241,11 @@ ProgressHook = Callable[[str, int, int], None]  # (name, done, total)
 
 
 def unverify(dest: Path) -> None:
-    """Withdraw a file's verified mark (it failed a later check): the next run downloads it again."""
-    sidecar(dest).unlink(missing_ok=True)
+    """Withdraw a file's verified mark (it failed a later check): the next run downloads it again. The
+    file's mtime moves too, so no other record of it (a hard link's, in a shared download cache) matches."""
+    with contextlib.suppress(OSError):  # a read-only input (a pod's artifact) keeps its marks
+        sidecar(dest).unlink(missing_ok=True)
+        os.utime(dest)
 
 
 def download(

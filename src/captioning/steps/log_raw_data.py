@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from captioning.config import DEMO_SOURCE, DataConfig
-from captioning.data.archive import check_archive, index_archive, read_member
+from captioning.data.archive import check_archive, index_archive, read_json_member
 from captioning.data.fetch import download, join_url, record_dict, sidecar, unverify
 from captioning.errors import CaptioningError, DataError
 from captioning.redact import redact, redact_tree
@@ -110,9 +110,12 @@ def _counts(out_dir: Path, members: dict[str, str], contents: dict[str, dict]) -
     for split, rel in ANNOTATION_FILES.items():
         if split in contents:
             counts[f"{split}_images"] = contents[split]["images"]
-        data = json.loads(read_member(out_dir / members["annotations"], rel, "COCO caption file"))
-        counts[f"{split}_annotated_images"] = len(data.get("images", []))
-        counts[f"{split}_captions"] = len(data.get("annotations", []))
+        archive = out_dir / members["annotations"]
+        data = read_json_member(archive, rel, "COCO caption file")
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
+            raise DataError(f"{archive}:{rel}: not a COCO caption file (it needs lists 'images' and 'annotations')")
+        counts[f"{split}_annotated_images"] = len(data["images"])
+        counts[f"{split}_captions"] = len(data["annotations"])
     return counts
 
 

@@ -32,7 +32,7 @@ from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
 from captioning.io import atomic_path, read_json, save_weights_atomic, write_json_atomic
 from captioning.data.archive import (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO, ArchiveImages, index_archive,
-                                     read_member)
+                                     read_json_member)
 from captioning.dataset import FORMAT
 from captioning.steps.log_raw_data import MANIFEST
 from captioning.steps.result import StepResult
@@ -173,15 +173,7 @@ def save_backbone(extractor: FeatureExtractor, out_dir: Path) -> None:
 
 
 def _json_member(raw_dir: Path, manifest: dict, rel: str):
-    import json
-
-    archive = raw_dir / manifest["members"][rel.split("/", 1)[0]]
-    try:
-        return json.loads(read_member(archive, rel, "COCO caption file"))
-    except ValueError as exc:
-        raise DataError(f"{archive}:{rel}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise DataError(f"{archive}:{rel}: nested too deeply to be a COCO caption file") from None
+    return read_json_member(raw_dir / manifest["members"][rel.split("/", 1)[0]], rel, "COCO caption file")
 
 
 def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_dir: str | Path,

@@ -71,7 +71,7 @@ def chain(small_mirror, tmp_path_factory):
 
 def test_artifact_metadata_shows_what_a_user_wants(chain):
     assert chain["raw"].metadata["train2014_images"] == 39
-    assert chain["train_data"].metadata["images"] == 64 and chain["train_data"].metadata["skipped_files"] == 6
+    assert chain["train_data"].metadata["images"] == 63 and chain["train_data"].metadata["skipped_files"] == 7
     assert chain["model"].metadata["epochs"] == 2
     assert {"BLEU-4", "CIDEr", "METEOR", "baseline_CIDEr"} <= set(chain["metrics"].metadata)
     record = json.loads((Path(chain["train_data"].path) / "step.json").read_text())

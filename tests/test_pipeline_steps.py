@@ -374,7 +374,7 @@ def test_tables_history_and_pictures(wandb_runs):
     assert {"samples._type", "skipped_files.nrows"} <= process_keys
     skipped = next(r["history"]["item"] for r in wandb_runs["process_data"]["records"]
                    if r["type"] == "history" and "skipped_files.nrows" in r["history"]["item"])
-    assert skipped["skipped_files.nrows"] == 6  # the 4 awkward files, the decompression bomb and the TIFF
+    assert skipped["skipped_files.nrows"] == 7  # the 4 awkward files, the two decompression bombs and the TIFF
     train_keys = _history_keys(wandb_runs["train"])
     assert {"batch/loss", "epoch/loss", "epoch/val_loss", "epoch/val_CIDEr", "epoch/learning_rate",
             "examples._type"} <= train_keys

@@ -89,13 +89,15 @@ def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
     result, awkward = processed["result"], processed["mirror"]["awkward"]
     reasons = {Path(s["file"]).name: s["reason"] for s in result.extra["skipped"]}
     by_case = {case: name for name, case in awkward.items()}
-    skipped_cases = ("truncated", "empty", "not_an_image", "missing", "bomb_header", "tiff", "oversized")
+    skipped_cases = ("truncated", "empty", "not_an_image", "missing", "bomb_header", "tiff", "oversized", "gif_frames")
     assert set(reasons) == {by_case[c] for c in skipped_cases}
     assert reasons[by_case["empty"]] == "empty file"
     # Issue 14, point 1: refused from the header, before TensorFlow decodes anything
     assert reasons[by_case["bomb_header"]].startswith("decompression bomb: Image size (400000000 pixels) exceeds")
     assert reasons[by_case["oversized"]] == ("decompression bomb: declares 1200x1000 pixels, more than "
                                              "features.max_image_pixels=1000000")
+    assert reasons[by_case["gif_frames"]] == ("decompression bomb: 200 frames of 640x480 pixels, more than "
+                                              "features.max_image_pixels=1000000 in all")
     assert reasons[by_case["tiff"]] == "a TIFF image; only JPEG, MPO, PNG, GIF, BMP are read"
     assert reasons[by_case["not_an_image"]] == "not an image"
     assert reasons[by_case["missing"]] == "missing file"
@@ -105,9 +107,9 @@ def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
         records = json.loads((split_folder(processed, split) / f"{split}.captions.json").read_text())
         kept |= {Path(r["file"]).name for r in records}
     assert {by_case["grayscale"], by_case["cmyk"], by_case["png_content"]} <= kept
-    assert result.metrics["images"] == 70 - 7 == len(kept)
+    assert result.metrics["images"] == 70 - 8 == len(kept)
     report = json.loads((processed["work"] / "processed" / "train" / "report.json").read_text())
-    assert len(report["skipped"]) == 7 and report["blank_captions_dropped"] == 1
+    assert len(report["skipped"]) == 8 and report["blank_captions_dropped"] == 1
     assert {s["file"].split(":")[0] for s in report["skipped"]} == {"train2014.zip"}  # the archive is named
 
 

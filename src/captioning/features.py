@@ -121,6 +121,8 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(BytesIO(data)) as image:  # reads the header only
                 fmt, (width, height) = image.format, image.size
+                # TensorFlow decodes every frame of a GIF, even for the first: count them (headers only)
+                frames = image.n_frames if fmt == "GIF" else 1
     except Image.DecompressionBombError as exc:
         return f"decompression bomb: {exc}"
     except UnidentifiedImageError:
@@ -132,6 +134,9 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
     if width * height > max_pixels:
         return (f"decompression bomb: declares {width}x{height} pixels, more than "
                 f"features.max_image_pixels={max_pixels}")
+    if width * height * frames > max_pixels:
+        return (f"decompression bomb: {frames} frames of {width}x{height} pixels, more than "
+                f"features.max_image_pixels={max_pixels} in all")
     return None
 
 

@@ -66,7 +66,7 @@ UNICODE_CAPTIONS = (
 
 # (file suffix of the case, what it is) for awkward=True
 AWKWARD = ("truncated", "empty", "not_an_image", "grayscale", "cmyk", "png_content", "missing")
-HOSTILE = ("bomb_header", "tiff", "oversized")
+HOSTILE = ("bomb_header", "tiff", "oversized", "gif_frames")
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -80,6 +80,18 @@ def png_declaring(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
             + chunk(b"IEND", b""))
+
+
+def gif_of_frames(image: Image.Image, frames: int) -> bytes:
+    """An animated GIF of ``frames`` near-identical frames: a few KB that TensorFlow decodes whole, every frame
+    at full size, even when only the first is wanted (a frame bomb)."""
+    first = image.convert("P")
+    rest = [first.copy() for _ in range(frames - 1)]
+    for n, frame in enumerate(rest):
+        frame.putpixel((n % frame.width, 0), n % 200)  # frames differ, so the encoder keeps every one
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=rest, duration=20)
+    return buf.getvalue()
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:
@@ -260,6 +272,8 @@ def write_coco_mirror(
                     payload = _encoded(image, "TIFF")
                 elif case == "oversized":
                     payload = _encoded(image.resize((1200, 1000)), "PNG")
+                elif case == "gif_frames":
+                    payload = gif_of_frames(image, 200)
                 elif case == "missing":
                     payload = None
                 if case:

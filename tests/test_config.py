@@ -101,6 +101,12 @@ def test_override_syntax_errors():
     ("data.max_images=100000000", "data.max_images: Input should be less than or equal to 10000000"),
     ("evaluate.batch_size=100000", "evaluate.batch_size: Input should be less than or equal to 4096"),
     ("train.decode_length_penalties=[.nan]", "train.decode_length_penalties.0"),
+    # Issue 14, point 2: data.files name paths under the step's folder too; none may lead out of it
+    ('data.files=["/etc/passwd.zip"]', "data.files: Value error, '/etc/passwd.zip' is not a relative path"),
+    ('data.files=["zips/../../../x.zip"]', "data.files: Value error, 'zips/../../../x.zip' is not a relative path"),
+    ('data.files=["zips/train2014.tar"]', "data.files: Value error, 'zips/train2014.tar' is not a relative path to a .zip"),
+    ("data.files=[]", "data.files: Value error, lists no archive"),
+    ('data.files=["a.zip", "a.zip"]', "data.files: Value error, lists an archive twice"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_key(setting, problem):
     """Issue 14, point 4: finite numbers only, seeds in range, sizes a GPU can hold."""

@@ -80,6 +80,24 @@ class DataConfig(Section):
         None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); "
         "null: the step's own output folder.")
 
+    @field_validator("files")
+    @classmethod
+    def _relative_zip_paths(cls, value: list[str]) -> list[str]:
+        """Each names a file under base_url and, the same way, under the step's output folder: nothing may
+        lead out of it (an absolute path or ``..`` would write wherever it points)."""
+        if not value:
+            raise ValueError("lists no archive")
+        if len(value) > 100:
+            raise ValueError(f"lists {len(value)} archives; at most 100")
+        for rel in value:
+            parts = rel.split("/")
+            if not rel.endswith(".zip") or "\\" in rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"{rel!r} is not a relative path to a .zip under base_url (no leading /, no .., "
+                                 "no backslashes)")
+        if len(set(value)) != len(value):
+            raise ValueError("lists an archive twice")
+        return value
+
     @field_validator("sha256")
     @classmethod
     def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:

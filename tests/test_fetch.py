@@ -287,3 +287,19 @@ def test_an_archive_damaged_after_its_check_loses_its_mark_everywhere_and_is_fet
         read_member(artifact, info.filename, "caption file")
     record = download(str(source), cached, retries=0, check=_zip_check)
     assert record.downloaded and sha(cached) == sha(source)
+
+
+def test_a_server_with_weak_etags_resumes_by_its_last_modified_date(small_mirror, tmp_path):
+    """A weak ETag (W/"...") never matches in If-Range, so sending it would restart every resume from zero."""
+    from helpers.http_mirror import HttpMirror
+
+    size = (Path(small_mirror["root"]) / ZIP).stat().st_size
+    with HttpMirror(Path(small_mirror["root"])) as server:
+        server.state.weak_etags = True
+        server.fault(f"/{ZIP}", ("cut", size // 2))
+        record = download(f"{server.url}/{ZIP}", tmp_path / "train2014.zip", retries=1, backoff_s=0)
+        gets = [r for r in server.requests if r.method == "GET"]
+    assert record.sha256 == sha(Path(small_mirror["root"]) / ZIP)
+    assert len(gets) == 2 and gets[1].status == 206
+    assert gets[1].if_range.endswith(" GMT")  # the Last-Modified date, not W/"..."
+    assert sum(g.body_bytes for g in gets) < size + 65536

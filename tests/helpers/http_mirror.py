@@ -35,6 +35,7 @@ class MirrorState:
     root: Path
     faults: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    weak_etags: bool = False  # W/"..." ETags, as servers that compress on the fly send
 
 
 def _handler(state: MirrorState):
@@ -69,10 +70,13 @@ def _handler(state: MirrorState):
                 self.send_error(404)
                 return
             data = file.read_bytes()
-            etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+            etag = ("W/" if state.weak_etags else "") + f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+            last_modified = formatdate(file.stat().st_mtime, usegmt=True)
             start = 0
             match = re.fullmatch(r"bytes=(\d+)-", req.range or "")
-            if match and req.if_range is not None and req.if_range != etag:
+            # RFC 9110 13.1.5: If-Range matches a strong ETag, or the Last-Modified date; a weak ETag never
+            if match and req.if_range is not None and (req.if_range.startswith("W/") or
+                                                       req.if_range not in (etag, last_modified)):
                 match = None  # changed since the client's partial copy: the whole file
             if match:
                 start = int(match.group(1))
@@ -93,7 +97,7 @@ def _handler(state: MirrorState):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", etag)
-            self.send_header("Last-Modified", formatdate(file.stat().st_mtime, usegmt=True))
+            self.send_header("Last-Modified", last_modified)
             self.end_headers()
             if head:
                 return

@@ -104,7 +104,9 @@ class HttpSource(Source):
         if offset:
             headers["Range"] = f"bytes={offset}-"
             # Only the version the partial copy came from may continue it; else the server sends all (200).
-            if_range = self.validators.get("etag") or self.validators.get("last_modified")
+            # A weak ETag never matches in If-Range (RFC 9110 13.1.5): the date is used instead.
+            etag = self.validators.get("etag", "")
+            if_range = (etag if etag and not etag.startswith("W/") else "") or self.validators.get("last_modified")
             if if_range:
                 headers["If-Range"] = if_range
         try:

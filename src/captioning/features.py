@@ -218,8 +218,17 @@ def _finished(out_dir: Path, plan: ShardPlan, weights: str) -> ShardResult | Non
                        data["sum"], data["sumsq"], data["positions"], reused=True)
 
 
+class _Aborted(Exception):
+    pass
+
+
+_DONE, _ABORT = object(), object()  # the end of the batches: finish the shards, or drop the one being written
+
+
 class _ShardWriter(threading.Thread):
-    """Writes batches to shard files off the main thread, so the backbone never waits on disk."""
+    """Writes batches to shard files off the main thread, so the backbone never waits on disk. A shard is
+    finished (renamed into place, with its sidecar) only when its images are all through or the extraction
+    ended normally; an aborted extraction keeps no shard that lacks images it should hold."""
 
     def __init__(self, out_dir: Path, plans: list[ShardPlan], weights: str, source, max_pixels: int):
         super().__init__(daemon=True)
@@ -236,6 +245,16 @@ class _ShardWriter(threading.Thread):
                 self.owner[offset + j] = (p, j)
             offset += len(plan.items)
 
+    def send(self, message) -> bool:
+        """Queue a message; False once the writer has died (its queue is no longer read: never block on it)."""
+        while self.is_alive():
+            try:
+                self.inbox.put(message, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run(self):
         try:
             self._run()
@@ -247,14 +266,16 @@ class _ShardWriter(threading.Thread):
                 writing[1].unlink(missing_ok=True)
             if is_disk_full(exc):
                 exc = disk_full_error(writing[1].with_suffix("") if writing else self.out_dir)
-            self.error = exc
+            self.error = None if isinstance(exc, _Aborted) else exc
 
     def _run(self):
         current, fh, seen = -1, None, []
         total = sumsq = None
         while True:
             msg = self.inbox.get()
-            if msg is None:
+            if msg is _ABORT:
+                raise _Aborted()
+            if msg is _DONE:
                 break
             indices, feats = msg
             for index, feat in zip(indices, feats):
@@ -357,21 +378,26 @@ def extract_to_shards(
     results = list(done.values())
     if pending:
         keys = [key for plan in pending for _, key in plan.items]
-        require_free_space(out_dir, RECORD_BYTES * len(keys), f"the features of {len(keys)} images")
+        # Each new shard replaces an old one of its name (other settings), one at a time: what the volume
+        # must hold beyond today is the growth, plus the largest shard while it sits beside its old version.
+        old = sum((out_dir / f"{p.name}.f16").stat().st_size for p in pending if (out_dir / f"{p.name}.f16").exists())
+        largest = max(RECORD_BYTES * len(p.items) for p in pending)
+        require_free_space(out_dir, max(RECORD_BYTES * len(keys) - old, 0) + largest,
+                           f"the features of {len(keys)} images")
         writer = _ShardWriter(out_dir, pending, extractor.weights, source, max_pixels)
         writer.start()
-        processed = 0
+        processed, finished = 0, False
         try:
             for indices, images in image_dataset(keys, batch_size, extractor.image_size, source, max_pixels):
                 feats = extractor(images)
-                writer.inbox.put((indices.numpy(), feats.numpy()))
+                if not writer.send((indices.numpy(), feats.numpy())):
+                    break  # the writer failed: its error is raised below
                 processed += int(indices.shape[0])
                 if progress:
                     progress(processed, len(keys))
-                if writer.error:
-                    break
+            finished = writer.error is None and writer.is_alive()
         finally:
-            writer.inbox.put(None)
+            writer.send(_DONE if finished else _ABORT)  # an interrupted run finishes no shard it did not fill
             writer.join()
         if writer.error:
             raise writer.error

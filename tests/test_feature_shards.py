@@ -98,3 +98,15 @@ def test_a_dead_writer_never_blocks_the_backbone(tmp_path):
     started = time.monotonic()
     assert writer.send(_DONE) is False
     assert time.monotonic() - started < 2
+
+
+def test_re_extracting_with_another_backbone_needs_room_for_one_shard_not_all(image_folder, small_volume, tmp_path):
+    """Each new shard replaces its old version: on a volume holding the old features and one more shard, a
+    rerun with other settings must not be refused for want of room for every shard at once."""
+    out = small_volume(tmp_path / "features", 12 * 256 * 1024 + 4 * 256 * 1024 + 256 * 1024)
+    source = FolderImages(image_folder)
+    extract_to_shards(plans_of(12), out, StandInBackbone(), 4, source=source)
+    other = StandInBackbone()
+    other.weights = "another stand-in"
+    results = extract_to_shards(plans_of(12), out, other, 4, source=source)
+    assert [r.reused for r in results] == [False, False, False]

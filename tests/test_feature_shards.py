@@ -110,3 +110,32 @@ def test_re_extracting_with_another_backbone_needs_room_for_one_shard_not_all(im
     other.weights = "another stand-in"
     results = extract_to_shards(plans_of(12), out, other, 4, source=source)
     assert [r.reused for r in results] == [False, False, False]
+
+
+def gif_with_frames(screen, frames):
+    """A GIF built block by block: a logical screen, then one image descriptor per (width, height) frame."""
+    import struct
+
+    out = bytearray(b"GIF89a") + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + bytes(6)  # a 2-colour table
+    for width, height in frames:
+        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x4c\x01\x00"
+    return bytes(out + b"\x3b")
+
+
+def test_gif_bombs_are_measured_by_every_frame_not_the_declared_screen():
+    """Review of issue 14: TensorFlow decodes all frames onto a canvas as large as the largest frame; a 1x1
+    screen holding a 12000x12000 frame (144 M pixels) passed a check of the screen alone."""
+    import io
+
+    from captioning.features import gif_frames, image_problem
+
+    huge_frame = gif_with_frames((1, 1), [(1, 1), (12000, 12000)])
+    assert gif_frames(huge_frame) == (2, 12000, 12000)
+    assert image_problem(huge_frame) == ("decompression bomb: declares 12000x12000 pixels, more than "
+                                         "features.max_image_pixels=50000000")
+    many = gif_with_frames((640, 480), [(640, 480)] * 200)
+    assert image_problem(many) == ("decompression bomb: 200 frames of 640x480 pixels, more than "
+                                   "features.max_image_pixels=50000000 in all")
+    single = io.BytesIO()
+    draw_scene(random_scene(random.Random(1)), random.Random(1), (320, 240)).save(single, format="GIF")
+    assert gif_frames(single.getvalue()) == (1, 320, 240) and image_problem(single.getvalue()) is None

@@ -140,8 +140,10 @@ class FeaturesConfig(Section):
     batch_size: int = Field(64, ge=1, le=4096)
     shard_images: int = Field(1000, ge=1, le=100_000, description="Images per feature shard (the unit of resume).")
     image_size: Literal[299] = 299
-    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=500_000_000, description=(
-        "Images whose header declares more pixels are skipped, with the reason, before anything decodes them."))
+    # Pillow refuses, as a bomb, any header over twice its own limit (178,956,970 pixels) before ours is asked.
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=178_000_000, description=(
+        "Images whose header declares more pixels (a GIF: its frames' pixels in all) are skipped, with the "
+        "reason, before anything decodes them."))
 
 
 # COCO's longest caption is far shorter; a 500-word "caption" is noise or an attack.

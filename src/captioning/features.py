@@ -106,6 +106,35 @@ class FeatureExtractor:
 DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")  # MPO: a phone's JPEG with extra frames
 
 
+def gif_frames(data: bytes) -> tuple[int, int, int]:
+    """(frames, width, height) of a GIF from its block structure, nothing decoded: TensorFlow decodes every
+    frame onto a canvas as large as the largest frame reaches, which may be far beyond the declared screen."""
+    width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    frames, at = 0, 13
+    if len(data) > 10 and data[10] & 0x80:  # global colour table
+        at += 3 << ((data[10] & 7) + 1)
+
+    def skip_sub_blocks(at: int) -> int:
+        while at < len(data) and data[at]:
+            at += data[at] + 1
+        return at + 1
+
+    while at < len(data):
+        block = data[at]
+        if block == 0x21:  # extension: label, then sub-blocks
+            at = skip_sub_blocks(at + 2)
+        elif block == 0x2C and at + 10 <= len(data):  # image descriptor
+            left, top, w, h = (int.from_bytes(data[at + k:at + k + 2], "little") for k in (1, 3, 5, 7))
+            frames += 1
+            width, height = max(width, left + w), max(height, top + h)
+            packed = data[at + 9]
+            at += 10 + ((3 << ((packed & 7) + 1)) if packed & 0x80 else 0)
+            at = skip_sub_blocks(at + 1)  # LZW code size, then the image data
+        else:  # the trailer, or a damaged stream: what was counted stands
+            break
+    return max(frames, 1), width, height
+
+
 def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Why these bytes are not an image to hand to the decoder, from the header alone (nothing is
     decoded, so a 20000x20000 declaration costs nothing); None when they are."""
@@ -121,8 +150,7 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(BytesIO(data)) as image:  # reads the header only
                 fmt, (width, height) = image.format, image.size
-                # TensorFlow decodes every frame of a GIF, even for the first: count them (headers only)
-                frames = image.n_frames if fmt == "GIF" else 1
+                frames = 1
     except Image.DecompressionBombError as exc:
         return f"decompression bomb: {exc}"
     except UnidentifiedImageError:
@@ -131,6 +159,8 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
         return f"unreadable image header: {type(exc).__name__}: {exc}"
     if fmt not in DECODABLE_FORMATS:
         return f"a {fmt} image; only {', '.join(DECODABLE_FORMATS)} are read"
+    if fmt == "GIF":  # TensorFlow decodes every frame, even for the first, at the largest frame's extent
+        frames, width, height = gif_frames(data)
     if width * height > max_pixels:
         return (f"decompression bomb: declares {width}x{height} pixels, more than "
                 f"features.max_image_pixels={max_pixels}")

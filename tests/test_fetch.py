@@ -303,3 +303,15 @@ def test_a_server_with_weak_etags_resumes_by_its_last_modified_date(small_mirror
     assert len(gets) == 2 and gets[1].status == 206
     assert gets[1].if_range.endswith(" GMT")  # the Last-Modified date, not W/"..."
     assert sum(g.body_bytes for g in gets) < size + 65536
+
+
+def test_a_server_sending_more_than_it_declared_is_stopped_at_the_declared_size(http_mirror, small_mirror, tmp_path):
+    """Review of issue 14: the free-space check trusts HEAD's Content-Length, so a GET may never write more."""
+    size = (Path(small_mirror["root"]) / ZIP).stat().st_size
+    http_mirror.fault(f"/{ZIP}", ("pad", 8 << 20))
+    dest = tmp_path / "train2014.zip"
+    with pytest.raises(DownloadError, match=rf"train2014.zip: sends more than the {size} bytes it declared; "
+                                            "nothing kept"):
+        download(f"{http_mirror.url}/{ZIP}", dest, retries=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert {r.accept_encoding for r in http_mirror.requests} == {"identity"}  # the bytes as stored, uncompressed

@@ -3,7 +3,7 @@
 Faults are consumed one per GET of a path: ``("cut", n)`` sends the full
 headers and then closes the connection after ``n`` body bytes; ``("status", code)``
 answers ``code`` with no body; ``("trickle", ms)`` sends one byte every ``ms``
-milliseconds. Files carry an ETag (of their content) and Last-Modified, and a
+milliseconds; ``("pad", n)`` sends ``n`` bytes more than HEAD declared. Files carry an ETag (of their content) and Last-Modified, and a
 Range request whose If-Range no longer matches gets the whole file (200), as
 RFC 9110 says. Every request is recorded for the test to inspect.
 """
@@ -28,6 +28,7 @@ class Request:
     if_range: str | None = None
     status: int = 0
     body_bytes: int = 0
+    accept_encoding: str | None = None
 
 
 @dataclass
@@ -53,7 +54,8 @@ def _handler(state: MirrorState):
             self._serve(head=False)
 
         def _serve(self, head: bool):
-            req = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("If-Range"))
+            req = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("If-Range"),
+                          accept_encoding=self.headers.get("Accept-Encoding"))
             state.requests.append(req)
             fault = None
             if not head and state.faults.get(self.path):
@@ -93,6 +95,8 @@ def _handler(state: MirrorState):
                 req.status = 200
                 self.send_response(200)
             body = data[start:]
+            if fault and fault[0] == "pad":
+                body += bytes(fault[1])
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")

@@ -79,6 +79,8 @@ class HttpSource(Source):
     def __init__(self, url: str, timeout: float):
         super().__init__(url, timeout)
         self.session = requests.Session()
+        # The bytes as stored: a compressed transfer would make the size on disk differ from Content-Length.
+        self.session.headers["Accept-Encoding"] = "identity"
 
     def _check(self, resp: requests.Response) -> None:
         if resp.status_code >= 500 or resp.status_code == 429:
@@ -130,6 +132,10 @@ class HttpSource(Source):
 
 
 class RangeIgnored(Exception):
+    pass
+
+
+class Oversized(Exception):
     pass
 
 
@@ -348,19 +354,21 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
         if not same or part.stat().st_size > total:  # a partial copy of another version or source
             log.info("%s: the partial copy came from another version of the file; starting over", name)
             _discard(part)
-    if not part.exists():
-        write_json_atomic(meta, origin)
     offset = part.stat().st_size if part.exists() else 0
     if offset == total:
         return
     require_free_space(part.parent, total - offset,
                        f"the rest of {name} (from byte {offset})" if offset else f"downloading {name}")
+    if not part.exists():
+        write_json_atomic(meta, origin)
     try:
         chunks = source.stream(offset, deadline)
         mode = "ab" if offset else "wb"
         with open(part, mode) as fh:
             done = offset
             for chunk in chunks:
+                if done + len(chunk) > total:  # never more than the source declared: a full disk otherwise
+                    raise Oversized()
                 fh.write(chunk)
                 done += len(chunk)
                 if progress:
@@ -373,6 +381,9 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
         # The volume filled during the transfer (something else wrote to it): what arrived is resumable.
         raise disk_full_error(part, kept=f"the partial download ({part.stat().st_size} bytes) is kept to resume "
                                          "from; delete it to get the space back") from None
+    except Oversized:
+        _discard(part)
+        raise DownloadError(f"{source.shown}: sends more than the {total} bytes it declared; nothing kept") from None
     except RangeIgnored:
         part.unlink()
         _transfer(source, part, total, name, progress, deadline)

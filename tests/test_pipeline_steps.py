@@ -137,6 +137,33 @@ def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
                 model_dir, better, registry, tmp_path / "p3")
 
 
+def test_promote_on_a_full_registry_keeps_no_half_version_and_works_once_there_is_room(pipeline_run, small_volume,
+                                                                                    tmp_path, monkeypatch):
+    """Review of issue 14: a half-copied version once blocked every later promote (its staging folder)."""
+    import captioning.io
+    from captioning.errors import DiskFullError
+    from captioning.steps.promote import promote
+
+    cfg, model_dir = pipeline_run["cfg"], pipeline_run["summary"]["steps"]["train"]["outputs"]["model"]
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"metrics": {"CIDEr": 1.0}}))
+    registry = small_volume(tmp_path / "registry", 8 << 20)  # the model folder (its backbone) is far larger
+    with pytest.raises(DiskFullError, match=r"/versions: registering v1 needs about .* MiB, but the volume has"):
+        promote(cfg, model_dir, metrics, registry, tmp_path / "p1")
+    monkeypatch.setattr(captioning.io, "free_bytes", lambda path: 1 << 50)  # fooled: the copy meets the full disk
+    with pytest.raises(DiskFullError, match=r"/versions/\.v1\.staging/.*: no space left on the device"):
+        promote(cfg, model_dir, metrics, registry, tmp_path / "p2")
+    versions = registry / cfg.promote.collection / "versions"
+    assert list(versions.iterdir()) == []
+    monkeypatch.undo()
+
+    roomy = tmp_path / "roomy"
+    import shutil
+
+    shutil.copytree(registry, roomy)  # the same registry, now on a volume with room
+    assert promote(cfg, model_dir, metrics, roomy, tmp_path / "p3").extra["version"] == "v1"
+
+
 def test_a_non_finite_loss_stops_training_with_a_clear_error_and_nothing_is_promoted(pipeline_run, tmp_path):
     """Issue 14, point 4: NaN features (a damaged shard of the right size) make the loss NaN in the first
     batch; train stops naming the epoch and batch and keeps no model; promote refuses a non-finite metric."""

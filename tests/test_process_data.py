@@ -387,3 +387,32 @@ def test_log_raw_data_names_an_annotation_file_that_is_not_coco(small_mirror, tm
         log_raw_data(cfg.data, tmp_path / "raw")
     assert str(caught.value).startswith(f"{tmp_path}/raw/archives/annotations/annotations_trainval2014.zip:"
                                         f"annotations/captions_train2014.json: {why}")
+
+
+def test_a_damaged_copy_from_a_cache_on_another_volume_is_replaced(small_mirror, small_volume, tmp_path):
+    """Review of issue 14: with the download cache on another volume the artifact holds a copy; once a read
+    finds it damaged (its mark withdrawn), the next log_raw_data copies the verified cache file again."""
+    import zipfile
+
+    from captioning.data.archive import ArchiveImages
+    from captioning.data.fetch import sha256_file
+    from captioning.steps.log_raw_data import log_raw_data
+
+    cache = small_volume(tmp_path / "pvc", 16 << 20)
+    cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", f"data.download_cache={cache}"]).data
+    log_raw_data(cfg, tmp_path / "raw")
+    placed, cached = tmp_path / "raw" / "archives" / "zips" / "val2014.zip", cache / "zips" / "val2014.zip"
+    assert placed.stat().st_ino != cached.stat().st_ino  # a copy: another file system
+    with zipfile.ZipFile(placed) as zf:
+        info = next(i for i in zf.infolist() if i.file_size > 1000)
+    data = bytearray(placed.read_bytes())
+    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 100
+    data[at] ^= 0xFF
+    placed.write_bytes(bytes(data))
+    with pytest.raises(DataError):
+        ArchiveImages({"val2014": placed}).read(info.filename)
+
+    again = log_raw_data(cfg, tmp_path / "raw")
+    assert again.metrics["bytes_downloaded"] == 0  # the cache's copy is still verified
+    assert sha256_file(placed) == sha256_file(cached)
+    assert len(ArchiveImages({"val2014": placed}).read(info.filename)) == info.file_size

@@ -29,7 +29,16 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 disk_full_seen = False  # set once a write hit a full disk: see exit_process
 
 
+def _copy_failures(exc: BaseException) -> list:
+    """shutil.copytree's error: a list of (source, destination, why) with no errno of its own."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        return [entry for entry in exc.args[0] if isinstance(entry, tuple) and len(entry) == 3]
+    return []
+
+
 def is_disk_full(exc: BaseException) -> bool:
+    if any(f"[Errno {code}]" in str(why) for _, _, why in _copy_failures(exc) for code in DISK_FULL_ERRNOS):
+        return True
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
@@ -64,6 +73,9 @@ def disk_full_from(exc: BaseException):
     or None. A copy's half-written destination is removed; HDF5 names its file only inside the message."""
     if not is_disk_full(exc):
         return None
+    failed = _copy_failures(exc)
+    if failed:  # copytree: name the first file it could not write
+        return disk_full_error(failed[0][1])
     if exc.filename2:  # shutil.copy*: the destination holds a partial copy
         with contextlib.suppress(OSError):
             Path(exc.filename2).unlink()

@@ -92,9 +92,10 @@ def _locked(path: Path, shared: bool):
 
 def _place(cached: Path, dest: Path) -> None:
     """The cached archive (and its verification record) into the artifact: a hard link where the
-    file systems allow, else a copy renamed into place."""
+    file systems allow, else a copy renamed into place (copy2 keeps the mtime: a copy whose mark was
+    withdrawn, its mtime moved, is replaced)."""
     for src, dst in ((cached, dest), (sidecar(cached), sidecar(dest))):
-        if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        if dst.exists() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (src.stat().st_size, src.stat().st_mtime_ns):
             continue
         with atomic_path(dst) as tmp:
             tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from captioning.config import Config
 from captioning.errors import ConfigError, DataError
-from captioning.io import read_json, write_json_atomic
+from captioning.io import disk_full_from, read_json, require_free_space, write_json_atomic
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,19 @@ class LocalRegistry:
         number = 1 + max((int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()), default=0)
         version = f"v{number}"
         staging = versions / f".{version}.staging"
-        shutil.copytree(model_dir, staging)
-        write_json_atomic(staging / "metrics.json", metrics)
+        shutil.rmtree(staging, ignore_errors=True)  # what a failed promote left
+        from captioning.workflow import tree_size
+
+        require_free_space(versions, tree_size(Path(model_dir))["bytes"], f"registering {version}")
+        try:
+            shutil.copytree(model_dir, staging)
+            write_json_atomic(staging / "metrics.json", metrics)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # never half a version
+            full = disk_full_from(exc)
+            if full:
+                raise full from None
+            raise
         staging.rename(versions / version)
         write_json_atomic(self.aliases_file, {**self.aliases(), alias: version})
         return version

@@ -315,3 +315,15 @@ def test_a_server_sending_more_than_it_declared_is_stopped_at_the_declared_size(
         download(f"{http_mirror.url}/{ZIP}", dest, retries=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert {r.accept_encoding for r in http_mirror.requests} == {"identity"}  # the bytes as stored, uncompressed
+
+
+def test_the_transfer_time_limit_counts_the_retries_and_their_waits(http_mirror, tmp_path):
+    """Review of issue 14: ten failures with a doubling back-off from 5 s would wait over an hour."""
+    import time
+
+    http_mirror.fault(f"/{ZIP}", *[("status", 503)] * 10)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not finished within data.transfer_timeout_s=2s \(0 bytes received\)"):
+        download(f"{http_mirror.url}/{ZIP}", tmp_path / "train2014.zip", retries=10, backoff_s=5,
+                 transfer_timeout_s=2)
+    assert time.monotonic() - started < 4

@@ -70,8 +70,9 @@ class DataConfig(Section):
     retry_backoff_s: float = Field(1.0, ge=0, le=600, description="First back-off; doubles each retry.")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="Socket timeout of one request.")
     transfer_timeout_s: float = Field(6 * 3600.0, gt=0, le=7 * 24 * 3600, description=(
-        "Time limit of one archive's whole transfer, retries included (a server trickling bytes never hits "
-        "the socket timeout); the partial copy is kept."))
+        "Time limit of one archive's whole transfer, retries and their waits included (a server trickling bytes "
+        "never hits the socket timeout; a stalled read may overrun it by up to data.timeout_s); the partial copy "
+        "is kept."))
     max_expanded_bytes: int = Field(64 << 30, ge=1 << 20, le=1 << 50, description=(
         "An archive whose entries expand to more is refused (COCO's zips: about 19 GB)."))
     max_expansion_ratio: float = Field(200.0, ge=1, le=100_000, description=(

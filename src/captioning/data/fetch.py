@@ -131,6 +131,9 @@ class HttpSource(Source):
                 raise TransientError(f"{self.shown}: transfer interrupted: {redact(str(exc))}") from exc
 
 
+MAX_BACKOFF_S = 600.0  # the doubling back-off stops growing at ten minutes
+
+
 class RangeIgnored(Exception):
     pass
 
@@ -295,20 +298,29 @@ def download(
     part = dest.with_name(dest.name + ".part")
     deadline = time.monotonic() + transfer_timeout_s
     attempt = 0
+
+    def too_slow() -> DownloadError:
+        got = part.stat().st_size if part.exists() else 0
+        return DownloadError(f"{source.shown}: not finished within data.transfer_timeout_s={transfer_timeout_s:g}s "
+                             f"({got} bytes received); the partial copy is kept for the next run")
+
     while True:
         try:
+            if time.monotonic() > deadline:  # the limit holds across retries and their waits
+                raise TransferTooSlow()
             total = source.size()
             _transfer(source, part, total, dest.name, progress, deadline)
             break
         except TransferTooSlow:
-            got = part.stat().st_size if part.exists() else 0
-            raise DownloadError(f"{source.shown}: not finished within data.transfer_timeout_s={transfer_timeout_s:g}s "
-                                f"({got} bytes received); the partial copy is kept for the next run") from None
+            raise too_slow() from None
         except TransientError as exc:
             attempt += 1
             if attempt > retries:
                 raise DownloadError(f"{source.shown}: giving up after {retries} retries: {exc}") from None
-            wait = backoff_s * (2 ** (attempt - 1))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise too_slow() from None
+            wait = min(backoff_s * (2 ** (attempt - 1)), MAX_BACKOFF_S, left)
             log.warning("%s; retry %d/%d in %.1fs (resuming)", exc, attempt, retries, wait)
             time.sleep(wait)
 

@@ -109,14 +109,16 @@ def _run_in_pod(step: Step, **kwargs):
         with tracker:
             result = run_step(step, cfg, io, tracker)
     except Exception as exc:
-        from captioning.errors import DiskFullError
+        from captioning.errors import CaptioningError
         from captioning.io import disk_full_from, exit_process
 
-        full = exc if isinstance(exc, DiskFullError) else disk_full_from(exc)
-        if full is None:
-            raise
-        logging.getLogger(__name__).error("step %s failed: %s", step.name, full)
-        exit_process(1)  # one line, not a traceback, and not HDF5's crash at exit (h5py#914)
+        known = exc if isinstance(exc, CaptioningError) else disk_full_from(exc)
+        if known is None:
+            raise  # a bug: its traceback
+        # One line naming the file or setting (no URL password), not a traceback; and after a full disk not
+        # HDF5's crash at exit (h5py#914).
+        logging.getLogger(__name__).error("step %s failed: %s", step.name, redact(str(known)))
+        exit_process(1)
     _keep_offline_run(tracker, kwargs[WANDB_RUN], result)
     if step.result_in:  # the result handed on as a parameter carries the figures too
         result.returns[step.result_in] = json.dumps(result.summary())

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from captioning.config import COCO_BASE_URL, load_config
@@ -107,6 +109,8 @@ def test_override_syntax_errors():
     ('data.files=["zips/train2014.tar"]', "data.files: Value error, 'zips/train2014.tar' is not a relative path to a .zip"),
     ("data.files=[]", "data.files: Value error, lists no archive"),
     ('data.files=["a.zip", "a.zip"]', "data.files: Value error, lists an archive twice"),
+    ('data.files=["a.zip\\0x.zip"]', "x00x.zip' is not a relative path to a .zip"),  # a NUL inside
+    ('data.files=["a.zip", "a.zip/b.zip"]', "data.files: Value error, 'a.zip/b.zip' would lie inside the archive"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_key(setting, problem):
     """Issue 14, point 4: finite numbers only, seeds in range, sizes a GPU can hold."""
@@ -171,3 +175,14 @@ def test_an_alias_bomb_gives_a_short_error_quickly(tmp_path):
     assert time.monotonic() - started < 10  # 50 s and a 35 MB message when the whole list was printed
     assert f"{path}: train.decode_beam_widths.0: Input should be a valid integer (got [[[...]" in str(err.value)
     assert len(str(err.value)) < 5000
+
+
+def test_a_device_or_a_pipe_as_config_file_is_refused_at_once(tmp_path):
+    """Review of issue 14: /dev/zero grew memory without end and a FIFO blocked for ever."""
+    import os
+
+    fifo = tmp_path / "settings.yaml"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(ConfigError, match=f"^{path}: not a regular file \\(a device or a pipe\\)"):
+            load_config(path)

@@ -92,11 +92,16 @@ class DataConfig(Section):
             raise ValueError(f"lists {len(value)} archives; at most 100")
         for rel in value:
             parts = rel.split("/")
-            if not rel.endswith(".zip") or "\\" in rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            if (not rel.endswith(".zip") or "\\" in rel or rel.startswith("/") or any(ord(c) < 32 for c in rel)
+                    or any(p in ("", ".", "..") for p in parts)):
                 raise ValueError(f"{rel!r} is not a relative path to a .zip under base_url (no leading /, no .., "
                                  "no backslashes)")
         if len(set(value)) != len(value):
             raise ValueError("lists an archive twice")
+        for rel in value:
+            inside = [other for other in value if other.startswith(rel + "/")]
+            if inside:
+                raise ValueError(f"{inside[0]!r} would lie inside the archive {rel!r}")
         return value
 
     @field_validator("sha256")
@@ -326,6 +331,8 @@ def _read_yaml(path: Path) -> dict:
     try:
         if path.is_dir():
             raise ConfigError(f"{path}: a directory, not a config file")
+        if path.exists() and not path.is_file():  # a FIFO blocks for ever, /dev/zero never ends
+            raise ConfigError(f"{path}: not a regular file (a device or a pipe), not a config file")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file holds at most {MAX_CONFIG_BYTES}")
         text = path.read_bytes().decode("utf-8")

@@ -211,7 +211,7 @@ def open_source(url: str, timeout: float = 60.0) -> Source:
         return GcsSource(url, timeout)
     if scheme in ("", "file"):
         return LocalSource(url, timeout)
-    raise DownloadError(f"{url}: unsupported scheme {scheme!r}")
+    raise DownloadError(f"{redact(url)}: unsupported scheme {scheme!r}")
 
 
 def join_url(base: str, relative: str) -> str:

@@ -153,7 +153,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
                     _place(fetched, dest)
             for top in held:
                 if top in members:
-                    raise DataError(f"{url}: holds {top}/, which {files_by_path(files, members[top])} "
+                    raise DataError(f"{redact(url)}: holds {top}/, which {files_by_path(files, members[top])} "
                                     "already holds; one archive must not replace another's files")
                 members[top] = str(dest.relative_to(out_dir))
             contents.update(held)
@@ -165,7 +165,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     for split, rel in ANNOTATION_FILES.items():
         top = rel.split("/", 1)[0]
         if top not in members:
-            raise DataError(f"{base}: the archives hold no {rel}; is data.base_url a COCO 2014 mirror?")
+            raise DataError(f"{redact(base)}: the archives hold no {rel}; is data.base_url a COCO 2014 mirror?")
     counts = _counts(out_dir, members, contents)
     manifest = {
         "format": "coco-archives/1",

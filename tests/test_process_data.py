@@ -416,3 +416,42 @@ def test_a_damaged_copy_from_a_cache_on_another_volume_is_replaced(small_mirror,
     assert again.metrics["bytes_downloaded"] == 0  # the cache's copy is still verified
     assert sha256_file(placed) == sha256_file(cached)
     assert len(ArchiveImages({"val2014": placed}).read(info.filename)) == info.file_size
+
+
+def test_an_image_id_in_both_caption_files_is_skipped_not_fatal(small_mirror, extractor, tmp_path):
+    """Review of issue 14: one id in both files failed the whole step; like a duplicate within a file, it is a
+    bad entry: skipped with both files named, the rest of the data kept."""
+    import shutil
+    import zipfile
+
+    from captioning.steps.log_raw_data import log_raw_data
+    from captioning.steps.process_data import process_data
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(small_mirror["root"], mirror)
+    annotations = mirror / "annotations" / "annotations_trainval2014.zip"
+    with zipfile.ZipFile(annotations) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    train = json.loads(members["annotations/captions_train2014.json"])
+    val = json.loads(members["annotations/captions_val2014.json"])
+    shared, old = train["images"][10]["id"], val["images"][0]["id"]
+    val["images"][0]["id"] = shared
+    for ann in val["annotations"]:
+        if ann["image_id"] == old:
+            ann["image_id"] = shared
+    members["annotations/captions_val2014.json"] = json.dumps(val).encode()
+    with zipfile.ZipFile(annotations, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    cfg = load_config(overrides=[f"data.base_url={mirror}", "data.val_images=5", "data.test_images=5",
+                                 "features.shard_images=64"])
+    log_raw_data(cfg.data, tmp_path / "raw")
+    result = process_data(cfg, tmp_path / "raw", tmp_path / "train", tmp_path / "test", extractor=extractor)
+    reasons = [s for s in result.extra["skipped"] if f"image {shared}" in s["file"]]
+    assert len(reasons) == 1 and reasons[0]["file"].endswith(f"captions_val2014.json image {shared}")
+    assert reasons[0]["reason"] == (f"image id {shared} also appears in train2014's caption file; its captions "
+                                    "could belong to either, so none is used")
+    kept = {r["image_id"] for part in ("train", "test") for split in ("train", "val", "test")
+            if (tmp_path / part / f"{split}.captions.json").exists()
+            for r in json.loads((tmp_path / part / f"{split}.captions.json").read_text())}
+    assert shared not in kept and len(kept) == result.metrics["images"] > 50

@@ -194,9 +194,14 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
                                                                manifest["image_dirs"][source], source,
                                                                cfg.text.max_caption_words)
         truncated += cut
-        overlap = images.keys() & found.keys()
-        if overlap:
-            raise DataError(f"{where}: image ids {sorted(overlap)[:5]} also appear in another split")
+        for image_id in sorted(images.keys() & found.keys()):  # in two files: neither's captions can be trusted
+            first = images.pop(image_id)
+            for pool in pools.values():
+                if image_id in pool:
+                    pool.remove(image_id)
+            del found[image_id]
+            skipped.append({"file": f"{where} image {image_id}", "reason": f"image id {image_id} also appears in "
+                            f"{first['source']}'s caption file; its captions could belong to either, so none is used"})
         images.update(found)
         pools[source] = sorted(found)
         blank += dropped

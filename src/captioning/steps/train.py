@@ -299,9 +299,11 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         shuffle_epoch_callback(shuffle_epoch),  # after BackupAndRestore's resume, the epoch's own order
         caption_metric_callback(validation),  # first at epoch end: the callbacks below read its metric
         free_space_guard([(ckpt_dir, 2)]),  # the epoch's weights, and the backup beside the one it replaces
-        _epoch_weights(epoch_weights),  # before the backup: a resumed run never skips an epoch's file
-        backup,
+        # The epoch's weights and history row before the backup that marks the epoch done: a run killed
+        # between them repeats the epoch (rewriting both) instead of resuming without them.
+        _epoch_weights(epoch_weights),
         _history_csv(history_csv),
+        backup,
         save_every_epoch(store),  # after the callbacks that write the folder
         _early_stopping(cfg.train.patience, resumed_from, monitor),
         *(callbacks or []),

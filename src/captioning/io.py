@@ -26,7 +26,7 @@ def finite_json(data: Any) -> Any:
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-disk_full_seen = False  # set once a write hit a full disk: see exit_process
+hdf5_write_failed = False  # HDF5 met a full disk in this process: see exit_process
 
 
 def _copy_failures(exc: BaseException) -> list:
@@ -59,11 +59,9 @@ def free_bytes(path: str | Path) -> int:
 
 
 def disk_full_error(path: str | Path, kept: str = ""):
-    """The error for a write that found the volume full, naming the file; remembered for exit_process."""
+    """The error for a write that found the volume full, naming the file."""
     from captioning.errors import DiskFullError
 
-    global disk_full_seen
-    disk_full_seen = True
     return DiskFullError(f"{path}: no space left on the device ({human_bytes(free_bytes(path))} free there); "
                          f"{kept + '; ' if kept else ''}free space or give the step a larger volume")
 
@@ -79,7 +77,9 @@ def disk_full_from(exc: BaseException):
     if exc.filename2:  # shutil.copy*: the destination holds a partial copy
         with contextlib.suppress(OSError):
             Path(exc.filename2).unlink()
-    found = re.search(r"filename = '([^']+)'", str(exc))
+    found = re.search(r"filename = '([^']+)'", str(exc))  # HDF5's own report of a failed write
+    if found:
+        _note_hdf5_failure()
     path = exc.filename2 or exc.filename or (found.group(1) if found else "a file")
     return disk_full_error(path)
 
@@ -135,14 +135,24 @@ def save_weights_atomic(model, path: str | Path) -> Path:
     path = Path(path)
     require_free_space(path.parent, weights_bytes(model), f"saving {path.name}")
     with atomic_path(path, f".tmp-{path.name}") as tmp:  # Keras wants the name to end in .weights.h5
-        model.save_weights(tmp)
+        try:
+            model.save_weights(tmp)
+        except OSError as exc:
+            if is_disk_full(exc):
+                _note_hdf5_failure()
+            raise
     return path
 
 
+def _note_hdf5_failure() -> None:
+    global hdf5_write_failed
+    hdf5_write_failed = True
+
+
 def exit_process(code: int) -> None:
-    """Exit with ``code``. After a full disk HDF5 may hold a half-closed file that crashes the interpreter's
+    """Exit with ``code``. After HDF5 met a full disk it holds a half-closed file that crashes the interpreter's
     teardown (h5py#914, exit 139): then flush what was printed and leave without that teardown."""
-    if disk_full_seen:
+    if hdf5_write_failed:
         import logging
         import sys
 

@@ -95,7 +95,7 @@ def _place(cached: Path, dest: Path) -> None:
     file systems allow, else a copy renamed into place (copy2 keeps the mtime: a copy whose mark was
     withdrawn, its mtime moved, is replaced)."""
     for src, dst in ((cached, dest), (sidecar(cached), sidecar(dest))):
-        if dst.exists() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (src.stat().st_size, src.stat().st_mtime_ns):
+        if dst.exists() and _size_and_mtime(dst) == _size_and_mtime(src):
             continue
         with atomic_path(dst) as tmp:
             tmp.unlink(missing_ok=True)
@@ -104,6 +104,11 @@ def _place(cached: Path, dest: Path) -> None:
             except OSError:  # another file system: a copy, if the volume can hold it
                 require_free_space(dst.parent, src.stat().st_size, f"copying {src.name} from the download cache")
                 shutil.copy2(src, tmp)
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _counts(out_dir: Path, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:

@@ -123,19 +123,22 @@ def gif_with_frames(screen, frames):
 
 
 def test_gif_bombs_are_measured_by_every_frame_not_the_declared_screen():
-    """Review of issue 14: TensorFlow decodes all frames onto a canvas as large as the largest frame; a 1x1
-    screen holding a 12000x12000 frame (144 M pixels) passed a check of the screen alone."""
+    """Review of issue 14: TensorFlow decodes every frame at its own size onto a canvas of the largest frame,
+    whatever screen the header declares: a 1x1 screen holding a 12000x12000 frame (144 M pixels) passed a
+    check of the screen alone. An ordinary animation (small frames of changes) passes."""
     import io
 
     from captioning.features import gif_frames, image_problem
 
     huge_frame = gif_with_frames((1, 1), [(1, 1), (12000, 12000)])
-    assert gif_frames(huge_frame) == (2, 12000, 12000)
+    assert gif_frames(huge_frame) == (2, 1 + 12000 * 12000, 12000, 12000)
     assert image_problem(huge_frame) == ("decompression bomb: declares 12000x12000 pixels, more than "
                                          "features.max_image_pixels=50000000")
     many = gif_with_frames((640, 480), [(640, 480)] * 200)
-    assert image_problem(many) == ("decompression bomb: 200 frames of 640x480 pixels, more than "
-                                   "features.max_image_pixels=50000000 in all")
+    assert image_problem(many) == ("decompression bomb: 200 frames of 61440000 pixels in all, more than "
+                                   "features.max_image_pixels=50000000")
+    animation = gif_with_frames((640, 480), [(640, 480)] + [(8, 8)] * 300)  # delta frames, as encoders write
+    assert gif_frames(animation) == (301, 640 * 480 + 300 * 64, 640, 480) and image_problem(animation) is None
     single = io.BytesIO()
     draw_scene(random_scene(random.Random(1)), random.Random(1), (320, 240)).save(single, format="GIF")
-    assert gif_frames(single.getvalue()) == (1, 320, 240) and image_problem(single.getvalue()) is None
+    assert gif_frames(single.getvalue()) == (1, 320 * 240, 320, 240) and image_problem(single.getvalue()) is None

@@ -451,3 +451,30 @@ def test_the_checkpoint_key_follows_the_datas_content_not_its_place(pipeline_run
     records[0]["captions"][0] = "a different caption of the same length count"
     captions.write_text(json.dumps(records))
     assert _signature(cfg, ProcessedDataset.open(copy)) != original
+
+
+def test_promotes_sharing_a_registry_take_turns(tmp_path):
+    """Review of issue 14: two promotes picking the same version number removed each other's copies."""
+    import threading
+
+    from captioning.steps.promote import LocalRegistry
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(bytes(4 << 20))  # long enough a copy for the two to overlap
+    registry = LocalRegistry(tmp_path / "registry", "captioner")
+    versions, errors = [], []
+
+    def promote_one(metric):
+        try:
+            versions.append(registry.register(model, {"CIDEr": metric}, "production"))
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote_one, args=(m,)) for m in (1.0, 2.0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(versions) == ["v1", "v2"]
+    assert sorted(p.name for p in (tmp_path / "registry" / "captioner" / "versions").iterdir()) == ["v1", "v2"]

@@ -96,8 +96,8 @@ def test_awkward_inputs_are_skipped_with_reasons_or_kept(processed):
     assert reasons[by_case["bomb_header"]].startswith("decompression bomb: Image size (400000000 pixels) exceeds")
     assert reasons[by_case["oversized"]] == ("decompression bomb: declares 1200x1000 pixels, more than "
                                              "features.max_image_pixels=1000000")
-    assert reasons[by_case["gif_frames"]] == ("decompression bomb: 200 frames of 640x480 pixels, more than "
-                                              "features.max_image_pixels=1000000 in all")
+    assert reasons[by_case["gif_frames"]] == ("decompression bomb: 200 frames of 61440000 pixels in all, more than "
+                                              "features.max_image_pixels=1000000")
     assert reasons[by_case["tiff"]] == "a TIFF image; only JPEG, MPO, PNG, GIF, BMP are read"
     assert reasons[by_case["not_an_image"]] == "not an image"
     assert reasons[by_case["missing"]] == "missing file"
@@ -405,10 +405,14 @@ def test_a_damaged_copy_from_a_cache_on_another_volume_is_replaced(small_mirror,
     assert placed.stat().st_ino != cached.stat().st_ino  # a copy: another file system
     with zipfile.ZipFile(placed) as zf:
         info = next(i for i in zf.infolist() if i.file_size > 1000)
+    import os
+
+    before = placed.stat()
     data = bytearray(placed.read_bytes())
     at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 100
     data[at] ^= 0xFF
     placed.write_bytes(bytes(data))
+    os.utime(placed, ns=(before.st_atime_ns, before.st_mtime_ns))  # rot leaves no trace: only the read finds it
     with pytest.raises(DataError):
         ArchiveImages({"val2014": placed}).read(info.filename)
 

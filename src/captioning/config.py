@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import reprlib
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -331,11 +332,16 @@ def _read_yaml(path: Path) -> dict:
     try:
         if path.is_dir():
             raise ConfigError(f"{path}: a directory, not a config file")
-        if path.exists() and not path.is_file():  # a FIFO blocks for ever, /dev/zero never ends
-            raise ConfigError(f"{path}: not a regular file (a device or a pipe), not a config file")
+        mode = path.stat().st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero would never end
+            raise ConfigError(f"{path}: a device, not a config file")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file holds at most {MAX_CONFIG_BYTES}")
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as fh:  # a pipe (--config <(envsubst < f.yaml)) has no size: read a bounded amount
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES} bytes; a config file holds at most {MAX_CONFIG_BYTES}")
+        text = raw.decode("utf-8")
         if "\0" in text:
             raise ConfigError(f"{path}: a binary file, not a YAML config file")
         data = yaml.safe_load(text)

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from captioning.config import MAX_IMAGE_PIXELS
-from captioning.errors import ConfigError
+from captioning.errors import ConfigError, DataError
 from captioning.io import atomic_path, disk_full_error, is_disk_full, require_free_space
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,12 @@ class FeatureExtractor:
 DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP")  # MPO: a phone's JPEG with extra frames
 
 
-def gif_frames(data: bytes) -> tuple[int, int, int]:
-    """(frames, width, height) of a GIF from its block structure, nothing decoded: TensorFlow decodes every
-    frame onto a canvas as large as the largest frame reaches, which may be far beyond the declared screen."""
-    width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
-    frames, at = 0, 13
+def gif_frames(data: bytes) -> tuple[int, int, int, int]:
+    """(frames, their pixels in all, widest, tallest) of a GIF from its block structure, nothing decoded.
+    TensorFlow's decoder (gif_io.cc) ignores the declared screen: it decodes every frame at its own size,
+    even when only the first is wanted, onto a canvas of the widest by the tallest frame."""
+    frames = pixels = width = height = 0
+    at = 13
     if len(data) > 10 and data[10] & 0x80:  # global colour table
         at += 3 << ((data[10] & 7) + 1)
 
@@ -124,15 +125,15 @@ def gif_frames(data: bytes) -> tuple[int, int, int]:
         if block == 0x21:  # extension: label, then sub-blocks
             at = skip_sub_blocks(at + 2)
         elif block == 0x2C and at + 10 <= len(data):  # image descriptor
-            left, top, w, h = (int.from_bytes(data[at + k:at + k + 2], "little") for k in (1, 3, 5, 7))
-            frames += 1
-            width, height = max(width, left + w), max(height, top + h)
+            w, h = (int.from_bytes(data[at + k:at + k + 2], "little") for k in (5, 7))
+            frames, pixels = frames + 1, pixels + w * h
+            width, height = max(width, w), max(height, h)
             packed = data[at + 9]
             at += 10 + ((3 << ((packed & 7) + 1)) if packed & 0x80 else 0)
             at = skip_sub_blocks(at + 1)  # LZW code size, then the image data
         else:  # the trailer, or a damaged stream: what was counted stands
             break
-    return max(frames, 1), width, height
+    return frames, pixels, width, height
 
 
 def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
@@ -159,14 +160,15 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
         return f"unreadable image header: {type(exc).__name__}: {exc}"
     if fmt not in DECODABLE_FORMATS:
         return f"a {fmt} image; only {', '.join(DECODABLE_FORMATS)} are read"
-    if fmt == "GIF":  # TensorFlow decodes every frame, even for the first, at the largest frame's extent
-        frames, width, height = gif_frames(data)
+    frames = pixels = 0
+    if fmt == "GIF":  # TensorFlow decodes every frame, even for the first, onto the largest frame's canvas
+        frames, pixels, width, height = gif_frames(data)
     if width * height > max_pixels:
         return (f"decompression bomb: declares {width}x{height} pixels, more than "
                 f"features.max_image_pixels={max_pixels}")
-    if width * height * frames > max_pixels:
-        return (f"decompression bomb: {frames} frames of {width}x{height} pixels, more than "
-                f"features.max_image_pixels={max_pixels} in all")
+    if pixels > max_pixels:
+        return (f"decompression bomb: {frames} frames of {pixels} pixels in all, more than "
+                f"features.max_image_pixels={max_pixels}")
     return None
 
 
@@ -288,15 +290,18 @@ class _ShardWriter(threading.Thread):
     def run(self):
         try:
             self._run()
-        except BaseException as exc:  # surfaced by finish()
+        except BaseException as exc:  # raised by extract_to_shards
+            self.error = exc  # first: whatever the cleanup below meets, the failure is never lost
             writing, self.writing = self.writing, None
-            if writing is not None:  # the shard being written is lost: no half of it stays behind
-                with contextlib.suppress(OSError):  # closing flushes, and the disk may still be full
-                    writing[0].close()
-                writing[1].unlink(missing_ok=True)
-            if is_disk_full(exc):
-                exc = disk_full_error(writing[1].with_suffix("") if writing else self.out_dir)
-            self.error = None if isinstance(exc, _Aborted) else exc
+            with contextlib.suppress(OSError):  # the shard being written is lost: no half of it stays behind
+                if writing is not None:
+                    with contextlib.suppress(OSError):  # closing flushes, and the disk may still be full
+                        writing[0].close()
+                    writing[1].unlink(missing_ok=True)
+                if is_disk_full(exc):
+                    self.error = disk_full_error(writing[1].with_suffix("") if writing else self.out_dir)
+            if isinstance(exc, _Aborted):
+                self.error = None
 
     def _run(self):
         current, fh, seen = -1, None, []
@@ -410,8 +415,9 @@ def extract_to_shards(
         keys = [key for plan in pending for _, key in plan.items]
         # Each new shard replaces an old one of its name (other settings), one at a time: what the volume
         # must hold beyond today is the growth, plus the largest shard while it sits beside its old version.
-        old = sum((out_dir / f"{p.name}.f16").stat().st_size for p in pending if (out_dir / f"{p.name}.f16").exists())
-        largest = max(RECORD_BYTES * len(p.items) for p in pending)
+        replaced = [p for p in pending if (out_dir / f"{p.name}.f16").exists()]
+        old = sum((out_dir / f"{p.name}.f16").stat().st_size for p in replaced)
+        largest = max((RECORD_BYTES * len(p.items) for p in replaced), default=0)
         require_free_space(out_dir, max(RECORD_BYTES * len(keys) - old, 0) + largest,
                            f"the features of {len(keys)} images")
         writer = _ShardWriter(out_dir, pending, extractor.weights, source, max_pixels)
@@ -431,6 +437,9 @@ def extract_to_shards(
             writer.join()
         if writer.error:
             raise writer.error
+        if len(writer.results) != len(pending):  # never a partial result passed off as the whole
+            raise DataError(f"{out_dir}: the feature writer stopped after {len(writer.results)} of "
+                            f"{len(pending)} shards")
         results.extend(writer.results)
     order = {p.name: k for k, p in enumerate(plans)}
     return sorted(results, key=lambda r: order[r.name])

@@ -68,15 +68,12 @@ def disk_full_error(path: str | Path, kept: str = ""):
 
 def disk_full_from(exc: BaseException):
     """The DiskFullError for an OSError a full disk raised anywhere (a library's own write, HDF5's, a copy),
-    or None. A copy's half-written destination is removed; HDF5 names its file only inside the message."""
+    or None. HDF5 names its file only inside the message."""
     if not is_disk_full(exc):
         return None
     failed = _copy_failures(exc)
     if failed:  # copytree: name the first file it could not write
         return disk_full_error(failed[0][1])
-    if exc.filename2:  # shutil.copy*: the destination holds a partial copy
-        with contextlib.suppress(OSError):
-            Path(exc.filename2).unlink()
     found = re.search(r"filename = '([^']+)'", str(exc))  # HDF5's own report of a failed write
     if found:
         _note_hdf5_failure()

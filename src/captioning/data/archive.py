@@ -102,10 +102,13 @@ def check_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
         raise DataError(f"{archive.name}: member {bad} fails its CRC check (a damaged or mixed download)")
 
 
-def _withdraw_verification(archive: Path) -> str:
-    """A member that fails to read after the download's full check: the archive changed or rotted since."""
+def _withdraw_verification(archive: Path, exc: BaseException) -> str:
+    """A member whose bytes fail to decode after the download's full check: the archive changed or rotted
+    since. An OSError (EIO, a stale NFS handle) may pass: it withdraws nothing."""
     from captioning.data.fetch import unverify
 
+    if isinstance(exc, OSError):
+        return f"{archive.name} could not be read (the volume's error, not the archive's contents)"
     unverify(archive)
     return f"{archive.name} is damaged; its verified mark is withdrawn, so the next log_raw_data downloads it again"
 
@@ -119,7 +122,7 @@ def read_member(archive: str | Path, member: str, what: str = "file") -> bytes:
             raise DataError(f"{archive}: holds no {member} ({what})") from None
         except MEMBER_ERRORS as exc:
             raise DataError(f"{archive}: cannot read {member} ({what}): {type(exc).__name__}: {exc}; "
-                            f"{_withdraw_verification(Path(archive))}") from None
+                            f"{_withdraw_verification(Path(archive), exc)}") from None
 
 
 def read_json_member(archive: str | Path, member: str, what: str = "file"):
@@ -175,7 +178,7 @@ class ArchiveImages:
             if top not in self.damaged:  # the image is skipped; the archive is not trusted again
                 self.damaged.add(top)
                 log.warning("%s: %s: %s; %s", self.where(key), type(exc).__name__, exc,
-                            _withdraw_verification(self.archives[top]))
+                            _withdraw_verification(self.archives[top], exc))
             raise DataError(f"{self.where(key)}: {type(exc).__name__}: {exc}") from None
 
     def read_or_empty(self, key: str) -> bytes:

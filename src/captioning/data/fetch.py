@@ -254,9 +254,14 @@ ProgressHook = Callable[[str, int, int], None]  # (name, done, total)
 def unverify(dest: Path) -> None:
     """Withdraw a file's verified mark (it failed a later check): the next run downloads it again. The
     file's mtime moves too, so no other record of it (a hard link's, in a shared download cache) matches."""
-    with contextlib.suppress(OSError):  # a read-only input (a pod's artifact) keeps its marks
+    with contextlib.suppress(OSError):  # a read-only input (Vertex's /gcs mount) keeps its marks
         sidecar(dest).unlink(missing_ok=True)
+    try:
         os.utime(dest)
+    except OSError as exc:
+        if dest.exists() and dest.stat().st_nlink > 1:  # a shared cache's link may still carry a valid mark
+            log.warning("%s: cannot move its mtime (%s); delete %s in the download cache by hand",
+                        dest, exc.strerror, dest.name)
 
 
 def download(

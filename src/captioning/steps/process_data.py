@@ -194,11 +194,10 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
                                                                manifest["image_dirs"][source], source,
                                                                cfg.text.max_caption_words)
         truncated += cut
-        for image_id in sorted(images.keys() & found.keys()):  # in two files: neither's captions can be trusted
+        in_both = images.keys() & found.keys()  # in two files: neither's captions can be trusted
+        pools = {name: [i for i in pool if i not in in_both] for name, pool in pools.items()}
+        for image_id in sorted(in_both):
             first = images.pop(image_id)
-            for pool in pools.values():
-                if image_id in pool:
-                    pool.remove(image_id)
             del found[image_id]
             skipped.append({"file": f"{where} image {image_id}", "reason": f"image id {image_id} also appears in "
                             f"{first['source']}'s caption file; its captions could belong to either, so none is used"})

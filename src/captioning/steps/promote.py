@@ -21,7 +21,7 @@ from pathlib import Path
 
 from captioning.config import Config
 from captioning.errors import ConfigError, DataError
-from captioning.io import disk_full_from, read_json, require_free_space, write_json_atomic
+from captioning.io import disk_full_from, file_lock, read_json, require_free_space, write_json_atomic
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class LocalRegistry:
     def register(self, model_dir: Path, metrics: dict, alias: str) -> str:
         versions = self.root / "versions"
         versions.mkdir(parents=True, exist_ok=True)
+        with file_lock(versions):  # versions.lock: promotes sharing a registry take turns (numbers, aliases)
+            return self._register(versions, model_dir, metrics, alias)
+
+    def _register(self, versions: Path, model_dir: Path, metrics: dict, alias: str) -> str:
         number = 1 + max((int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()), default=0)
         version = f"v{number}"
         staging = versions / f".{version}.staging"

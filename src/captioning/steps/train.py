@@ -285,7 +285,10 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     history_csv = out_dir / "history.csv"
     epoch_weights = ckpt_dir / "epoch-{epoch:03d}.weights.h5"
     backup = _backup_and_restore(ckpt_dir / "backup")
-    resumed_from = _read_history(history_csv)
+    # Rows of epochs the backup does not hold (a run stopped between the two): Keras runs those again.
+    backup_meta = ckpt_dir / "backup" / "training_metadata.json"
+    backed_up = read_json(backup_meta).get("epoch", 0) if backup_meta.exists() else 0
+    resumed_from = [row for row in _read_history(history_csv) if row["epoch"] < backed_up]
     validation = ValidationCaptions(data, cfg.train.select_images, cfg.train.select_metric)
     monitor = f"val_{cfg.train.select_metric}"
     if not finished and _epochs_without_improvement(resumed_from, monitor) >= cfg.train.patience:

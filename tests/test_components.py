@@ -165,3 +165,18 @@ def test_a_fetched_offline_run_resolves_where_the_readme_says(chain, tmp_path):
         assert all(Path(p).is_file() for p in paths), sorted(p for p in paths if not Path(p).is_file())
     finally:
         pod_path.unlink()
+
+
+def test_a_step_failing_in_a_pod_logs_one_line_without_the_password_and_exits_1(tmp_path, caplog):
+    """A pod's log is read by many: a step's error is one line naming the problem, its URL without the
+    password (Python's traceback would print the exception text as it is)."""
+    from components.log_raw_data import log_raw_data
+
+    with pytest.raises(SystemExit) as exited:
+        log_raw_data.python_func(raw_data=artifact(Dataset, tmp_path, "raw"), wandb_run=artifact(Artifact, tmp_path, "w"),
+                                 preset="demo", base_url=f"file://user:s3cret@{tmp_path}/no-mirror",
+                                 wandb_mode="disabled")
+    assert exited.value.code == 1
+    assert "s3cret" not in caplog.text
+    assert "step log_raw_data failed: " in caplog.text
+    assert "no-mirror/annotations/annotations_trainval2014.zip: file not found" in caplog.text

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.errors import CaptioningError
-from captioning.io import disk_full_from, read_json, require_free_space, weights_bytes, write_json_atomic
+from captioning.io import read_json, removed_on_failure, require_free_space, weights_bytes, write_json_atomic
 from captioning.text import Vocabulary
 
 MODEL_FILE = "captioner.keras"
@@ -50,18 +50,12 @@ def save_bundle(root: Path, model, vocab: Vocabulary, meta: dict, backbone_weigh
     staging.mkdir(parents=True)
     needed = weights_bytes(model) + Path(backbone_weights).stat().st_size
     require_free_space(staging, needed, f"saving the model {root}")
-    try:
+    with removed_on_failure(staging):
         model.save(staging / MODEL_FILE)
         shutil.copyfile(backbone_weights, staging / BACKBONE_FILE)
         vocab.save(staging / "vocab.json")
         write_json_atomic(staging / "meta.json", meta)
         write_json_atomic(staging / "history.json", history)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)  # never half a model, under any name
-        full = disk_full_from(exc)
-        if full:
-            raise full from None
-        raise
     if root.exists():
         shutil.rmtree(root)
     staging.rename(root)

@@ -110,6 +110,20 @@ def atomic_path(path: str | Path, tmp_name: str = ""):
         raise
 
 
+@contextlib.contextmanager
+def removed_on_failure(folder: Path):
+    """A staging folder filled in the block: removed whole if the block fails (never half a model or a
+    version under any name), a full disk reported naming the file."""
+    try:
+        yield folder
+    except BaseException as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        full = disk_full_from(exc)
+        if full:
+            raise full from None
+        raise
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     text = json.dumps(finite_json(data), indent=1, ensure_ascii=False, allow_nan=False)
     with atomic_path(path) as tmp:

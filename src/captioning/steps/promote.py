@@ -21,7 +21,7 @@ from pathlib import Path
 
 from captioning.config import Config
 from captioning.errors import ConfigError, DataError
-from captioning.io import disk_full_from, file_lock, read_json, require_free_space, write_json_atomic
+from captioning.io import file_lock, read_json, removed_on_failure, require_free_space, write_json_atomic
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,9 @@ class LocalRegistry:
         from captioning.workflow import tree_size
 
         require_free_space(versions, tree_size(Path(model_dir))["bytes"], f"registering {version}")
-        try:
+        with removed_on_failure(staging):
             shutil.copytree(model_dir, staging)
             write_json_atomic(staging / "metrics.json", metrics)
-        except BaseException as exc:
-            shutil.rmtree(staging, ignore_errors=True)  # never half a version
-            full = disk_full_from(exc)
-            if full:
-                raise full from None
-            raise
         staging.rename(versions / version)
         write_json_atomic(self.aliases_file, {**self.aliases(), alias: version})
         return version

@@ -77,3 +77,16 @@ def test_hdf5_meeting_a_full_disk_fails_the_step_naming_the_file_without_a_crash
     assert leftovers(work) == []
     assert not (work / "processed" / "train" / "backbone.weights.h5").exists()
 
+
+
+def test_a_volume_reporting_no_capacity_refuses_nothing_when_statvfs_is_stubbed(tmp_path, monkeypatch):
+    """Some FUSE mounts of object stores answer statfs with zeros; a check against that would refuse every
+    write on a cluster. The stub stands in for such a mount, which cannot be made here."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from captioning.io import require_free_space
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(0, 0, 0))
+    require_free_space(tmp_path, 30 << 30, "30 GiB of features")  # not refused: the capacity is unknown

@@ -55,7 +55,9 @@ def free_bytes(path: str | Path) -> int:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    usage = shutil.disk_usage(path)
+    # Some FUSE mounts (object stores) report no capacity at all: unknown, so no write is refused for it.
+    return usage.free if usage.total else 1 << 62
 
 
 def disk_full_error(path: str | Path, kept: str = ""):

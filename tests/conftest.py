@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -74,3 +75,25 @@ def small_volume():
     yield mount
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# A small model, fast to train: what the serving and batch-captioning tests caption with.
+TINY_MODEL = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "train.embedding_dim=16",
+              "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2",
+              "train.epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def promoted_model(small_mirror, tmp_path_factory) -> dict:
+    """The whole pipeline run once in-process on the small mirror: its registry holds ``production``."""
+    from captioning.config import load_config
+    from captioning.runners.inprocess import run_pipeline
+
+    work = tmp_path_factory.mktemp("promoted")
+    cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", *TINY_MODEL])
+    summary = run_pipeline(cfg, work)
+    assert summary["status"] == "ok", summary
+    registry = work / "registry"
+    version = json.loads((registry / "captioning-model" / "aliases.json").read_text())["production"]
+    return {"work": work, "registry": registry, "version": version,
+            "model": registry / "captioning-model" / "versions" / version, "mirror": Path(small_mirror["root"])}

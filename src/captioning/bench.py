@@ -195,3 +195,131 @@ def _time_runs(fn, repeats: int, items: int) -> list[float]:
         fn()
         runs.append(items / (time.perf_counter() - started))
     return runs
+
+
+def bench_model(dest: Path) -> Path:
+    """A model folder at the bench sizes with untrained weights (the backbone's too): what a served model
+    costs, not what it says. Its captions never end early, so each runs the full 50 steps (the worst case)."""
+    import numpy as np
+
+    from captioning.bundle import save_bundle
+    from captioning.config import Config
+    from captioning.features import IMAGE_SIZE, FeatureExtractor
+    from captioning.steps.train import build_model
+    from captioning.text import Vocabulary
+
+    s = BENCH_SIZES
+    cfg = Config.model_validate({"train": {k: s[k] for k in ("embedding_dim", "units", "context_dim")}})
+    tokens = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(s["vocab_size"] - 4)]
+    vocab = Vocabulary(tokens, min_count=1, max_size=len(tokens))
+    model = build_model(cfg, len(vocab))
+    model.set_feature_stats(np.zeros(2048, np.float32), np.ones(2048, np.float32))
+    backbone = dest / "backbone.weights.h5"
+    dest.mkdir(parents=True, exist_ok=True)
+    FeatureExtractor("none", IMAGE_SIZE).backbone.save_weights(str(backbone))
+    meta = {"max_length": 50, "backbone": {"image_size": IMAGE_SIZE, "weights": "none"}, "config": {}}
+    return save_bundle(dest / "model", model, vocab, meta, backbone, [])
+
+
+def bench_serve(requests: int = 64, concurrency: int = 16, repeats: int = 3, model: str = "", url: str = "",
+                registry: str = "", max_batch: int = 32, window_ms: float = 10.0, name: str = "") -> dict:
+    """One-image requests to the server over loopback HTTP: ``concurrency`` at a time (batched by the server)
+    against one at a time; captions/s and latency percentiles, medians over repeats. Without ``url`` the
+    server runs here, on ``model`` (default: an untrained model at the bench sizes)."""
+    import base64
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests as http
+
+    from captioning.data.demo import synthetic_jpegs
+    from captioning.serving import DEFAULT_NAME
+
+    name = name or DEFAULT_NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        images = [base64.b64encode(p.read_bytes()).decode() for p in synthetic_jpegs(Path(tmp) / "images", 8)]
+        server = None
+        if not url:
+            server, url = _start_server(model or str(bench_model(Path(tmp))), registry, max_batch, window_ms)
+        base = url.rstrip("/")
+        http.get(f"{base}/v1/models/{name}", timeout=30).raise_for_status()  # the model is there and named so
+        local = threading.local()
+
+        def one(i: int) -> float:
+            session = getattr(local, "session", None) or http.Session()
+            local.session = session
+            started = time.perf_counter()
+            resp = session.post(f"{base}/v1/models/{name}:predict",
+                                json={"instances": [{"b64": images[i % len(images)]}]}, timeout=600)
+            resp.raise_for_status()
+            return time.perf_counter() - started
+
+        def run(parallel: int) -> tuple[float, list[float]]:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                latencies = list(pool.map(one, range(requests)))
+            return requests / (time.perf_counter() - started), latencies
+
+        run(concurrency), run(1)  # warm up: the compiled decoder traces each batch size once
+        before = _batch_sizes(base, name)
+        rows = {"concurrent": [], "sequential": []}
+        for _ in range(repeats):
+            rows["concurrent"].append(run(concurrency))
+            rows["sequential"].append(run(1))
+        after = _batch_sizes(base, name)
+        if server:
+            server.should_exit = True
+    sizes = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0)}
+
+    def figures(kind: str) -> dict:
+        rates = [rate for rate, _ in rows[kind]]
+        p50 = [statistics.median(lat) for _, lat in rows[kind]]
+        p95 = [statistics.quantiles(lat, n=20)[-1] if len(lat) > 1 else lat[0] for _, lat in rows[kind]]
+        return {"captions_per_s": round(statistics.median(rates), 2),
+                "p50_ms": round(1000 * statistics.median(p50), 1), "p95_ms": round(1000 * statistics.median(p95), 1),
+                "runs_captions_per_s": [round(r, 2) for r in rates]}
+
+    concurrent, sequential = figures("concurrent"), figures("sequential")
+    return {"bench": "serve", "requests": requests, "concurrency": concurrency, "repeats": repeats,
+            "max_batch": max_batch, "window_ms": window_ms, "model": model or "untrained, bench sizes",
+            "concurrent": concurrent, "one_at_a_time": sequential,
+            "speedup": round(concurrent["captions_per_s"] / sequential["captions_per_s"], 2),
+            "batch_sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0])))}
+
+
+def _batch_sizes(base: str, name: str) -> dict:
+    import requests as http
+
+    resp = http.get(f"{base}/v2/models/{name}/stats", timeout=30)
+    return resp.json().get("batch_sizes", {}) if resp.ok else {}
+
+
+def _start_server(model: str, registry: str, max_batch: int, window_ms: float):
+    """uvicorn on a free loopback port in a thread of this process; (server, url) once it answers."""
+    import socket
+    import threading
+
+    import requests as http
+    import uvicorn
+
+    from captioning.caption import CaptionModel
+    from captioning.model_source import resolve_model
+    from captioning.serving import Limits, create_app
+
+    resolved = resolve_model(model, registry)
+    app = create_app(CaptionModel(resolved.path, version=resolved.version),
+                     limits=Limits(max_batch=max_batch, window_ms=window_ms))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if http.get(f"{url}/v2/health/ready", timeout=2).ok:
+                return server, url
+        except http.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the server on {url} did not become ready in 120 s")

@@ -12,75 +12,134 @@ from captioning.config import MAX_IMAGE_PIXELS
 from captioning.errors import CaptioningError
 
 
+class UndecodableImage(CaptioningError):
+    """The header was sane but the decoder refused the image."""
+
+
 @dataclass
 class Captioned:
-    path: Path
+    path: Path | str
     caption: str
     words: list[str]
     attention: np.ndarray  # (len(words), 64)
+    score: float = 0.0  # mean log-probability per token of the caption (teacher-forced), <= 0
 
 
-def _load_images(paths: list[Path], image_size: int, max_pixels: int):
-    """Every image checked (header first, then decoded) before any work; one line naming the file if not."""
-    import tensorflow as tf
+def read_image_file(path: Path) -> bytes:
+    """A local image's bytes; one line naming the file if it is not one."""
+    if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device reads forever
+        raise CaptioningError(f"{path}: not a regular file")
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise CaptioningError(f"{path}: a directory, not an image file") from None
+    except FileNotFoundError:
+        raise CaptioningError(f"{path}: no such image file") from None
+    except OSError as exc:
+        raise CaptioningError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
 
-    from captioning.data.archive import FolderImages
-    from captioning.features import decode_and_resize, image_problem, why_unreadable
 
-    images = []
-    for path in paths:
-        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device reads forever
-            raise CaptioningError(f"{path}: not a regular file")
+class CaptionModel:
+    """A model folder loaded once: images' bytes in, captions with their scores and attention out.
+
+    ``captioning caption``, the server and the batch pipeline all caption through this, so they
+    give the same caption for the same image.
+    """
+
+    def __init__(self, model_path: str | Path, method: str | None = None, beam_width: int | None = None,
+                 version: str = ""):
+        from captioning.decode import Decoder, chosen_decoding
+        from captioning.features import FeatureExtractor
+
+        self.bundle = bundle = load_bundle(model_path)
+        self.version = version
+        self.image_size = int(bundle.meta["backbone"].get("image_size", 299))
+        self.max_pixels = int(bundle.meta.get("config", {}).get("features", {}).get("max_image_pixels",
+                                                                                   MAX_IMAGE_PIXELS))
+        self.extractor = FeatureExtractor("none", self.image_size)
         try:
-            data = path.read_bytes()
-        except IsADirectoryError:
-            raise CaptioningError(f"{path}: a directory, not an image file") from None
-        except FileNotFoundError:
-            raise CaptioningError(f"{path}: no such image file") from None
-        except OSError as exc:
-            raise CaptioningError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
-        problem = image_problem(data, max_pixels)
+            self.extractor.backbone.load_weights(str(bundle.root / BACKBONE_FILE))
+        except Exception as exc:
+            raise ModelError(f"{bundle.root / BACKBONE_FILE}: cannot load the backbone weights: {exc}") from None
+        self.decoding = chosen = chosen_decoding(bundle.meta)  # what train chose on validation
+        if method or beam_width:  # a width alone means beam search; the validated width and penalty fill the gaps
+            validated_beam = chosen["decoder"] == "beam"
+            self.decoding = chosen_decoding(bundle.meta, method or "beam",
+                                            beam_width or (chosen["beam_width"] if validated_beam else 3),
+                                            chosen["length_penalty"] if validated_beam else 0.7)
+        self.decoder = Decoder(bundle.model, bundle.vocab.start_id, bundle.vocab.end_id, bundle.max_length,
+                               self.decoding["decoder"], self.decoding["beam_width"], banned=bundle.vocab.non_words,
+                               length_penalty=self.decoding["length_penalty"])
+
+    def prepare(self, data: bytes):
+        """Checked (header first, then decoded) model input for one image; the problem as a
+        ``CaptioningError`` whose message is the reason alone."""
+        import tensorflow as tf
+
+        from captioning.features import decode_and_resize, image_problem, why_unreadable
+
+        problem = image_problem(data, self.max_pixels)
         if problem:
-            raise CaptioningError(f"{path}: cannot caption it: {problem}")
+            raise CaptioningError(problem)
         try:
-            images.append(decode_and_resize(tf.constant(data), image_size))
+            return decode_and_resize(tf.constant(data), self.image_size)
         except tf.errors.OpError:
-            why = why_unreadable(FolderImages(), str(path), max_pixels)
-            raise CaptioningError(f"{path}: cannot decode the image ({why})") from None
-    return tf.stack(images)
+            raise UndecodableImage(why_unreadable(_Bytes(data), "image", self.max_pixels)) from None
+
+    def caption(self, pixels: list, names: list | None = None) -> list[Captioned]:
+        """One caption per prepared image, decoded as one batch."""
+        import tensorflow as tf
+
+        if not pixels:
+            return []
+        features = self.extractor(tf.stack(pixels))
+        tokens, alphas = self.decoder(features)
+        scores = self.scores(features, tokens)
+        vocab = self.bundle.vocab
+        names = names or [""] * len(pixels)
+        return [Captioned(name, vocab.decode(row), vocab.step_words(row), alpha[: len(vocab.step_words(row))],
+                          float(score))
+                for name, row, alpha, score in zip(names, tokens, alphas, scores)]
+
+    def scores(self, features, tokens) -> np.ndarray:
+        """Mean log-probability per token of each decoded caption (``<end>`` included), teacher-forced:
+        how sure the model is of what it said, comparable across captions of different lengths."""
+        from keras import ops
+
+        tokens = np.asarray(tokens, np.int32)
+        start = np.full((len(tokens), 1), self.bundle.vocab.start_id, np.int32)
+        inputs = np.concatenate([start, tokens[:, :-1]], axis=1)
+        logits = self.bundle.model({"features": features, "tokens": inputs}, training=False)["logits"]
+        logp = ops.convert_to_numpy(ops.log_softmax(ops.cast(logits, "float32"), axis=-1))
+        picked = np.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+        mask = tokens != 0  # padding after <end>
+        return (picked * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
+
+
+class _Bytes:
+    """``why_unreadable`` reads through a source; these bytes are one."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, key: str) -> bytes:
+        return self.data
 
 
 def caption_images(model_path: str | Path, images: list[str | Path], method: str | None = None,
                    beam_width: int | None = None, batch_size: int = 16) -> list[Captioned]:
-    from captioning.decode import Decoder, chosen_decoding
-    from captioning.features import FeatureExtractor
-
-    bundle = load_bundle(model_path)
-    backbone = bundle.meta["backbone"]
-    image_size = int(backbone.get("image_size", 299))
     paths = [Path(p) for p in images]
-    max_pixels = int(bundle.meta.get("config", {}).get("features", {}).get("max_image_pixels", MAX_IMAGE_PIXELS))
-    pixels = _load_images(paths, image_size, max_pixels)  # every image is checked before any work is done
-
-    extractor = FeatureExtractor("none", image_size)
-    try:
-        extractor.backbone.load_weights(str(bundle.root / BACKBONE_FILE))
-    except Exception as exc:
-        raise ModelError(f"{bundle.root / BACKBONE_FILE}: cannot load the backbone weights: {exc}") from None
-    decoding = chosen = chosen_decoding(bundle.meta)  # what train chose on validation
-    if method or beam_width:  # a width alone means beam search; the validated width and penalty fill the gaps
-        validated_beam = chosen["decoder"] == "beam"
-        decoding = chosen_decoding(bundle.meta, method or "beam",
-                                   beam_width or (chosen["beam_width"] if validated_beam else 3),
-                                   chosen["length_penalty"] if validated_beam else 0.7)
-    decoder = Decoder(bundle.model, bundle.vocab.start_id, bundle.vocab.end_id, bundle.max_length,
-                      decoding["decoder"], decoding["beam_width"], banned=bundle.vocab.non_words,
-                      length_penalty=decoding["length_penalty"])
+    model = CaptionModel(model_path, method, beam_width)
+    pixels = []
+    for path in paths:  # every image is checked before any work is done
+        data = read_image_file(path)
+        try:
+            pixels.append(model.prepare(data))
+        except UndecodableImage as exc:
+            raise CaptioningError(f"{path}: cannot decode the image ({exc})") from None
+        except CaptioningError as exc:
+            raise CaptioningError(f"{path}: cannot caption it: {exc}") from None
     results = []
     for start in range(0, len(paths), batch_size):
-        tokens, alphas = decoder(extractor(pixels[start : start + batch_size]))
-        for path, row, alpha in zip(paths[start : start + batch_size], tokens, alphas):
-            caption = bundle.vocab.decode(row)
-            words = bundle.vocab.step_words(row)  # one label per attention map, as decoded
-            results.append(Captioned(path, caption, words, alpha[: len(words)]))
+        results += model.caption(pixels[start : start + batch_size], paths[start : start + batch_size])
     return results

@@ -41,7 +41,7 @@ def _setup_logging(verbose: bool) -> None:
     handler.addFilter(RedactingFilter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[handler], force=True)
-    for noisy in ("urllib3", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "google"):
+    for noisy in ("urllib3", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "google", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -164,6 +164,49 @@ def caption(
             out = attention_png / f"{item.path.stem}.attention.png"
             plot_attention(read_rgb(item.path), item.words, item.attention, out, title=item.caption)
             typer.echo(f"attention: {out}", err=True)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", envvar="AIP_STORAGE_URI", show_envvar=False,
+        help="A model folder, an alias in --registry (production), wandb:ALIAS (the W&B Registry) or gs://... "
+        "(default: AIP_STORAGE_URI, as Vertex AI sets it)."),
+    registry: Optional[Path] = typer.Option(None, help="The local registry folder promote wrote (for an alias)."),
+    collection: str = typer.Option("captioning-model", help="The registry collection of the alias."),
+    name: str = typer.Option("captioner", help="The model's name in the routes (/v1/models/NAME:predict)."),
+    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
+    port: Optional[int] = typer.Option(None, envvar="AIP_HTTP_PORT", min=1, max=65535,
+                                       help="Default: AIP_HTTP_PORT (Vertex AI) or 8080."),
+    max_batch: int = typer.Option(32, min=1, help="Most images captioned as one batch."),
+    window_ms: float = typer.Option(10.0, min=0, help="How long the batcher waits for more images."),
+    max_request_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 above)."),
+    max_image_mb: float = typer.Option(16.0, min=0.001, help="Largest image (413 above)."),
+    max_instances: int = typer.Option(64, min=1, help="Most images per request (413 above)."),
+    allow_uri: List[str] = typer.Option([], help="A URI prefix instances may name (gs://bucket/, https://host/); "
+                                        "repeatable. Without one, {\"uri\": ...} instances are refused."),
+    decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: what train chose on validation)."),
+    beam_width: Optional[int] = typer.Option(None, min=1, max=20),
+) -> None:
+    """Serve a model over HTTP: KServe v1, Open Inference v2 and Vertex AI's routes, batched on the device."""
+    from captioning.caption import CaptionModel
+    from captioning.model_source import resolve_model
+    from captioning.serving import DEFAULT_PORT, Limits, serve as run_server
+
+    if decoder not in (None, "greedy", "beam"):
+        _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
+    try:
+        if not model:
+            raise CaptioningError("--model: none given and AIP_STORAGE_URI is not set; name a model folder, an "
+                                  "alias with --registry, wandb:ALIAS or gs://...")
+        resolved = resolve_model(model, str(registry or ""), collection)
+        loaded = CaptionModel(resolved.path, decoder, beam_width, version=resolved.version)
+    except CaptioningError as exc:
+        _fail(exc)
+    mib = 1 << 20
+    limits = Limits(max_request_bytes=int(max_request_mb * mib), max_image_bytes=int(max_image_mb * mib),
+                    max_instances=max_instances, max_batch=max_batch, window_ms=window_ms, allow_uri=tuple(allow_uri))
+    run_server(loaded, name, host, port or DEFAULT_PORT, limits)
 
 
 BUILD_PANEL = "Building the pipeline"
@@ -438,6 +481,28 @@ def bench_decode_cmd(
     from captioning.bench import bench_decode
 
     _print_bench(bench_decode(captions, repeats, baseline, baseline_captions), as_json)
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    requests: int = typer.Option(64, min=2, help="One-image requests per timed run."),
+    concurrency: int = typer.Option(16, min=1, help="Requests in flight at once in the concurrent runs."),
+    model: str = typer.Option("", help="Model folder or alias (default: an untrained model at the bench sizes)."),
+    registry: str = typer.Option("", help="Registry folder for an alias."),
+    url: str = typer.Option("", help="A running server to measure instead (http://127.0.0.1:8080)."),
+    max_batch: int = typer.Option(32, min=1),
+    window_ms: float = typer.Option(10.0, min=0),
+    repeats: Repeats = 3,
+    as_json: AsJson = False,
+) -> None:
+    """captions/s and p50/p95 latency over loopback HTTP: concurrent (batched) vs one request at a time."""
+    from captioning.bench import bench_serve
+
+    try:
+        result = bench_serve(requests, concurrency, repeats, model, url, registry, max_batch, window_ms)
+    except CaptioningError as exc:
+        _fail(exc)
+    _print_bench(result, as_json)
 
 
 if __name__ == "__main__":

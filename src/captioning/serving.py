@@ -1,0 +1,316 @@
+"""The online endpoint behind ``captioning serve``: one model, three protocols, batched on the device.
+
+FastAPI on uvicorn, speaking what the platforms call:
+
+- KServe's v1 protocol: ``GET /v1/models/NAME``, ``POST /v1/models/NAME:predict``;
+- the Open Inference (v2) protocol: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME``,
+  ``/v2/models/NAME/ready``, ``POST /v2/models/NAME/infer`` (input ``image``: base64 BYTES, or ``uri``);
+- Vertex AI's custom-container contract: ``AIP_HEALTH_ROUTE`` and ``AIP_PREDICT_ROUTE`` (``AIP_HTTP_PORT``
+  is the port), ``{"instances": [...]}`` -> ``{"predictions": [...]}``.
+
+An instance is ``{"b64": ...}``, ``{"image_bytes": {"b64": ...}}`` (Vertex's convention), a base64 string,
+or ``{"uri": ...}`` where the server was started with ``--allow-uri PREFIX`` (a server that fetches any URL
+it is handed is a way into the cluster's network). Each prediction is ``{"caption", "score",
+"model_version"}``; ``score`` is the caption's mean log-probability per token.
+
+Requests are decoded on the request threads and their images captioned together: a worker thread
+takes what arrived within a short window (``window_ms``), up to ``max_batch`` images, as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from captioning.caption import CaptionModel
+from captioning.errors import CaptioningError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "captioner"
+DEFAULT_PORT = 8080
+# Vertex AI sets these in the container; the defaults serve a container run elsewhere.
+VERTEX_HEALTH_DEFAULT, VERTEX_PREDICT_DEFAULT = "/health", "/predict"
+LIVE_ROUTE, READY_ROUTE = "/v2/health/live", "/v2/health/ready"  # manifests/serving's probes
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 32 * MIB
+    max_instances: int = 64
+    max_image_bytes: int = 16 * MIB
+    max_batch: int = 32
+    window_ms: float = 10.0
+    allow_uri: tuple[str, ...] = ()  # URI prefixes an instance may name; none: URIs are refused
+    uri_timeout_s: float = 30.0
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Batcher:
+    """One worker thread captioning what arrives within a window as one batch."""
+
+    def __init__(self, model: CaptionModel, max_batch: int, window_ms: float):
+        self.model, self.max_batch, self.window_s = model, max_batch, window_ms / 1000.0
+        self.queue: queue.Queue = queue.Queue()
+        self.batch_sizes: Counter = Counter()  # size -> batches run, for /stats and the bench
+        self.thread = threading.Thread(target=self._work, name="caption-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, pixels) -> Future:
+        future: Future = Future()
+        self.queue.put((pixels, future))
+        return future
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    def _work(self) -> None:
+        import time
+
+        while (first := self.queue.get()) is not None:
+            batch, stop = [first], False
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                results = self.model.caption([pixels for pixels, _ in batch])
+                for (_, future), result in zip(batch, results):
+                    future.set_result(result)
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
+                log.exception("captioning a batch of %d failed", len(batch))
+                for _, future in batch:
+                    future.set_exception(exc)
+            self.batch_sizes[len(batch)] += 1
+            if stop:
+                return
+
+
+def _instance_image(index: int, instance: Any, limits: Limits) -> bytes:
+    """The bytes of one instance's image (decoded base64, or fetched from an allowed URI)."""
+    b64 = None
+    if isinstance(instance, str):
+        b64 = instance
+    elif isinstance(instance, dict) and isinstance(instance.get("b64"), str):
+        b64 = instance["b64"]
+    elif isinstance(instance, dict) and isinstance(instance.get("image_bytes"), dict) \
+            and isinstance(instance["image_bytes"].get("b64"), str):
+        b64 = instance["image_bytes"]["b64"]
+    elif isinstance(instance, dict) and isinstance(instance.get("uri"), str):
+        return _fetch(index, instance["uri"], limits)
+    else:
+        raise RequestError(400, f"instance {index}: expected {{\"b64\": ...}}, {{\"image_bytes\": {{\"b64\": ...}}}}, "
+                                f"{{\"uri\": ...}} or a base64 string")
+    if len(b64) > limits.max_image_bytes * 4 // 3 + 4:
+        raise RequestError(413, f"instance {index}: the image is larger than the limit of {limits.max_image_bytes} "
+                                "bytes")
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"instance {index}: not valid base64") from None
+
+
+def _fetch(index: int, uri: str, limits: Limits) -> bytes:
+    from captioning.images import ImageUnavailable, read_image
+    from captioning.redact import redact
+
+    if not any(uri.startswith(prefix) for prefix in limits.allow_uri):
+        allowed = ", ".join(limits.allow_uri) if limits.allow_uri else "none: start the server with --allow-uri PREFIX"
+        raise RequestError(400, f"instance {index}: {redact(uri)} is not under an allowed URI prefix ({allowed})")
+    try:
+        return read_image(uri, limits.max_image_bytes, limits.uri_timeout_s)
+    except ImageUnavailable as exc:
+        status = 413 if "limit of" in str(exc) else 400
+        raise RequestError(status, f"instance {index}: {redact(uri)}: {exc}") from None
+
+
+def _prepare(model: CaptionModel, instances: list, limits: Limits) -> list:
+    """Every instance checked and decoded before any is captioned: one bad image is the request's 4xx."""
+    if not isinstance(instances, list) or not instances:
+        raise RequestError(400, "no instances: send {\"instances\": [...]} with at least one image")
+    if len(instances) > limits.max_instances:
+        raise RequestError(413, f"{len(instances)} instances, more than the limit of {limits.max_instances} "
+                                "per request")
+    prepared = []
+    for index, instance in enumerate(instances):
+        data = _instance_image(index, instance, limits)
+        try:
+            prepared.append(model.prepare(data))
+        except CaptioningError as exc:
+            raise RequestError(400, f"instance {index}: cannot caption it: {exc}") from None
+    return prepared
+
+
+def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = Limits()):
+    """The ASGI app for one loaded model (the batcher starts and stops with the app)."""
+    state: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = Batcher(model, limits.max_batch, limits.window_ms)
+        yield
+        state["batcher"].close()
+
+    app = FastAPI(title="captioning", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    def ready() -> bool:
+        return "batcher" in state and state["batcher"].thread.is_alive()
+
+    def check_name(model_name: str) -> None:
+        if model_name != name:
+            raise RequestError(404, f"no model {model_name!r} here; this server serves {name!r}")
+
+    async def read_json(request: Request) -> Any:
+        """The body, refused once it passes the limit (declared or received: chunked bodies count too)."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
+            raise RequestError(413, f"request body of {declared} bytes, more than the limit of "
+                                    f"{limits.max_request_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_request_bytes:
+                raise RequestError(413, f"request body larger than the limit of {limits.max_request_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not JSON") from None
+
+    async def caption(instances: list) -> list[dict]:
+        prepared = await run_in_threadpool(_prepare, model, instances, limits)
+        futures = [asyncio.wrap_future(state["batcher"].submit(p)) for p in prepared]
+        results = await asyncio.gather(*futures)
+        return [{"caption": r.caption, "score": round(r.score, 6), "model_version": model.version} for r in results]
+
+    async def predict(request: Request) -> dict:
+        body = await read_json(request)
+        if not isinstance(body, dict) or "instances" not in body:
+            raise RequestError(400, "expected {\"instances\": [...]}")
+        return {"predictions": await caption(body["instances"])}
+
+    # -- KServe v1
+    @app.get("/v1/models/{model_name}")
+    async def v1_model(model_name: str):
+        check_name(model_name)
+        return {"name": name, "ready": ready()}
+
+    @app.post("/v1/models/{model_name}:predict")
+    async def v1_predict(model_name: str, request: Request):
+        check_name(model_name)
+        return await predict(request)
+
+    # -- Open Inference (v2)
+    @app.get(LIVE_ROUTE)
+    async def v2_live():
+        return {"live": True}
+
+    @app.get(READY_ROUTE)
+    async def v2_ready():
+        return JSONResponse({"ready": ready()}, status_code=200 if ready() else 503)
+
+    @app.get("/v2/models/{model_name}")
+    async def v2_metadata(model_name: str):
+        check_name(model_name)
+        return {"name": name, "versions": [model.version] if model.version else [], "platform": "tensorflow",
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "uri", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "caption", "datatype": "BYTES", "shape": [-1]},
+                            {"name": "score", "datatype": "FP32", "shape": [-1]}]}
+
+    @app.get("/v2/models/{model_name}/ready")
+    async def v2_model_ready(model_name: str):
+        check_name(model_name)
+        return JSONResponse({"name": name, "ready": ready()}, status_code=200 if ready() else 503)
+
+    @app.get("/v2/models/{model_name}/stats")
+    async def v2_stats(model_name: str):
+        check_name(model_name)
+        sizes = state["batcher"].batch_sizes if "batcher" in state else {}
+        return {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
+
+    @app.post("/v2/models/{model_name}/infer")
+    async def v2_infer(model_name: str, request: Request):
+        check_name(model_name)
+        body = await read_json(request)
+        instances = _v2_instances(body)
+        predictions = await caption(instances)
+        count = len(predictions)
+        return {"model_name": name, "model_version": model.version,
+                "id": body.get("id") or str(uuid.uuid4()),
+                "outputs": [{"name": "caption", "datatype": "BYTES", "shape": [count],
+                             "data": [p["caption"] for p in predictions]},
+                            {"name": "score", "datatype": "FP32", "shape": [count],
+                             "data": [p["score"] for p in predictions]}]}
+
+    # -- Vertex AI
+    health_route = os.environ.get("AIP_HEALTH_ROUTE") or VERTEX_HEALTH_DEFAULT
+    predict_route = os.environ.get("AIP_PREDICT_ROUTE") or VERTEX_PREDICT_DEFAULT
+
+    @app.get(health_route)
+    async def vertex_health():
+        return JSONResponse({"ready": ready()}, status_code=200 if ready() else 503)
+
+    @app.post(predict_route)
+    async def vertex_predict(request: Request):
+        return await predict(request)
+
+    return app
+
+
+def _v2_instances(body: Any) -> list:
+    """The v2 request's ``image`` (base64 strings) or ``uri`` input as instances."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+        raise RequestError(400, "expected {\"inputs\": [{\"name\": \"image\", \"datatype\": \"BYTES\", ...}]}")
+    for item in body["inputs"]:
+        if not isinstance(item, dict) or item.get("name") not in ("image", "uri"):
+            continue
+        if item.get("datatype") != "BYTES":
+            raise RequestError(400, f"input {item['name']!r}: datatype {item.get('datatype')!r}, expected BYTES")
+        data = item.get("data")
+        while isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
+            data = data[0]  # [[...]]: a batch dimension of one
+        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+            raise RequestError(400, f"input {item['name']!r}: data must be a list of strings")
+        return data if item["name"] == "image" else [{"uri": d} for d in data]
+    raise RequestError(400, "no input named 'image' (base64 BYTES) or 'uri' (BYTES)")
+
+
+def serve(model: CaptionModel, name: str, host: str, port: int, limits: Limits) -> None:
+    """Run until stopped (SIGTERM: uvicorn finishes the requests in flight)."""
+    import uvicorn
+
+    log.info("serving %s (version %s) on %s:%d", name, model.version or "-", host, port)
+    uvicorn.run(create_app(model, name, limits), host=host, port=port, log_level="warning", access_log=False)

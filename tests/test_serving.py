@@ -1,0 +1,241 @@
+"""`captioning serve`: a real uvicorn server on loopback, a real trained model, the three protocols."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import captioning_cli
+from helpers.http_mirror import HttpMirror
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, proc=None, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} not ready in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    """Demo scenes as JPEG files, a file that is no image, and a 9000x9000 PNG declaration (a bomb)."""
+    from PIL import Image
+
+    from captioning.data.demo import synthetic_jpegs
+
+    root = tmp_path_factory.mktemp("images")
+    paths = synthetic_jpegs(root / "scenes", 4, seed=5)
+    (root / "bad").mkdir()
+    (root / "bad" / "notes.jpg").write_bytes(b"not an image at all")
+    buffer = BytesIO()
+    Image.new("L", (9000, 9000)).save(buffer, "PNG")
+    (root / "bad" / "bomb.png").write_bytes(buffer.getvalue())
+    return {"root": root, "scenes": paths}
+
+
+@pytest.fixture(scope="module")
+def expected(promoted_model, images) -> dict:
+    """What `captioning caption` prints for each scene: the server must say the same."""
+    proc = captioning_cli("caption", "--model", str(promoted_model["model"]), *map(str, images["scenes"]))
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("\t") for line in proc.stdout.strip().splitlines())
+
+
+@pytest.fixture(scope="module")
+def server(promoted_model, images):
+    """The app on a loopback port, with an image server it may fetch from (and only that)."""
+    import uvicorn
+
+    from captioning.caption import CaptionModel
+    from captioning.serving import Limits, create_app
+
+    with HttpMirror(images["root"]) as mirror:
+        model = CaptionModel(promoted_model["model"], version=promoted_model["version"])
+        limits = Limits(max_request_bytes=2 << 20, max_image_bytes=1 << 20, max_instances=8, max_batch=8,
+                        window_ms=200, allow_uri=(mirror.url + "/scenes/",))
+        port = free_port()
+        uv = uvicorn.Server(uvicorn.Config(create_app(model, "captioner", limits), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url)
+        yield {"url": url, "mirror": mirror.url, "version": promoted_model["version"]}
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def test_three_protocols_give_the_cli_captions(server, images, expected):
+    url, scenes = server["url"], images["scenes"]
+    want = [expected[str(p)] for p in scenes]
+
+    v1 = requests.post(f"{url}/v1/models/captioner:predict", json={"instances": [{"b64": b64(p)} for p in scenes]})
+    assert v1.status_code == 200, v1.text
+    predictions = v1.json()["predictions"]
+    assert [p["caption"] for p in predictions] == want
+    assert all(p["model_version"] == server["version"] for p in predictions)
+    scores = [p["score"] for p in predictions]
+    assert all(-50 < s <= 0 for s in scores), scores  # a mean log-probability per token
+
+    v2 = requests.post(f"{url}/v2/models/captioner/infer",
+                       json={"id": "r1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(scenes)],
+                                                     "data": [b64(p) for p in scenes]}]})
+    assert v2.status_code == 200, v2.text
+    outputs = {o["name"]: o for o in v2.json()["outputs"]}
+    assert v2.json()["id"] == "r1" and v2.json()["model_version"] == server["version"]
+    assert outputs["caption"]["data"] == want and outputs["caption"]["shape"] == [len(scenes)]
+    assert outputs["score"]["data"] == pytest.approx(scores, abs=1e-4)
+
+    vertex = requests.post(f"{url}/predict",  # Vertex's instance form, and its default routes
+                           json={"instances": [{"image_bytes": {"b64": b64(p)}} for p in scenes]})
+    assert [p["caption"] for p in vertex.json()["predictions"]] == want
+    assert requests.get(f"{url}/health").status_code == 200
+
+    # by URI, from the prefix the server allows
+    by_uri = requests.post(f"{url}/v1/models/captioner:predict",
+                           json={"instances": [{"uri": f"{server['mirror']}/scenes/{p.name}"} for p in scenes]})
+    assert [p["caption"] for p in by_uri.json()["predictions"]] == want
+    v2_uri = requests.post(f"{url}/v2/models/captioner/infer", json={"inputs": [
+        {"name": "uri", "datatype": "BYTES", "shape": [1], "data": [f"{server['mirror']}/scenes/{scenes[0].name}"]}]})
+    assert v2_uri.json()["outputs"][0]["data"] == want[:1]
+
+
+def test_health_metadata_and_readiness_routes(server):
+    url = server["url"]
+    assert requests.get(f"{url}/v2/health/live").json() == {"live": True}
+    assert requests.get(f"{url}/v2/health/ready").json() == {"ready": True}
+    assert requests.get(f"{url}/v1/models/captioner").json() == {"name": "captioner", "ready": True}
+    assert requests.get(f"{url}/v2/models/captioner/ready").status_code == 200
+    meta = requests.get(f"{url}/v2/models/captioner").json()
+    assert meta["versions"] == [server["version"]] and {i["name"] for i in meta["inputs"]} == {"image", "uri"}
+    missing = requests.post(f"{url}/v1/models/other:predict", json={"instances": []})
+    assert missing.status_code == 404 and "no model 'other'" in missing.json()["error"]
+
+
+@pytest.mark.parametrize("case", ["body", "instances", "base64", "not-image", "bomb", "image-size", "uri-outside",
+                                  "uri-missing", "shape", "json"])
+def test_bad_requests_get_a_clear_4xx(server, images, case):
+    url, scene = server["url"], images["scenes"][0]
+    predict = f"{url}/v1/models/captioner:predict"
+    big = base64.b64encode(os.urandom(1_200_000)).decode()  # 1.6 MB of base64: over the 1 MiB image limit
+    sent = {
+        "body": (predict, {"instances": [{"b64": big}, {"b64": big}]}),  # 3.2 MB: over the 2 MiB body limit
+        "instances": (predict, {"instances": [{"b64": b64(scene)}] * 9}),
+        "base64": (predict, {"instances": [{"b64": b64(scene)}, {"b64": "@@not base64@@"}]}),
+        "not-image": (predict, {"instances": [{"b64": b64(images["root"] / "bad" / "notes.jpg")}]}),
+        "bomb": (predict, {"instances": [{"b64": b64(images["root"] / "bad" / "bomb.png")}]}),
+        "image-size": (predict, {"instances": [{"b64": big}]}),
+        "uri-outside": (predict, {"instances": [{"uri": f"{server['mirror']}/bad/notes.jpg"}]}),
+        "uri-missing": (predict, {"instances": [{"uri": f"{server['mirror']}/scenes/none.jpg"}]}),
+        "shape": (f"{url}/v2/models/captioner/infer", {"inputs": [{"name": "image", "datatype": "FP32",
+                                                                   "data": [1.0]}]}),
+        "json": (predict, None),
+    }[case]
+    want = {
+        "body": (413, "more than the limit of 2097152"),
+        "instances": (413, "9 instances, more than the limit of 8"),
+        "base64": (400, "instance 1: not valid base64"),
+        "not-image": (400, "instance 0: cannot caption it: not an image"),
+        "bomb": (400, "instance 0: cannot caption it: decompression bomb: declares 9000x9000"),
+        "image-size": (413, "instance 0: the image is larger than the limit of 1048576"),
+        "uri-outside": (400, "is not under an allowed URI prefix"),
+        "uri-missing": (400, "HTTP 404"),
+        "shape": (400, "datatype 'FP32', expected BYTES"),
+        "json": (400, "not JSON"),
+    }[case]
+    target, body = sent
+    resp = requests.post(target, json=body) if body is not None else requests.post(target, data=b"{nope")
+    assert resp.status_code == want[0], resp.text
+    assert want[1] in resp.json()["error"]
+    assert requests.get(f"{url}/v2/health/ready").status_code == 200  # the server carries on
+
+
+def test_concurrent_requests_are_captioned_as_one_batch(server, images, expected):
+    url = server["url"]
+    before = requests.get(f"{url}/v2/models/captioner/stats").json()["batch_sizes"]
+    scenes = images["scenes"] * 2
+
+    def one(path):
+        resp = requests.post(f"{url}/v1/models/captioner:predict", json={"instances": [{"b64": b64(path)}]})
+        return resp.json()["predictions"][0]["caption"]
+
+    with ThreadPoolExecutor(8) as pool:
+        captions = list(pool.map(one, scenes))
+    assert captions == [expected[str(p)] for p in scenes]  # batched with others, each still gets its own
+    after = requests.get(f"{url}/v2/models/captioner/stats").json()["batch_sizes"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == 8
+    assert max(new) > 1, new  # within the 200 ms window, requests were captioned together
+
+
+def test_bench_serve_reports_both_modes_against_a_running_server(server):
+    proc = captioning_cli("bench", "serve", "--url", server["url"], "--requests", "4", "--concurrency", "2",
+                          "--repeats", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for mode in ("concurrent", "one_at_a_time"):
+        assert result[mode]["captions_per_s"] > 0 and result[mode]["p95_ms"] >= result[mode]["p50_ms"] > 0
+    assert sum(int(k) * v for k, v in result["batch_sizes"].items()) == 4 * 2  # one timed run of each mode
+
+
+def test_serve_command_resolves_the_alias_and_stops_on_sigterm(promoted_model, images, expected, tmp_path):
+    """As a pod runs it: the alias from the registry, Vertex's port and routes from the environment."""
+    port = free_port()
+    env = dict(os.environ, AIP_HTTP_PORT=str(port), AIP_HEALTH_ROUTE="/vertex/health",
+               AIP_PREDICT_ROUTE="/vertex/predict")
+    exe = Path(sys.executable).parent / "captioning"
+    proc = subprocess.Popen([str(exe), "serve", "--model", "production", "--registry", str(promoted_model["registry"]),
+                             "--host", "127.0.0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        assert requests.get(f"{url}/vertex/health").status_code == 200
+        scene = images["scenes"][0]
+        resp = requests.post(f"{url}/vertex/predict", json={"instances": [{"b64": b64(scene)}]})
+        assert resp.json()["predictions"][0]["caption"] == expected[str(scene)]
+        assert resp.json()["predictions"][0]["model_version"] == promoted_model["version"]
+        proc.send_signal(signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal (exit 143 in a pod)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("model, message", [
+    ("staging", "no model holds the alias 'staging'"),
+    ("other:production", "no collection 'other' in the registry"),
+    ("/nowhere/model", "/nowhere/model: no such model folder"),
+])
+def test_serve_refuses_a_model_it_cannot_find(promoted_model, model, message):
+    proc = captioning_cli("serve", "--model", model, "--registry", str(promoted_model["registry"]), timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

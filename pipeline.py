@@ -64,6 +64,12 @@ DESCRIPTION = "Show, Attend and Tell on MS-COCO, tracked in W&B"
 GATE = "score-above-floor"  # promote runs only when evaluate's score exceeds min_score
 
 
+PIPELINES = ("train", "caption")
+CAPTION_GPU_STEPS = ("caption_shard",)
+CAPTION_UNCACHED_STEPS = ("resolve_model", "plan_captions")  # an alias moves, a folder fills: look again each run
+CAPTION_PARALLELISM = 8  # shards captioned at once (GPU pods)
+
+
 def compiled_for(target: str) -> str:
     """The marker in the pipeline description that ``captioning submit`` reads back."""
     return f"[compiled for {target}]"
@@ -83,6 +89,9 @@ class BuildOptions:
     accelerator_type: str = _option("", "Default: nvidia.com/gpu (kubeflow), NVIDIA_L4 (vertex).")
     accelerator_count: int = _option(1, "Accelerators per GPU step.", min=0)
     preset: str = _option("coco2014", "Defaults of the pipeline parameters: demo or coco2014.")
+    pipeline: str = _option("train", "train: log_raw_data → ... → promote; caption: batch captioning with the "
+                                     "promoted model (resolve_model → plan_captions → caption_shard × N → "
+                                     "merge_captions).")
     # The defaults fit the allocatable size of g2-standard-8 (L4), n1-standard-8 (T4) and a2-highgpu-1g (A100)
     # after GKE's system pods (README: "Resources").
     cpu: str = _option("2", "CPU request and limit of the CPU steps (log_raw_data, promote).")
@@ -109,6 +118,8 @@ class BuildOptions:
     def __post_init__(self):
         from captioning.config import PRESETS
 
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"--pipeline {self.pipeline!r}: choose {' or '.join(PIPELINES)}")
         if self.target not in ACCELERATORS:
             raise ValueError(f"--target {self.target!r}: choose kubeflow or vertex")
         if self.preset not in PRESETS:
@@ -235,12 +246,96 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         captioning_pipeline)
 
 
+def caption_signature(preset: str) -> inspect.Signature:
+    """``preset`` and the batch captioning parameters, typed as their settings, defaulting to the preset's."""
+    from captioning.config import load_config
+    from captioning.parameters import CAPTION_PARAMETERS, PRESET_PARAMETER, caption_parameters_from_config
+
+    defaults = caption_parameters_from_config(load_config(preset=preset))
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(
+        [inspect.Parameter(PRESET_PARAMETER, kind, annotation=str, default=preset)]
+        + [inspect.Parameter(name, kind, annotation=type(defaults[name]), default=defaults[name])
+           for name in CAPTION_PARAMETERS])
+
+
+def build_caption_pipeline(options: BuildOptions = BuildOptions(pipeline="caption")):
+    """Batch captioning with a registered model: resolve it, plan shards, caption them in parallel, merge."""
+    from kfp import dsl
+
+    from captioning.parameters import PRESET_PARAMETER
+    from components.caption_shard import caption_shard
+    from components.merge_captions import merge_captions
+    from components.plan_captions import plan_captions
+    from components.resolve_model import resolve_model
+
+    signature = caption_signature(options.preset)
+
+    def settle(task, name):
+        task.set_container_image(options.image).set_display_name(name)
+        if options.target == "kubeflow":
+            _kubernetes_task(task, options, gpu=name in CAPTION_GPU_STEPS)
+        if name in CAPTION_GPU_STEPS:
+            task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.accelerator_count)
+            cpu, memory = options.gpu_cpu, options.gpu_memory
+        else:
+            cpu, memory = options.cpu, options.memory
+        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+        cached = name not in CAPTION_UNCACHED_STEPS
+        task.set_caching_options(cached)
+        if cached:
+            task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
+        return task
+
+    def caption_pipeline(*args):
+        p = dict(zip(signature.parameters, args))
+        preset = p[PRESET_PARAMETER]
+        model = settle(resolve_model(preset=preset, model=p["model"], registry=p["registry"],
+                                     collection=p["collection"], wandb_mode=p["wandb_mode"]), "resolve_model")
+        plan = settle(plan_captions(preset=preset, source=p["source"], shard_images=p["shard_images"]),
+                      "plan_captions")
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=CAPTION_PARALLELISM) as shard:
+            captioned = settle(caption_shard(model=model.outputs["resolved"], plan=plan.outputs["plan"], shard=shard,
+                                             preset=preset, caption_batch_size=p["caption_batch_size"],
+                                             sample=p["sample"]), "caption_shard")
+        settle(merge_captions(plan=plan.outputs["plan"], shards=dsl.Collected(captioned.outputs["captions"]),
+                              preset=preset, wandb_project=p["wandb_project"], wandb_entity=p["wandb_entity"],
+                              wandb_mode=p["wandb_mode"], wandb_secret=p["wandb_secret"]), "merge_captions")
+
+    caption_pipeline.__signature__ = signature
+    caption_pipeline.__annotations__ = {q.name: q.annotation for q in signature.parameters.values()}
+    return dsl.pipeline(name="captioning-batch", description=f"Caption images with the promoted model "
+                        f"{compiled_for(options.target)}")(caption_pipeline)
+
+
+def _kubernetes_task(task, options: BuildOptions, gpu: bool) -> None:
+    """The batch pipeline's pods, as the training pipeline's: the W&B Secret, the image's user, GPU taints."""
+    from kfp import kubernetes
+
+    from captioning.tracking import KFP_RUN_ID_ENV
+
+    kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET, secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"},
+                                 optional=True)
+    if options.security_context:
+        kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+    kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=RUN_ID_LABEL)
+    if gpu:
+        kubernetes.add_toleration(task, **GPU_TOLERATION)
+        if options.gpu_node_selector:
+            key, value = options.gpu_node_selector.split("=", 1)
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    if options.spot:
+        for toleration in SPOT_TOLERATIONS:
+            kubernetes.add_toleration(task, **toleration)
+
+
 def compile_pipeline(output, options: BuildOptions = BuildOptions()) -> Path:
     from kfp import compiler
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(options), str(output))
+    build = build_caption_pipeline if options.pipeline == "caption" else build_pipeline
+    compiler.Compiler().compile(build(options), str(output))
     return output
 
 

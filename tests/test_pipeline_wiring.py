@@ -266,6 +266,9 @@ def test_the_image_finds_every_step_component():
 
     ini = configparser.ConfigParser()
     ini.read(Path(__file__).resolve().parents[1] / "components" / "kfp_config.ini")
-    assert dict(ini["Components"]) == {name: f"components/{name}.py" for name in STEPS}
+    caption_steps = ("resolve_model", "plan_captions", "caption_shard", "merge_captions")
+    assert dict(ini["Components"]) == {name: f"components/{name}.py" for name in (*STEPS, *caption_steps)}
+    for name in caption_steps:  # the batch captioning pipeline's components
+        assert getattr(importlib.import_module(f"components.{name}"), name).name == name.replace("_", "-")
     for name in STEPS:
         assert getattr(importlib.import_module(f"components.{name}"), name).name == name.replace("_", "-")

@@ -70,6 +70,10 @@ HIGHLIGHTS = {
     "train": ("epochs", "best_epoch", "val_CIDEr", "val_BLEU-4", "beam_width", "resumed_epochs"),
     "evaluate": ("BLEU-4", "METEOR", "CIDEr", "baseline_CIDEr", "scenes_correct", "two_object_scenes_correct"),
     "promote": ("promoted", "candidate", "production"),
+    "resolve_model": ("model_version",),
+    "plan_captions": ("images", "shards"),
+    "caption_shards": ("shards", "skipped"),
+    "merge_captions": ("captioned", "skipped", "mean_score"),
 }
 
 
@@ -104,6 +108,8 @@ def run(
     image: str = typer.Option(DEFAULT_IMAGE, help="Component image for --runner docker."),
     user: str = typer.Option("image", help="--runner docker: run the containers as the image's own user (as a "
                              "cluster does), 'host' (your uid:gid) or UID[:GID]."),
+    pipeline: str = typer.Option("train", help="train: log_raw_data → ... → promote; caption: caption the images "
+                                 "of batch.source with the model holding batch.model (the production alias)."),
 ) -> None:
     """Run every step in order and write a summary JSON."""
     from captioning.config import load_config
@@ -111,6 +117,8 @@ def run(
 
     if runner not in ("inprocess", "docker"):
         _fail(CaptioningError(f"--runner {runner!r}: choose inprocess or docker"))
+    if pipeline not in ("train", "caption"):
+        _fail(CaptioningError(f"--pipeline {pipeline!r}: choose train or caption"))
     from captioning.errors import ConfigError
     from captioning.io import check_writable, exclusive_workdir
 
@@ -124,7 +132,11 @@ def run(
             if runner == "docker":
                 from captioning.runners.kfp_local import run_in_docker
 
-                summary = run_in_docker(cfg, workdir, image, preset, user)
+                summary = run_in_docker(cfg, workdir, image, preset, user, pipeline)
+            elif pipeline == "caption":
+                from captioning.runners.inprocess import run_caption_pipeline
+
+                summary = run_caption_pipeline(cfg, workdir)
             else:
                 summary = run_pipeline(cfg, workdir)
             path = write_summary(summary, summary_path)
@@ -387,6 +399,15 @@ def _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, target
     if outcome["state"]:
         typer.echo(f"state: {outcome['state']}")
     return outcome
+
+
+def _register_deploy() -> None:
+    from captioning.deploy.command import deploy
+
+    app.command("deploy")(deploy)
+
+
+_register_deploy()
 
 
 @image_app.command("build")

@@ -250,6 +250,21 @@ class WandbConfig(Section):
         "read in the pod when the mode is online and WANDB_API_KEY is unset.")
 
 
+class BatchConfig(Section):
+    """The batch captioning pipeline (``captioning run --pipeline caption``)."""
+
+    source: str = Field("", description="Images to caption: a folder, a gs:// prefix, or a .jsonl file of URIs "
+                        "(paths, file://, http(s)://, gs://), one {\"uri\": ...} or JSON string per line.")
+    model: str = Field("production", description="An alias in the registry promote wrote (promote.registry, "
+                       "promote.collection), wandb:ALIAS (the W&B Registry), a model folder or gs://.")
+    shard_images: int = Field(1000, ge=1, le=1_000_000, description="Images per shard; shards are captioned in "
+                              "parallel pods.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per decoding batch on the device.")
+    sample: int = Field(16, ge=0, le=1000, description="Captions with attention figures in the W&B table.")
+    max_image_bytes: int = Field(32 << 20, ge=1, description="A larger image is a skipped line.")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Fetching one image by URI.")
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
@@ -258,6 +273,7 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
 
 _SHORT = reprlib.Repr()

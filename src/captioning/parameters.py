@@ -135,3 +135,41 @@ def runtime_parameters(preset: str, overrides: list[str]) -> dict[str, Any]:
                 f"--set {text}: {key} is not a pipeline parameter, so the pods would not see it; "
                 f"settable here: {', '.join(sorted(BY_KEY))}")
     return {PRESET_PARAMETER: preset, **parameters_from_config(cfg)}
+
+
+# The batch captioning pipeline's parameters (``pipeline.py --pipeline caption``) -> configuration key.
+CAPTION_PARAMETERS: dict[str, str] = {
+    "source": "batch.source",
+    "model": "batch.model",
+    "registry": "promote.registry",
+    "collection": "promote.collection",
+    "shard_images": "batch.shard_images",
+    "caption_batch_size": "batch.batch_size",
+    "sample": "batch.sample",
+    "wandb_project": "wandb.project",
+    "wandb_entity": "wandb.entity",
+    "wandb_mode": "wandb.mode",
+    "wandb_secret": "wandb.api_key_secret",
+}
+
+
+def caption_config(preset: str = PIPELINE_PRESET, **values: Any) -> Config:
+    """The configuration a batch-captioning pod runs with: the preset, then the parameters it was given."""
+    overrides = []
+    for name, value in values.items():
+        key = CAPTION_PARAMETERS[name]
+        if value is None:
+            continue
+        if value == "" and key == "wandb.entity":
+            value = "null"
+        overrides.append(f"{key}={value}")
+    return load_config(preset=preset, overrides=overrides)
+
+
+def caption_parameters_from_config(cfg: Config) -> dict[str, Any]:
+    out = {}
+    for name, key in CAPTION_PARAMETERS.items():
+        section, field = key.split(".")
+        value = getattr(getattr(cfg, section), field)
+        out[name] = "" if value is None else value
+    return out

@@ -71,3 +71,70 @@ def write_summary(summary: dict, path: str | Path) -> Path:
     from captioning.redact import redact_tree
 
     return write_json_atomic(path, redact_tree(summary))
+
+
+CAPTION_STEPS = ("resolve_model", "plan_captions", "caption_shards", "merge_captions")
+
+
+def run_caption_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
+    """The batch captioning pipeline in this process: the shards one after another, as the pods would run
+    them side by side; the same folders and summary as ``run_pipeline``."""
+    from captioning.steps import batch_caption as steps
+
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    group = group or new_group()
+    if not cfg.promote.registry:  # where the training pipeline run in the same work dir promoted to
+        cfg = cfg.model_copy(deep=True)
+        cfg.promote.registry = str(work / "registry")
+    summary: dict = {"pipeline": "caption", "workdir": str(work), "wandb_group": group,
+                     "config": cfg.model_dump(mode="json"), "steps": {}}
+    folders = {"model": work / "caption" / "model", "plan": work / "caption" / "plan",
+               "merged": work / "caption" / "captions"}
+    done: dict[str, StepResult] = {}
+
+    def resolve():
+        return steps.resolve_model_step(cfg, folders["model"])
+
+    def plan():
+        return steps.plan_captions(cfg, folders["plan"])
+
+    def shards():
+        results = [steps.caption_shard(cfg, folders["model"], folders["plan"], index,
+                                       work / "caption" / "shards" / f"{index:05d}")
+                   for index in done["plan_captions"].returns["shards"]]
+        return StepResult(metrics={"shards": len(results),
+                                   "skipped": sum(r.metrics["skipped"] for r in results)},
+                          outputs={"shards": str(work / "caption" / "shards")})
+
+    def merge():
+        shard_dirs = sorted((work / "caption" / "shards").iterdir())
+        with StepTracker(cfg, "caption", work, group, []) as tracker:
+            result = steps.merge_captions(cfg, folders["plan"], shard_dirs, folders["merged"])
+            result.extra["wandb_ref"] = steps.record_captions(tracker, result, folders["merged"])
+        return result
+
+    failed = None
+    for name, run in zip(CAPTION_STEPS, (resolve, plan, shards, merge)):
+        if failed:
+            summary["steps"][name] = {"status": "skipped", "reason": f"{failed} failed", "metrics": {}, "outputs": {}}
+            continue
+        log.info("step %s: starting", name)
+        started = time.monotonic()
+        try:
+            result = run()
+        except CaptioningError as exc:
+            result = StepResult(status="failed", extra={"error": str(exc)})
+        except Exception as exc:  # keep the summary honest even on a bug
+            log.debug("%s", traceback.format_exc())
+            result = StepResult(status="failed", extra={"error": str(disk_full_from(exc) or
+                                                                  f"{type(exc).__name__}: {exc}")})
+        result.extra["seconds"] = round(time.monotonic() - started, 2)
+        summary["steps"][name] = result.summary()
+        if result.status == "failed":
+            failed = name
+            log.error("step %s failed: %s", name, result.extra["error"])
+        else:
+            done[name] = result
+    summary["status"] = "failed" if failed else "ok"
+    return summary

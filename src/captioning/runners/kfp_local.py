@@ -92,7 +92,8 @@ def _open_to_all(folder: Path) -> None:
             path.chmod(0o777)
 
 
-def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, user: str = "image") -> dict:
+def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, user: str = "image",
+                  pipeline: str = "train") -> dict:
     import docker
     from kfp import local
 
@@ -104,7 +105,10 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, use
     registry = root / "registry"
     registry.mkdir(parents=True, exist_ok=True)
     # Only the pipeline root is mounted into the containers: a folder elsewhere would be written inside one.
-    for key, value in (("promote.registry", cfg.promote.registry), ("train.checkpoint_dir", cfg.train.checkpoint_dir)):
+    mounted = [("promote.registry", cfg.promote.registry), ("train.checkpoint_dir", cfg.train.checkpoint_dir)]
+    if pipeline == "caption":
+        mounted.append(("batch.source", cfg.batch.source))
+    for key, value in mounted:
         if value and "://" not in value and not Path(value).resolve().is_relative_to(root):
             raise CaptioningError(f"{key}={value}: with --runner docker only {root} is mounted into the "
                                   f"containers; leave it empty or put it under that folder")
@@ -126,9 +130,15 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, use
     _open_to_all(root)
     local.init(runner=local.DockerRunner(user=as_user, environment=env), pipeline_root=str(root), raise_on_error=False)
     # kfp.local mounts no PVC, so no step is pointed at one; and a failed step fails the run at once.
-    pipeline_func = build_pipeline(BuildOptions(image=image, preset=preset, raw_cache_pvc="", checkpoint_pvc="",
-                                                retries=0))
-    params = parameters_from_config(cfg)
+    options = BuildOptions(image=image, preset=preset, raw_cache_pvc="", checkpoint_pvc="", retries=0,
+                           pipeline=pipeline)
+    if pipeline == "caption":
+        from captioning.parameters import caption_parameters_from_config
+        from pipeline import build_caption_pipeline
+
+        pipeline_func, params = build_caption_pipeline(options), caption_parameters_from_config(cfg)
+    else:
+        pipeline_func, params = build_pipeline(options), parameters_from_config(cfg)
     params["registry"] = params["registry"] or str(registry)  # the local registry lives beside the artifacts
     started = time.time()
     log.info("running the pipeline in containers of %s as user %s (pipeline root %s)", image, as_user, root)
@@ -137,7 +147,37 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, use
     finally:
         if as_user != f"{os.getuid()}:{os.getgid()}":
             _hand_back(client, image, as_user, root)
-    return collect_summary(_latest_run(root, started), cfg)
+    run_dir = _latest_run(root, started)
+    return collect_caption_summary(run_dir, cfg) if pipeline == "caption" else collect_summary(run_dir, cfg)
+
+
+CAPTION_OUTPUTS = {"resolve_model": "resolved", "plan_captions": "plan", "caption_shard": "captions",
+                   "merge_captions": "captions"}
+
+
+def collect_caption_summary(run_dir: Path | None, cfg: Config) -> dict:
+    """The batch pipeline's steps from the step.json each wrote into its output (shards: one per iteration)."""
+    found: dict[str, list[dict]] = {name: [] for name in CAPTION_OUTPUTS}
+    for name, output in CAPTION_OUTPUTS.items():
+        task = name.replace("_", "-")
+        for path in sorted(run_dir.glob(f"{task}*/{output}/step.json")) if run_dir else []:
+            found[name].append(json.loads(path.read_text()))
+    steps = {}
+    for name, results in found.items():
+        if name == "caption_shard":
+            steps["caption_shards"] = {"status": "ok" if results else "failed", "metrics": {
+                "shards": len(results), "skipped": sum(r["metrics"].get("skipped", 0) for r in results)},
+                "outputs": {}}
+        else:
+            steps[name] = results[0] if results else {"status": "failed", "error": "the container left no result "
+                                                      "(see its log above)", "metrics": {}, "outputs": {}}
+    merged = steps["merge_captions"]
+    expected = steps["plan_captions"].get("metrics", {}).get("shards")
+    if expected is not None and steps["caption_shards"]["metrics"]["shards"] != expected:
+        steps["caption_shards"]["status"] = "failed"
+    status = "ok" if all(s["status"] == "ok" for s in steps.values()) and merged["status"] == "ok" else "failed"
+    return {"runner": "docker", "pipeline": "caption", "run_dir": str(run_dir) if run_dir else None,
+            "config": cfg.model_dump(mode="json"), "steps": steps, "status": status}
 
 
 def _hand_back(client, image: str, as_user: str, root: Path) -> None:

@@ -160,7 +160,7 @@ def collect_caption_summary(run_dir: Path | None, cfg: Config) -> dict:
     found: dict[str, list[dict]] = {name: [] for name in CAPTION_OUTPUTS}
     for name, output in CAPTION_OUTPUTS.items():
         task = name.replace("_", "-")
-        for path in sorted(run_dir.glob(f"{task}*/{output}/step.json")) if run_dir else []:
+        for path in sorted(run_dir.glob(f"**/{task}/{output}/step.json")) if run_dir else []:  # loops nest tasks
             found[name].append(json.loads(path.read_text()))
     steps = {}
     for name, results in found.items():

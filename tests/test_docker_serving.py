@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import captioning_cli
-from test_docker import IMAGE, image  # noqa: F401  the image fixture: fails in CI when missing
+from test_docker import IMAGE, image  # noqa: F401, F811  the image fixture: fails in CI when missing
 from test_serving import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

@@ -342,3 +342,30 @@ def test_wandb_secret_setting_is_validated():
     with pytest.raises(ConfigError, match="wandb.api_key_secret") as err:
         load_config(overrides=[f"wandb.api_key_secret={SECRET_VALUE}"])  # the key pasted where its name goes
     assert SECRET_VALUE not in str(err.value)
+
+
+# ------------------------------------------------------------------ the batch captioning pipeline
+
+
+def test_the_caption_pipeline_is_submitted_with_its_own_parameters(tmp_path):
+    from pipeline import BuildOptions, compile_pipeline
+
+    package = compile_pipeline(tmp_path / "batch.yaml", BuildOptions(pipeline="caption", image="reg.example/cap:1"))
+    with FakeKfpApi(KfpBehaviour(token="tok-9")) as api:
+        proc = _kfp_submit(api, package, "--pipeline", "caption", "--token", "tok-9",
+                           "--set", "batch.source=gs://photos/2026/", "--set", "batch.model=wandb:production",
+                           "--set", "batch.shard_images=500")
+        assert proc.returncode == 0, proc.stderr
+        (run,) = api.runs.values()
+        params = run["runtime_config"]["parameters"]
+        assert params["source"] == "gs://photos/2026/" and params["model"] == "wandb:production"
+        assert params["shard_images"] == 500 and "epochs" not in params
+        assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "captioning-batch"
+        assert SECRET_VALUE not in api.all_text()
+
+        # the training pipeline's settings are no parameters of this one; the packages are not interchangeable
+        line = _one_line_error(_kfp_submit(api, package, "--pipeline", "caption", "--set", "train.epochs=2"))
+        assert "train.epochs is not a parameter of the caption pipeline" in line
+        line = _one_line_error(_kfp_submit(api, package, "--token", "tok-9"))
+        assert "the caption pipeline, not the train pipeline; pass --pipeline caption" in line
+        assert len(api.runs) == 1

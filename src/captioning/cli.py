@@ -328,7 +328,7 @@ def submit(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be sent; contact nothing."),
 ) -> None:
     """Submit the pipeline to Kubeflow Pipelines or Vertex AI Pipelines."""
-    from captioning.parameters import runtime_parameters
+    from captioning.parameters import caption_runtime_parameters, runtime_parameters
     from captioning.submit.kubeflow import DEFAULT_SERVICE_ACCOUNT, KubeflowTarget
     from captioning.submit.package import check_package, read_package
     from captioning.submit.vertex import VertexTarget
@@ -338,7 +338,8 @@ def submit(
     try:
         if wandb_secret:
             set_ = [*set_, f"wandb.api_key_secret={wandb_secret}"]  # validated like any setting
-        parameters = runtime_parameters(build.preset, set_)
+        parameters = (caption_runtime_parameters if build.pipeline == "caption" else runtime_parameters)(
+            build.preset, set_)
         if target == "vertex" and project and not parameters["wandb_secret"] and parameters["wandb_mode"] == "online":
             from captioning.submit.vertex import default_wandb_secret
 
@@ -353,9 +354,10 @@ def submit(
         if package is None:
             from pipeline import compile_pipeline
 
-            package = compile_pipeline(Path(f"captioning_pipeline.{target}.yaml"), build)
+            stem = "captioning_batch" if build.pipeline == "caption" else "captioning_pipeline"
+            package = compile_pipeline(Path(f"{stem}.{target}.yaml"), build)
             typer.echo(f"compiled: {package}", err=True)
-        check_package(read_package(package), target, parameters)
+        check_package(read_package(package), target, parameters, build.pipeline)
         if target == "kubeflow":
             outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, where)
         else:

@@ -173,3 +173,16 @@ def caption_parameters_from_config(cfg: Config) -> dict[str, Any]:
         value = getattr(getattr(cfg, section), field)
         out[name] = "" if value is None else value
     return out
+
+
+def caption_runtime_parameters(preset: str, overrides: list[str]) -> dict[str, Any]:
+    """Every batch captioning parameter for ``preset`` + ``overrides``, validated; as ``runtime_parameters``."""
+    cfg = load_config(None, overrides, preset)
+    keys = {key: name for name, key in CAPTION_PARAMETERS.items()}
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key not in keys:
+            raise ConfigError(
+                f"--set {text}: {key} is not a parameter of the caption pipeline, so its pods would not see it; "
+                f"settable here: {', '.join(sorted(keys))}")
+    return {PRESET_PARAMETER: preset, **caption_parameters_from_config(cfg)}

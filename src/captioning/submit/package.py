@@ -11,6 +11,8 @@ import yaml
 from captioning.errors import SubmitError
 
 PIPELINE_NAME = "captioning"
+# Pipeline name in the package -> ``--pipeline`` that compiles it.
+PIPELINE_NAMES = {PIPELINE_NAME: "train", "captioning-batch": "caption"}
 _MARKER = re.compile(r"\[compiled for (\w+)\]")
 
 
@@ -19,6 +21,7 @@ class Package:
     path: Path
     target: str
     parameters: dict[str, dict]  # name -> {"parameterType": ..., "defaultValue": ...}
+    pipeline: str = "train"  # or caption (the batch captioning pipeline)
 
 
 def read_package(path: str | Path) -> Package:
@@ -34,18 +37,22 @@ def read_package(path: str | Path) -> Package:
     info = spec.get("pipelineInfo") or {}
     if "root" not in spec or "deploymentSpec" not in spec:
         raise SubmitError(f"{path}: not a compiled KFP pipeline (no root/deploymentSpec)")
-    if info.get("name") != PIPELINE_NAME:
-        raise SubmitError(f"{path}: compiled from pipeline {info.get('name')!r}, not {PIPELINE_NAME!r}")
+    if info.get("name") not in PIPELINE_NAMES:
+        raise SubmitError(f"{path}: compiled from pipeline {info.get('name')!r}, not "
+                          f"{' or '.join(map(repr, PIPELINE_NAMES))}")
     found = _MARKER.search(info.get("description", ""))
     if not found:
         raise SubmitError(f"{path}: its description names no target ('[compiled for ...]'); "
                           "recompile it with `captioning compile --target ...`")
     parameters = ((spec["root"].get("inputDefinitions") or {}).get("parameters")) or {}
-    return Package(path, found.group(1), parameters)
+    return Package(path, found.group(1), parameters, PIPELINE_NAMES[info["name"]])
 
 
-def check_package(package: Package, target: str, parameters: dict) -> None:
-    """The package must be compiled for ``target`` and accept every parameter we send."""
+def check_package(package: Package, target: str, parameters: dict, pipeline: str = "train") -> None:
+    """The package must be compiled for ``target`` and ``pipeline`` and accept every parameter we send."""
+    if package.pipeline != pipeline:
+        raise SubmitError(f"{package.path}: the {package.pipeline} pipeline, not the {pipeline} pipeline; pass "
+                          f"--pipeline {package.pipeline} or another --package")
     if package.target != target:
         raise SubmitError(
             f"{package.path}: compiled for {package.target}, not {target}; recompile with "

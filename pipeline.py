@@ -225,6 +225,10 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         task.set_caching_options(cached)
         if cached:  # Argo's backoff factor must be an integer
             task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
+        if name == "promote":  # promote.deploy serves the new model with the pipeline's own image
+            from captioning.deploy.after_promote import IMAGE_ENV
+
+            task.set_env_variable(IMAGE_ENV, options.image)
         task.set_display_name(name)
         tasks[name] = task
 

@@ -550,3 +550,65 @@ def test_vertex_errors_are_one_line_each():
         line = one_line_error(result)
         assert "Vertex AI refused the request in my-proj-1/europe-west4 (FORBIDDEN)" in line  # HTTP 403 over REST
         assert "aiplatform.models.upload" in line and GOOGLE_TOKEN not in printed(result)
+
+
+# ------------------------------------------------------------------ promote.deploy
+
+
+def promote_step(cfg, model_dir, metrics, model_uri: str | None):
+    """The promote step as a pod runs it: its model artifact's URI is where the pipeline stored the model."""
+    from captioning.tracking import StepTracker
+    from captioning.workflow import STEPS, StepIO
+
+    io = StepIO(inputs={"model": model_dir, "metrics": metrics}, outputs={}, scratch=model_dir.parent / "scratch",
+                uris={"model": model_uri} if model_uri else {})
+    with StepTracker(cfg, "promote", io.scratch) as tracker:
+        return STEPS["promote"].run(cfg, io, tracker)
+
+
+def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promoted_model, tmp_path, monkeypatch):
+    from captioning.config import load_config
+    from captioning.errors import CaptioningError
+
+    work = promoted_model["work"]
+    model_dir, metrics = work / "train" / "model", work / "evaluate" / "metrics.json"
+    with FakeKubeApi() as api:
+        monkeypatch.setenv("KUBE_API_SERVER", api.url)
+        monkeypatch.setenv("KUBE_TOKEN", KUBE_TOKEN)
+        monkeypatch.setenv("CAPTIONING_IMAGE", IMAGE)
+
+        def cfg(registry, *more):
+            return load_config(overrides=[f"promote.registry={registry}", "wandb.mode=disabled",
+                                          "promote.deploy_namespace=team-a", *more])
+
+        # not asked: nothing contacted
+        result = promote_step(cfg(tmp_path / "r0"), model_dir, metrics, "gs://b/run-1/model")
+        assert result.metrics["promoted"] and "deployed" not in result.extra and not api.requests
+
+        # asked, and the alias moves: the InferenceService serves the model from the pipeline's store
+        asked = cfg(tmp_path / "r1", "promote.deploy=kserve")
+        result = promote_step(asked, model_dir, metrics, "minio://mlpipeline/v2/artifacts/run-1/train/model")
+        assert result.metrics["promoted"] and result.metrics["deployed"]
+        assert result.extra["deployed"]["action"] == "created"
+        (isvc,) = api.objects.values()
+        container = isvc["spec"]["predictor"]["containers"][0]
+        assert container["image"] == IMAGE
+        assert {"name": "STORAGE_URI", "value": "s3://mlpipeline/v2/artifacts/run-1/train/model"} in container["env"]
+        writes = len(api.requests)
+
+        # the same model again: the alias stays, nothing is deployed
+        result = promote_step(asked, model_dir, metrics, "gs://b/run-2/model")
+        assert not result.metrics["promoted"] and result.metrics["deployed"] is False
+        assert len(api.requests) == writes
+
+        # a model the cluster cannot read is refused before anything is registered
+        with pytest.raises(CaptioningError, match="promote.deploy=kserve: .*--model-uri"):
+            promote_step(cfg(tmp_path / "r2", "promote.deploy=kserve"), model_dir, metrics, None)
+        assert not (tmp_path / "r2" / "captioning-model" / "versions").exists() or \
+            not any((tmp_path / "r2" / "captioning-model" / "versions").glob("v*"))
+
+        # a refused deployment says the alias moved and how to deploy by hand
+        api.verbs = {"team-a": {"get"}}
+        with pytest.raises(CaptioningError, match=r"the alias production moved to v1, but the deployment failed: "
+                                                  r".*captioning deploy --target kserve --model-uri gs://b/run-3/model"):
+            promote_step(cfg(tmp_path / "r3", "promote.deploy=kserve"), model_dir, metrics, "gs://b/run-3/model")

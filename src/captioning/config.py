@@ -229,6 +229,15 @@ class PromoteConfig(Section):
                             description="Registry collection the model is linked into.")
     registry: str = Field("", description="Local registry folder; empty: <workdir>/registry.")
     min_metric: float = Field(0.0, description="The pipeline's gate: evaluate's metric must exceed this.")
+    deploy: Literal["", "kserve", "vertex"] = Field("", description="After a promote that moves the alias, serve "
+                                                   "the new model: kserve (an InferenceService) or vertex (an "
+                                                   "Endpoint); empty: never.")
+    deploy_name: str = Field("captioner", pattern=r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$",
+                             description="The InferenceService / Vertex model and endpoint name.")
+    deploy_namespace: str = Field("", description="kserve: the namespace (default: the pod's).")
+    deploy_project: str = Field("", description="vertex: the Google Cloud project (default: GOOGLE_CLOUD_PROJECT).")
+    deploy_region: str = Field("us-central1", description="vertex: the region.")
+    deploy_gpu: bool = Field(False, description="One GPU per serving replica.")
 
     @field_validator("metric")
     @classmethod

@@ -174,6 +174,11 @@ def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.tracking.records import promote_in_wandb_registry, record_promote
 
     model = io.inputs["model"]
+    deploying = cfg.promote.deploy
+    if deploying:  # an impossible deployment is refused before the alias moves
+        from captioning.deploy.after_promote import check_deployment
+
+        check_deployment(cfg, io.uri("model"))
     if t.online:  # the W&B Registry holds the production model
         candidate = float(read_json(io.inputs["metrics"], "evaluate metrics")["metrics"][cfg.promote.metric])
         model_ref = io.produced_by.get("model", {}).get("wandb_ref", "")
@@ -183,6 +188,14 @@ def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
             raise ConfigError("promote.registry: no registry folder given (the pipeline parameter 'registry'), "
                               "and wandb.mode is not online")
         result = promote(cfg, model, io.inputs["metrics"], Path(cfg.promote.registry), io.scratch)
+    if deploying and result.metrics["promoted"]:
+        from captioning.deploy.after_promote import deploy_promoted
+
+        result.extra["deployed"] = deploy_promoted(cfg, io.uri("model"), result.extra.get("version") or "")
+        result.metrics["deployed"] = True
+    elif deploying:
+        result.extra["deployed"] = None  # the production model did not change: nothing to serve anew
+        result.metrics["deployed"] = False
     record_promote(t, result)
     result.returns["promoted"] = bool(result.metrics["promoted"])
     return result
@@ -244,7 +257,9 @@ STEPS: dict[str, Step] = {s.name: s for s in (
                   "report": Output("HTML", "evaluate/report.html")},
          returns={"Output": float, "wandb_ref": str}),
     Step("promote", "Promote the candidate if it beats the production model by the margin.", _promote,
-         reads=("promote.metric", "promote.margin", "promote.alias", "promote.collection", "promote.registry"),
+         reads=("promote.metric", "promote.margin", "promote.alias", "promote.collection", "promote.registry",
+                "promote.deploy", "promote.deploy_name", "promote.deploy_namespace", "promote.deploy_project",
+                "promote.deploy_region", "promote.deploy_gpu"),
          inputs={"model": ("train", "model"), "metrics": ("evaluate", "metrics")},
          returns={"promoted": bool, "decision": str}, result_in="decision"),
 )}

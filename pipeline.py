@@ -285,17 +285,17 @@ def build_caption_pipeline(options: BuildOptions = BuildOptions(pipeline="captio
         else:
             cpu, memory = options.cpu, options.memory
         task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-        cached = name not in CAPTION_UNCACHED_STEPS
-        task.set_caching_options(cached)
-        if cached:
-            task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
+        task.set_caching_options(name not in CAPTION_UNCACHED_STEPS)
+        # Every step is idempotent (atomic files, an alias looked up again): retry them all.
+        task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
         return task
 
     def caption_pipeline(*args):
         p = dict(zip(signature.parameters, args))
         preset = p[PRESET_PARAMETER]
         model = settle(resolve_model(preset=preset, model=p["model"], registry=p["registry"],
-                                     collection=p["collection"], wandb_mode=p["wandb_mode"]), "resolve_model")
+                                     collection=p["collection"], wandb_mode=p["wandb_mode"],
+                                     wandb_secret=p["wandb_secret"]), "resolve_model")
         plan = settle(plan_captions(preset=preset, source=p["source"], shard_images=p["shard_images"]),
                       "plan_captions")
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=CAPTION_PARALLELISM) as shard:

@@ -38,13 +38,25 @@ def run_or_exit(step: str, fn):
         exit_process(1)
 
 
-def describe(artifact, result) -> None:
+def measure(result, inputs: dict, outputs: dict) -> None:
+    """What the pod downloaded and uploads, as the training steps record it (``artifacts``)."""
+    from captioning.workflow import StepIO, artifact_figures
+
+    io = StepIO(inputs={k: Path(a.path) for k, a in inputs.items()},
+                outputs={k: Path(a.path) for k, a in outputs.items()}, scratch=Path("/tmp"))
+    result.extra["artifacts"] = artifact_figures(io)
+
+
+def describe(artifact, result, name: str) -> None:
     """The KFP UI's view of an output: the step's figures in the artifact's metadata, and its step.json."""
     from captioning.io import write_json_atomic
 
     for key, value in result.metrics.items():
         if isinstance(value, (int, float, str, bool)):
             artifact.metadata[key] = value
+    figures = result.extra.get("artifacts", {}).get("outputs", {}).get(name)
+    if figures:
+        artifact.metadata.update(artifact_files=figures["files"], artifact_bytes=figures["bytes"])
     folder = Path(artifact.path)
     if folder.is_dir():
         write_json_atomic(folder / "step.json", json.loads(json.dumps(result.summary(), default=str)))

@@ -13,9 +13,10 @@ def caption_shard(model: Input[Model], plan: Input[Dataset], shard: int, caption
     from pathlib import Path
 
     from captioning.steps.batch_caption import caption_shard as shard_step
-    from components.batch_pod import describe, pod_config, run_or_exit
+    from components.batch_pod import describe, measure, pod_config, run_or_exit
 
     cfg = pod_config(preset, caption_batch_size=caption_batch_size, sample=sample)
     result = run_or_exit("caption_shard", lambda: shard_step(cfg, Path(model.path), Path(plan.path), shard,
                                                              Path(captions.path)))
-    describe(captions, result)
+    measure(result, {"model": model, "plan": plan}, {"captions": captions})
+    describe(captions, result, "captions")

@@ -15,9 +15,10 @@ def plan_captions(plan: Output[Dataset], preset: str = "coco2014", source: str =
     from pathlib import Path
 
     from captioning.steps.batch_caption import plan_captions as plan_step
-    from components.batch_pod import describe, pod_config, run_or_exit
+    from components.batch_pod import describe, measure, pod_config, run_or_exit
 
     cfg = pod_config(preset, source=source, shard_images=shard_images)
     result = run_or_exit("plan_captions", lambda: plan_step(cfg, Path(plan.path)))
-    describe(plan, result)
+    measure(result, {}, {"plan": plan})
+    describe(plan, result, "plan")
     return result.returns["shards"]

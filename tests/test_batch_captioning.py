@@ -46,6 +46,11 @@ def test_a_folder_is_captioned_in_shards_with_the_production_model(promoted_mode
     assert summary["steps"]["plan_captions"]["metrics"] == {"images": 6, "shards": 3}
     assert summary["steps"]["merge_captions"]["metrics"]["captioned"] == 5
     assert summary["steps"]["merge_captions"]["metrics"]["skipped"] == 1
+    # what each step's pod would download and upload: the model and the plan once per shard
+    model_files = len([p for p in promoted_model["model"].rglob("*") if p.is_file()]) + 1  # + model_source.json
+    shard_inputs = summary["steps"]["caption_shards"]["artifacts"]["inputs"]
+    assert shard_inputs["model"]["files"] == 3 * model_files and shard_inputs["plan"]["files"] == 3 * 4
+    assert summary["steps"]["merge_captions"]["artifacts"]["outputs"]["captions"]["files"] == 1
 
     lines = read_lines(work / "caption" / "captions" / "captions.jsonl")
     assert [line["uri"] for line in lines] == sorted(str(p) for p in (scenes["root"] / "images").iterdir())
@@ -143,7 +148,7 @@ def test_the_caption_pipeline_compiles_with_parallel_shards_on_the_gpu(target, t
     spec = yaml.safe_load_all(out.read_text())
     docs = list(spec)
     ir = docs[0]
-    assert "[compiled for " + target in ir["pipelineInfo"]["description"] or target in json.dumps(ir)
+    assert f"[compiled for {target}]" in ir["pipelineInfo"]["description"]
     assert set(ir["root"]["inputDefinitions"]["parameters"]) >= {"source", "model", "registry", "shard_images"}
     loop = next(t for t in ir["root"]["dag"]["tasks"].values() if "iteratorPolicy" in t)
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8
@@ -151,14 +156,20 @@ def test_the_caption_pipeline_compiles_with_parallel_shards_on_the_gpu(target, t
                                                    if n.startswith("comp-for-loop"))["dag"]["tasks"]}
     for name in ("resolve-model", "plan-captions"):  # an alias moves: never answered from the cache
         assert not tasks[name].get("cachingOptions", {}).get("enableCache")
+    for name in ("resolve-model", "plan-captions", "caption-shard", "merge-captions"):  # all idempotent: retried
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3
     assert tasks["caption-shard"]["cachingOptions"]["enableCache"]
     executors = ir["deploymentSpec"]["executors"]
     shard = executors["exec-caption-shard"]["container"]
     assert shard["resources"]["accelerator"]["resourceCount"] == "1"
     assert "accelerator" not in executors["exec-merge-captions"]["container"].get("resources", {})
-    assert "WANDB_API_KEY" not in out.read_text().replace("WANDB_API_KEY\n", "")  or target == "kubeflow"
+    text = out.read_text()
+    if target == "vertex":  # the key is read from Secret Manager in the pod: no trace of it in the package
+        assert "WANDB_API_KEY" not in text and "secretAsEnv" not in text
     if target == "kubeflow":
         platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
         assert int(platform["exec-caption-shard"]["securityContext"]["runAsUser"]) == 1000
         assert platform["exec-caption-shard"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert platform["exec-merge-captions"]["secretAsEnv"][0]["secretName"] == "wandb"
+        # the key's only trace: the env name each task maps the Secret to, never a value
+        assert text.count("WANDB_API_KEY") == sum(len(e.get("secretAsEnv", [])) for e in platform.values())

@@ -79,7 +79,7 @@ def closed_port_url() -> str:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict:
-    (isvc,) = kustomize(SERVING)
+    (isvc,) = [d for d in kustomize(SERVING) if d["kind"] == "InferenceService"]
     return isvc
 
 
@@ -87,7 +87,7 @@ def rendered_with_gpu(tmp_path) -> dict:
     """manifests/serving with the gpu component, as an overlay would use it."""
     rel = os.path.relpath(SERVING, tmp_path)
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [rel], "components": [f"{rel}/gpu"]}))
-    (isvc,) = kustomize(tmp_path)
+    (isvc,) = [d for d in kustomize(tmp_path) if d["kind"] == "InferenceService"]
     return isvc
 
 
@@ -182,8 +182,12 @@ def test_what_kserve_needs_matches_the_server_and_the_cluster_manifests(rendered
     vertex_args = upload_kwargs(IMAGE, MODEL_URI, "captioner")["serving_container_args"]
     assert serve.make_context("serve", vertex_args[1:]).params["name"] == "captioner"
 
-    (account,) = [d for d in kustomize(MANIFESTS / "base") if d["kind"] == "ServiceAccount"]
-    assert predictor["serviceAccountName"] == account["metadata"]["name"]
+    # the server's own account, without an API token: not the pipeline's, which reads the namespace's Secrets
+    (account,) = [d for d in kustomize(SERVING) if d["kind"] == "ServiceAccount"]
+    (runner,) = [d for d in kustomize(MANIFESTS / "base") if d["kind"] == "ServiceAccount"]
+    assert predictor["serviceAccountName"] == account["metadata"]["name"] != runner["metadata"]["name"]
+    assert account["automountServiceAccountToken"] is False and predictor["automountServiceAccountToken"] is False
+    validate(account)
     assert container["securityContext"]["runAsUser"] == pipeline.IMAGE_UID == kserve.IMAGE_UID
     assert kserve.GPU_TOLERATION == pipeline.GPU_TOLERATION
     assert "`serving/`" in (MANIFESTS / "README.md").read_text()

@@ -24,7 +24,7 @@ def scenes(tmp_path_factory):
     return synthetic_jpegs(tmp_path_factory.mktemp("scenes"), 3, seed=21)
 
 
-def test_the_server_runs_in_the_image_as_its_user_and_answers_both_protocols(image, promoted_model, scenes):
+def test_the_server_runs_in_the_image_as_its_user_and_answers_both_protocols(image, promoted_model, scenes):  # noqa: F811
     """As KServe runs it: the model folder mounted read-only at /mnt/models, the image's own user."""
     expected = captioning_cli("caption", "--model", str(promoted_model["model"]), *map(str, scenes))
     assert expected.returncode == 0, expected.stderr
@@ -61,7 +61,7 @@ def test_the_server_runs_in_the_image_as_its_user_and_answers_both_protocols(ima
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
 
 
-def test_the_batch_pipeline_runs_in_containers_with_parallel_shards(image, promoted_model, scenes, tmp_path):
+def test_the_batch_pipeline_runs_in_containers_with_parallel_shards(image, promoted_model, scenes, tmp_path):  # noqa: F811, E501
     work = tmp_path / "work"
     root = work / "kfp-root"
     shutil.copytree(promoted_model["registry"], root / "registry")
@@ -75,7 +75,10 @@ def test_the_batch_pipeline_runs_in_containers_with_parallel_shards(image, promo
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"]["caption_shards"]["metrics"]["shards"] == 2
     assert summary["steps"]["merge_captions"]["metrics"]["captioned"] == 3
+    assert summary["steps"]["merge_captions"]["artifacts"]["inputs"]["plan"]["files"] == 3  # plan.json, 2 shards
     [merged] = (work / "kfp-root").glob("captioning-batch-*/merge-captions/captions/captions.jsonl")
+    # the offline W&B run of the merge outlives its container, as the training steps' do
+    assert len(list(merged.parents[1].glob("wandb_run/wandb/wandb/offline-run-*"))) == 1
     lines = [json.loads(line) for line in merged.read_text().splitlines()]
     assert [line["uri"] for line in lines] == sorted(str(root / "images" / p.name) for p in scenes)
     assert all(line["model_version"] == promoted_model["version"] and line["caption"] for line in lines)

@@ -23,12 +23,18 @@ class ImageUnavailable(CaptioningError):
     """This image cannot be captioned; the message is the reason (a skipped line, a 400, an error)."""
 
 
-def read_image(uri: str, max_bytes: int, timeout_s: float = 30.0) -> bytes:
-    """The image's bytes, refused past ``max_bytes`` (declared or received)."""
-    from captioning.data.fetch import TransferTooSlow, TransientError, open_source
+def read_image(uri: str, max_bytes: int, timeout_s: float = 30.0, follow_redirects: bool = True) -> bytes:
+    """The image's bytes, refused past ``max_bytes`` (declared or received). ``follow_redirects=False``:
+    a server answering with a redirect is refused (the online endpoint must not be led elsewhere)."""
+    from captioning.data.fetch import HttpSource, LocalSource, TransferTooSlow, TransientError, open_source
 
     try:
         source = open_source(uri, timeout_s)
+        if isinstance(source, LocalSource) and source.path.exists() and not source.path.is_file() \
+                and not source.path.is_dir():
+            raise ImageUnavailable("not a regular file")  # a FIFO or a device reads forever
+        if isinstance(source, HttpSource) and not follow_redirects:
+            source.session.max_redirects = 0
         size = source.size()
         if size > max_bytes:
             raise ImageUnavailable(f"{size} bytes, more than the limit of {max_bytes}")
@@ -46,6 +52,12 @@ def read_image(uri: str, max_bytes: int, timeout_s: float = 30.0) -> bytes:
         raise ImageUnavailable("a directory, not an image file") from None
     except OSError as exc:
         raise ImageUnavailable(f"cannot read it: {exc.strerror or exc}") from None
+    except ImageUnavailable:
+        raise
+    except ValueError as exc:  # a malformed URI ("http://[::1")
+        raise ImageUnavailable(f"not a usable URI: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a GCS object deleted after listing: this image, not the batch
+        raise ImageUnavailable(f"cannot fetch it: {type(exc).__name__}") from None
 
 
 def _without_uri(message: str, uri: str) -> str:
@@ -98,7 +110,7 @@ def _read_list(source: str, setting: str) -> list[str]:
             text = storage_client().bucket(bucket).blob(path).download_as_text()
         except Exception as exc:  # noqa: BLE001 - NotFound, Forbidden, transport: all one answer here
             raise ConfigError(f"{setting}={source}: cannot read it: {getattr(exc, 'message', exc)}") from None
-        base = None
+        base = source.rsplit("/", 1)[0]  # gs://bucket/dir: relative URIs are the list's neighbours
     else:
         path = Path(source)
         if not path.is_file():
@@ -119,7 +131,7 @@ def _read_list(source: str, setting: str) -> list[str]:
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{setting}={source}: line {number} is not {{\"uri\": \"...\"}} or a JSON "
                               "string") from None
-        if base is not None and "://" not in uri and not Path(uri).is_absolute():
-            uri = str(base / uri)
+        if "://" not in uri and not Path(uri).is_absolute():
+            uri = f"{base}/{uri}" if isinstance(base, str) else str(base / uri)
         uris.append(uri)
     return uris

@@ -102,15 +102,17 @@ def _download_gcs_folder(uri: str, cache: Path | None, setting: str) -> Path:
     try:
         blobs = [b for b in storage_client().list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
         for blob in blobs:
-            relative = blob.name[len(prefix):]
-            if ".." in Path(relative).parts:
-                continue
-            target = staging / relative
+            target = (staging / blob.name[len(prefix):].lstrip("/")).resolve()
+            if not target.is_relative_to(staging.resolve()):  # "..", or a name that is an absolute path
+                raise ConfigError(f"{setting}={uri}: the object {blob.name!r} would land outside the model folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             blob.download_to_filename(str(target))
     except (gexc.NotFound, gexc.Forbidden, gexc.Unauthorized) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise ConfigError(f"{setting}={uri}: cannot read the bucket: {getattr(exc, 'message', exc)}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not blobs:
         shutil.rmtree(staging, ignore_errors=True)
         raise ConfigError(f"{setting}={uri}: no objects under this prefix")

@@ -30,7 +30,7 @@ import queue
 import threading
 import uuid
 from collections import Counter
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ class Limits:
     window_ms: float = 10.0
     allow_uri: tuple[str, ...] = ()  # URI prefixes an instance may name; none: URIs are refused
     uri_timeout_s: float = 30.0
+    max_pending: int = 1024  # images waiting for the device; past it, 503 (the client retries elsewhere or later)
 
 
 class RequestError(Exception):
@@ -68,19 +69,26 @@ class RequestError(Exception):
         self.status = status
 
 
+class Busy(Exception):
+    pass
+
+
 class Batcher:
     """One worker thread captioning what arrives within a window as one batch."""
 
-    def __init__(self, model: CaptionModel, max_batch: int, window_ms: float):
+    def __init__(self, model: CaptionModel, max_batch: int, window_ms: float, max_pending: int = 1024):
         self.model, self.max_batch, self.window_s = model, max_batch, window_ms / 1000.0
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.batch_sizes: Counter = Counter()  # size -> batches run, for /stats and the bench
         self.thread = threading.Thread(target=self._work, name="caption-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, pixels) -> Future:
         future: Future = Future()
-        self.queue.put((pixels, future))
+        try:
+            self.queue.put_nowait((pixels, future))
+        except queue.Full:
+            raise Busy() from None
         return future
 
     def close(self) -> None:
@@ -102,17 +110,64 @@ class Batcher:
                     stop = True
                     break
                 batch.append(item)
-            try:
-                results = self.model.caption([pixels for pixels, _ in batch])
-                for (_, future), result in zip(batch, results):
-                    future.set_result(result)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
-                log.exception("captioning a batch of %d failed", len(batch))
-                for _, future in batch:
-                    future.set_exception(exc)
+            self._run([item for item in batch if not item[1].cancelled()])
             self.batch_sizes[len(batch)] += 1
             if stop:
                 return
+
+    def _run(self, batch: list) -> None:
+        """Caption a batch; if it fails, each image alone, so one bad image fails only its own request."""
+        if not batch:
+            return
+        try:
+            results = self.model.caption([pixels for pixels, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises goes to the requests that waited
+            if len(batch) > 1:
+                for item in batch:
+                    self._run([item])
+                return
+            log.exception("captioning an image failed")
+            results = [exc]
+        for (_, future), result in zip(batch, results):
+            if not future.done():  # a request given up meanwhile has no one to tell
+                with contextlib.suppress(InvalidStateError):
+                    (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
+
+
+def _normalised(uri: str) -> tuple[str, str, int | None, str] | None:
+    """(scheme, host, port, path) with the path normalised; None for what is never allowed (userinfo)."""
+    import posixpath
+    from urllib.parse import unquote, urlsplit
+
+    if "://" not in uri:
+        return "file", "", None, os.path.realpath(uri)
+    try:
+        parsed = urlsplit(uri)
+        port = parsed.port
+    except ValueError:
+        return None
+    if parsed.username is not None or parsed.password is not None:
+        return None
+    path = posixpath.normpath(unquote(parsed.path) or "/")
+    if parsed.scheme.lower() == "file":
+        return "file", "", None, os.path.realpath(path)
+    return parsed.scheme.lower(), (parsed.hostname or "").lower(), port, path
+
+
+def uri_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Under one of the prefixes by scheme, host, port and normalised path: not by text, so
+    ``http://allowed.example@127.0.0.1/`` or ``/srv/images/../../etc/x`` are outside ``http://allowed.example``
+    and ``/srv/images/``."""
+    target = _normalised(uri)
+    if target is None:
+        return False
+    for prefix in prefixes:
+        allowed = _normalised(prefix)
+        if allowed and allowed[:3] == target[:3]:
+            base = allowed[3].rstrip("/") + "/"
+            if target[3] == allowed[3] or target[3].startswith(base):
+                return True
+    return False
 
 
 def _instance_image(index: int, instance: Any, limits: Limits) -> bytes:
@@ -143,14 +198,18 @@ def _fetch(index: int, uri: str, limits: Limits) -> bytes:
     from captioning.images import ImageUnavailable, read_image
     from captioning.redact import redact
 
-    if not any(uri.startswith(prefix) for prefix in limits.allow_uri):
+    if not uri_allowed(uri, limits.allow_uri):
         allowed = ", ".join(limits.allow_uri) if limits.allow_uri else "none: start the server with --allow-uri PREFIX"
         raise RequestError(400, f"instance {index}: {redact(uri)} is not under an allowed URI prefix ({allowed})")
-    try:
-        return read_image(uri, limits.max_image_bytes, limits.uri_timeout_s)
+    try:  # no redirects: an allowed host must not lead the server elsewhere
+        return read_image(uri, limits.max_image_bytes, limits.uri_timeout_s, follow_redirects=False)
     except ImageUnavailable as exc:
-        status = 413 if "limit of" in str(exc) else 400
-        raise RequestError(status, f"instance {index}: {redact(uri)}: {exc}") from None
+        # The reason only where it tells the client nothing about the network behind the server.
+        reason = str(exc)
+        if "limit of" in reason:
+            raise RequestError(413, f"instance {index}: {redact(uri)}: {reason}") from None
+        shown = reason if reason.startswith("HTTP ") else "it could not be fetched"
+        raise RequestError(400, f"instance {index}: {redact(uri)}: {shown}") from None
 
 
 def _prepare(model: CaptionModel, instances: list, limits: Limits) -> list:
@@ -176,7 +235,7 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(model, limits.max_batch, limits.window_ms)
+        state["batcher"] = Batcher(model, limits.max_batch, limits.window_ms, limits.max_pending)
         yield
         state["batcher"].close()
 
@@ -204,14 +263,18 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             body += chunk
             if len(body) > limits.max_request_bytes:
                 raise RequestError(413, f"request body larger than the limit of {limits.max_request_bytes} bytes")
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(400, "the request body is not JSON") from None
+        try:  # off the event loop: 32 MiB of JSON takes a while
+            return await run_in_threadpool(json.loads, body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise RequestError(400, "the request body is not JSON (or nested too deeply)") from None
 
     async def caption(instances: list) -> list[dict]:
         prepared = await run_in_threadpool(_prepare, model, instances, limits)
-        futures = [asyncio.wrap_future(state["batcher"].submit(p)) for p in prepared]
+        try:
+            futures = [asyncio.wrap_future(state["batcher"].submit(p)) for p in prepared]
+        except Busy:
+            raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry later")\
+                from None
         results = await asyncio.gather(*futures)
         return [{"caption": r.caption, "score": round(r.score, 6), "model_version": model.version} for r in results]
 
@@ -234,8 +297,9 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
 
     # -- Open Inference (v2)
     @app.get(LIVE_ROUTE)
-    async def v2_live():
-        return {"live": True}
+    async def v2_live():  # the worker thread is what can die: then restart the pod
+        alive = "batcher" not in state or state["batcher"].thread.is_alive()
+        return JSONResponse({"live": alive}, status_code=200 if alive else 503)
 
     @app.get(READY_ROUTE)
     async def v2_ready():

@@ -21,9 +21,13 @@ from typing import Callable
 
 from captioning.deploy import (DEFAULT_NAME, DEFAULT_PORT, KSERVE_MODEL_DIR, LIVE_ROUTE, READY_ROUTE,
                                DeployError)
-from captioning.submit.kubeflow import DEFAULT_SERVICE_ACCOUNT, POD_NAMESPACE_FILE, _reason
+from captioning.submit.kubeflow import POD_NAMESPACE_FILE, _reason
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+# The server's own identity (manifests/serving/service-account.yaml): no Kubernetes API token, no RBAC; what
+# reads the model from gs:// or s3:// is bound to it (Workload Identity, a KServe S3 Secret). Not the pipeline's
+# captioning-runner, which can read the namespace's Secrets: a network-facing pod must not hold that.
+SERVICE_ACCOUNT = "captioning-serving"
 CONTAINER = "kserve-container"  # the container KServe reads STORAGE_URI from and routes to
 IMAGE_UID = 1000  # docker/Dockerfile: USER 1000:1000 (pipeline.IMAGE_UID)
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -63,7 +67,8 @@ def inference_service(image: str, model_uri: str, name: str = DEFAULT_NAME, gpu:
                             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    predictor = {"serviceAccountName": DEFAULT_SERVICE_ACCOUNT, "minReplicas": 1, "containers": [container]}
+    predictor = {"serviceAccountName": SERVICE_ACCOUNT, "automountServiceAccountToken": False, "minReplicas": 1,
+                 "containers": [container]}
     if gpu:
         predictor["tolerations"] = [dict(GPU_TOLERATION)]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",

@@ -93,26 +93,39 @@ def run_caption_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> d
                "merged": work / "caption" / "captions"}
     done: dict[str, StepResult] = {}
 
+    shards_root = work / "caption" / "shards"
+
+    def measured(result: StepResult, inputs: dict, outputs: dict) -> StepResult:
+        """What the step's pod would download and upload (the training steps' ``artifacts``)."""
+        from captioning.workflow import artifact_figures
+
+        result.extra["artifacts"] = artifact_figures(StepIO(inputs=inputs, outputs=outputs, scratch=work))
+        return result
+
     def resolve():
-        return steps.resolve_model_step(cfg, folders["model"])
+        return measured(steps.resolve_model_step(cfg, folders["model"]), {}, {"resolved": folders["model"]})
 
     def plan():
-        return steps.plan_captions(cfg, folders["plan"])
+        return measured(steps.plan_captions(cfg, folders["plan"]), {}, {"plan": folders["plan"]})
 
     def shards():
-        results = [steps.caption_shard(cfg, folders["model"], folders["plan"], index,
-                                       work / "caption" / "shards" / f"{index:05d}")
+        results = [steps.caption_shard(cfg, folders["model"], folders["plan"], index, shards_root / f"{index:05d}")
                    for index in done["plan_captions"].returns["shards"]]
-        return StepResult(metrics={"shards": len(results),
-                                   "skipped": sum(r.metrics["skipped"] for r in results)},
-                          outputs={"shards": str(work / "caption" / "shards")})
+        result = StepResult(metrics={"shards": len(results), "skipped": sum(r.metrics["skipped"] for r in results)},
+                            outputs={"shards": str(shards_root)})
+        # every shard's pod downloads the model and the plan: N times
+        measured(result, {"model": folders["model"], "plan": folders["plan"]}, {"captions": shards_root})
+        for figures in result.extra["artifacts"]["inputs"].values():
+            figures.update(files=figures["files"] * len(results), bytes=figures["bytes"] * len(results))
+        return result
 
     def merge():
-        shard_dirs = sorted((work / "caption" / "shards").iterdir())
+        # the plan's shards, not whatever an earlier run left in the folder
+        shard_dirs = [shards_root / f"{index:05d}" for index in done["plan_captions"].returns["shards"]]
         with StepTracker(cfg, "caption", work, group, []) as tracker:
             result = steps.merge_captions(cfg, folders["plan"], shard_dirs, folders["merged"])
             result.extra["wandb_ref"] = steps.record_captions(tracker, result, folders["merged"])
-        return result
+        return measured(result, {"plan": folders["plan"], "shards": shards_root}, {"captions": folders["merged"]})
 
     failed = None
     for name, run in zip(CAPTION_STEPS, (resolve, plan, shards, merge)):

@@ -151,31 +151,51 @@ def run_in_docker(cfg: Config, workdir: str | Path, image: str, preset: str, use
     return collect_caption_summary(run_dir, cfg) if pipeline == "caption" else collect_summary(run_dir, cfg)
 
 
+def _summed(figures) -> dict:
+    """Files and bytes per artifact name, added up over the shards' pods."""
+    total: dict[str, dict[str, int]] = {}
+    for by_name in figures:
+        for name, f in by_name.items():
+            total.setdefault(name, {"files": 0, "bytes": 0})
+            total[name]["files"] += f["files"]
+            total[name]["bytes"] += f["bytes"]
+    return total
+
+
 CAPTION_OUTPUTS = {"resolve_model": "resolved", "plan_captions": "plan", "caption_shard": "captions",
                    "merge_captions": "captions"}
 
 
 def collect_caption_summary(run_dir: Path | None, cfg: Config) -> dict:
-    """The batch pipeline's steps from the step.json each wrote into its output (shards: one per iteration)."""
+    """The batch pipeline's steps from the step.json each wrote into its output (shards: one per iteration);
+    as for the training pipeline, a step after a failed one is skipped, naming it."""
     found: dict[str, list[dict]] = {name: [] for name in CAPTION_OUTPUTS}
     for name, output in CAPTION_OUTPUTS.items():
         task = name.replace("_", "-")
         for path in sorted(run_dir.glob(f"**/{task}/{output}/step.json")) if run_dir else []:  # loops nest tasks
             found[name].append(json.loads(path.read_text()))
-    steps = {}
-    for name, results in found.items():
-        if name == "caption_shard":
-            steps["caption_shards"] = {"status": "ok" if results else "failed", "metrics": {
-                "shards": len(results), "skipped": sum(r["metrics"].get("skipped", 0) for r in results)},
-                "outputs": {}}
+    planned = found["plan_captions"][0]["metrics"]["shards"] if found["plan_captions"] else None
+    shards = found.pop("caption_shard")
+    if shards or planned is not None:
+        found["caption_shards"] = [{
+            "status": "ok" if len(shards) == planned else "failed", "outputs": {},
+            "metrics": {"shards": len(shards), "skipped": sum(r["metrics"].get("skipped", 0) for r in shards)},
+            "artifacts": {"inputs": _summed(r["artifacts"]["inputs"] for r in shards),
+                          "outputs": _summed(r["artifacts"]["outputs"] for r in shards)},
+            **({} if len(shards) == planned else {"error": f"{len(shards)} of {planned} shards left captions"})}]
+    steps: dict[str, dict] = {}
+    failed = None
+    for name in ("resolve_model", "plan_captions", "caption_shards", "merge_captions"):
+        results = found.get(name) or []
+        if results and results[0]["status"] == "ok":
+            steps[name] = results[0]
+        elif failed:
+            steps[name] = {"status": "skipped", "reason": f"{failed} failed", "metrics": {}, "outputs": {}}
         else:
+            failed = name
             steps[name] = results[0] if results else {"status": "failed", "error": "the container left no result "
                                                       "(see its log above)", "metrics": {}, "outputs": {}}
-    merged = steps["merge_captions"]
-    expected = steps["plan_captions"].get("metrics", {}).get("shards")
-    if expected is not None and steps["caption_shards"]["metrics"]["shards"] != expected:
-        steps["caption_shards"]["status"] = "failed"
-    status = "ok" if all(s["status"] == "ok" for s in steps.values()) and merged["status"] == "ok" else "failed"
+    status = "failed" if failed else "ok"
     return {"runner": "docker", "pipeline": "caption", "run_dir": str(run_dir) if run_dir else None,
             "config": cfg.model_dump(mode="json"), "steps": steps, "status": status}
 

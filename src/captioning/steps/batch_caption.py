@@ -37,9 +37,18 @@ def shard_file(index: int) -> str:
 
 def resolve_model_step(cfg: Config, out_dir: Path) -> StepResult:
     from captioning.bundle import load_bundle
-    from captioning.model_source import resolve_model
+    from captioning.model_source import ALIAS_PATTERN, resolve_model
+    from captioning.tracking import resolve_mode
 
-    resolved = resolve_model(cfg.batch.model, cfg.promote.registry, cfg.promote.collection, setting="batch.model")
+    spec = cfg.batch.model
+    if resolve_mode(cfg) == "online" and ALIAS_PATTERN.fullmatch(spec) and not Path(spec).exists():
+        # Online, promote linked the model into the W&B Registry (not a registry folder): look there.
+        if cfg.wandb.api_key_secret:
+            from captioning.gcp_secrets import ensure_wandb_key
+
+            ensure_wandb_key(cfg.wandb.api_key_secret, "online")
+        spec = f"wandb:{spec}"
+    resolved = resolve_model(spec, cfg.promote.registry, cfg.promote.collection, setting="batch.model")
     load_bundle(resolved.path)  # a broken model fails here, once, not in every shard
     out_dir = Path(out_dir)
     if out_dir.resolve() != resolved.path.resolve():

@@ -1,0 +1,170 @@
+"""What guards the server and the batch pipeline, without a model: the batcher's failures, URI allowlists,
+hostile URIs and bucket object names."""
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from captioning.caption import Captioned
+from captioning.images import ImageUnavailable, read_image
+from captioning.serving import Batcher, Busy, uri_allowed
+
+
+class FakeModel:
+    """Captions "cap-N" for pixel N; raises for the pixel "poison" (as a model might on one odd input)."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, []
+
+    def caption(self, pixels):
+        self.calls.append(list(pixels))
+        time.sleep(self.delay)
+        if "poison" in pixels:
+            raise RuntimeError("the model choked")
+        return [Captioned("", f"cap-{p}", [], None, -1.0) for p in pixels]
+
+
+def test_a_failing_image_fails_only_its_own_request():
+    batcher = Batcher(FakeModel(), max_batch=8, window_ms=100)
+    futures = [batcher.submit(p) for p in ("a", "poison", "b")]
+    assert futures[0].result(timeout=10).caption == "cap-a" and futures[2].result(timeout=10).caption == "cap-b"
+    with pytest.raises(RuntimeError, match="choked"):
+        futures[1].result(timeout=10)
+    assert batcher.thread.is_alive()
+    batcher.close()
+
+
+def test_a_request_given_up_does_not_stop_the_worker():
+    model = FakeModel(delay=0.3)
+    batcher = Batcher(model, max_batch=8, window_ms=50)
+    first = batcher.submit("x")  # the worker is busy with it for 0.3 s
+    time.sleep(0.1)
+    gone, kept = batcher.submit("gone"), batcher.submit("kept")
+    assert gone.cancel()
+    assert first.result(timeout=10).caption == "cap-x" and kept.result(timeout=10).caption == "cap-kept"
+    assert batcher.thread.is_alive() and ["gone"] not in model.calls
+    batcher.close()
+
+
+def test_a_full_queue_is_refused_not_buffered():
+    batcher = Batcher(FakeModel(delay=0.5), max_batch=1, window_ms=0, max_pending=2)
+    batcher.submit("a")
+    time.sleep(0.1)  # the worker holds "a"; two may wait
+    batcher.submit("b"), batcher.submit("c")
+    with pytest.raises(Busy):
+        batcher.submit("d")
+    batcher.close()
+
+
+@pytest.mark.parametrize("uri, allowed", [
+    ("gs://photos/2026/a.jpg", True),
+    ("gs://photos-other/a.jpg", False),
+    ("gs://photos/../x.jpg", True),  # the bucket is the host: a path cannot climb out of it
+    ("gs://photos@other/x.jpg", False),
+    ("http://images.example.com/a/b.jpg", True),
+    ("http://images.example.com@127.0.0.1:1/x.jpg", False),  # userinfo: the host is 127.0.0.1
+    ("http://images.example.com:8080/a/x.jpg", False),  # another port
+    ("http://images.example.com/a/../../admin", False),
+    ("http://images.example.com/ab/x.jpg", False),  # a sibling folder is no child
+    ("http://[::1/x.jpg", False),
+    ("/srv/images/cat.jpg", True),
+    ("/srv/images/../../etc/hostname", False),
+    ("file:///srv/images/cat.jpg", True),
+])
+def test_uris_are_allowed_by_what_they_reach_not_by_their_text(uri, allowed):
+    assert uri_allowed(uri, ("gs://photos/", "http://images.example.com/a/", "/srv/images/")) is allowed
+
+
+def test_hostile_uris_are_a_reason_not_a_crash_or_a_hang(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    for uri, reason in ((str(fifo), "not a regular file"), ("http://[::1", "not a usable URI"),
+                        (str(tmp_path / "none.jpg"), "file not found"), ("ftp://host/x.jpg", "unsupported scheme")):
+        with pytest.raises(ImageUnavailable, match=reason):
+            read_image(uri, 1 << 20, timeout_s=1)
+    assert time.monotonic() - started < 5
+
+
+def test_a_redirect_is_refused_when_the_server_says_so(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1:9/internal")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ImageUnavailable):
+            read_image(f"http://127.0.0.1:{server.server_port}/a.jpg", 1 << 20, 5, follow_redirects=False)
+    finally:
+        server.shutdown()
+
+
+def test_a_bucket_object_cannot_land_outside_the_model_folder(gcs_emulator, tmp_path):
+    from captioning.gcs import storage_client
+    from captioning.model_source import resolve_model
+
+    bucket = storage_client().create_bucket("models")
+    bucket.blob("v1/captioner.keras").upload_from_string(b"x")
+    bucket.blob(f"v1/{tmp_path}/evil.txt").upload_from_string(b"owned")  # "v1//tmp/...": an absolute name
+    resolved = resolve_model("gs://models/v1", cache=tmp_path / "cache")
+    assert not (tmp_path / "evil.txt").exists()  # kept inside the model folder
+    assert (resolved.path / str(tmp_path).lstrip("/") / "evil.txt").read_bytes() == b"owned"
+    # ("v1/../../x" is refused too; the emulator will not store such a name, so it is not tested here)
+
+
+def test_relative_uris_in_a_bucket_list_are_the_lists_neighbours(gcs_emulator):
+    from captioning.gcs import storage_client
+    from captioning.images import list_images
+
+    bucket = storage_client().create_bucket("lists")
+    bucket.blob("jobs/today.jsonl").upload_from_string('{"uri": "a.jpg"}\n"gs://other/b.jpg"\n')
+    assert list_images("gs://lists/jobs/today.jsonl") == ["gs://lists/jobs/a.jpg", "gs://other/b.jpg"]
+
+
+def test_a_future_set_by_nobody_is_never_waited_on_forever():
+    """The server waits on futures with asyncio; a cancelled one must not be set again (InvalidStateError)."""
+    future = Future()
+    future.cancel()
+    batcher = Batcher(FakeModel(), max_batch=2, window_ms=10)
+    batcher._run([("a", future)])  # must not raise
+    assert batcher.thread.is_alive()
+    batcher.close()
+
+
+def test_online_a_bare_alias_is_looked_up_in_the_wandb_registry_with_a_stand_in_for_the_wandb_server(
+        monkeypatch, tmp_path):
+    """Online, promote links the model into the W&B Registry, so the batch pipeline's default
+    (batch.model=production) must look there; the W&B server cannot run here, so its call is replaced."""
+    from captioning import model_source
+    from captioning.config import load_config
+    from captioning.errors import ConfigError
+    from captioning.steps.batch_caption import resolve_model_step
+
+    asked = []
+
+    def wandb_registry(spec, collection, cache, setting):
+        asked.append((spec, collection))
+        raise ConfigError("the stand-in has no models")
+
+    monkeypatch.setattr(model_source, "_from_wandb_registry", wandb_registry)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError, match="stand-in"):
+        resolve_model_step(load_config(overrides=["batch.model=production"]), tmp_path / "m")
+    assert asked == [("wandb:production", "captioning-model")]
+    monkeypatch.setenv("WANDB_MODE", "offline")  # offline: the registry folder promote wrote
+    with pytest.raises(ConfigError, match="an alias needs the registry folder"):
+        resolve_model_step(load_config(overrides=["batch.model=production"]), tmp_path / "m")
+    assert len(asked) == 1

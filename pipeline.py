@@ -174,29 +174,12 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
     from captioning.parameters import PRESET_PARAMETER
     from captioning.workflow import STEPS, upstream_of
     from captioning.io import VOLUME_ENV
-    from captioning.tracking import KFP_RUN_ID_ENV
     from components.factory import CHECKPOINT_DIR_ENV, DOWNLOAD_CACHE_ENV, UPSTREAM_REF, step_component, step_parameters
 
     def kubernetes_settings(task, name):
         from kfp import kubernetes
 
-        # The key reaches the pods from a Secret, never as a value in the YAML.
-        kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET,
-                                     secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"}, optional=True)
-        # Pod Security "restricted": the backend (>= 2.16) adds no privilege escalation, all capabilities
-        # dropped and the RuntimeDefault seccomp profile; the user and non-root are ours to say.
-        if options.security_context:  # a 2.15 backend refuses the field; 2.16 knows it
-            kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
-        # Which run this pod belongs to, for grouping its W&B run: from the pod's label, outside the cache key.
-        kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=RUN_ID_LABEL)
-        if name in GPU_STEPS:
-            kubernetes.add_toleration(task, **GPU_TOLERATION)
-            if options.gpu_node_selector:
-                key, value = options.gpu_node_selector.split("=", 1)
-                kubernetes.add_node_selector(task, label_key=key, label_value=value)
-        if options.spot:
-            for toleration in SPOT_TOLERATIONS:
-                kubernetes.add_toleration(task, **toleration)
+        _kubernetes_task(task, options, gpu=name in GPU_STEPS)
         volumes = {"log_raw_data": (options.raw_cache_pvc, RAW_CACHE_MOUNT, DOWNLOAD_CACHE_ENV, "coco2014"),
                    "train": (options.checkpoint_pvc, CHECKPOINT_MOUNT, CHECKPOINT_DIR_ENV, "")}
         if name in volumes and volumes[name][0]:
@@ -313,15 +296,19 @@ def build_caption_pipeline(options: BuildOptions = BuildOptions(pipeline="captio
 
 
 def _kubernetes_task(task, options: BuildOptions, gpu: bool) -> None:
-    """The batch pipeline's pods, as the training pipeline's: the W&B Secret, the image's user, GPU taints."""
+    """Every pod of both pipelines on Kubeflow: the W&B Secret, the image's user, the run's id, GPU taints."""
     from kfp import kubernetes
 
     from captioning.tracking import KFP_RUN_ID_ENV
 
+    # The key reaches the pods from a Secret, never as a value in the YAML.
     kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET, secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"},
                                  optional=True)
-    if options.security_context:
+    # Pod Security "restricted": the backend (>= 2.16) adds no privilege escalation, all capabilities
+    # dropped and the RuntimeDefault seccomp profile; the user and non-root are ours to say.
+    if options.security_context:  # a 2.15 backend refuses the field; 2.16 knows it
         kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
+    # Which run this pod belongs to, for grouping its W&B run: from the pod's label, outside the cache key.
     kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=RUN_ID_LABEL)
     if gpu:
         kubernetes.add_toleration(task, **GPU_TOLERATION)

@@ -168,3 +168,17 @@ def test_online_a_bare_alias_is_looked_up_in_the_wandb_registry_with_a_stand_in_
     with pytest.raises(ConfigError, match="an alias needs the registry folder"):
         resolve_model_step(load_config(overrides=["batch.model=production"]), tmp_path / "m")
     assert len(asked) == 1
+
+
+def test_a_lone_request_does_not_wait_out_the_window_but_one_being_decoded_is_waited_for():
+    model = FakeModel()
+    batcher = Batcher(model, max_batch=8, window_ms=60_000)  # a window no request should ever sit out alone
+    assert batcher.submit("alone").result(timeout=10).caption == "cap-alone"
+    with batcher.expecting(1):  # another request's image is still being decoded
+        first = batcher.submit("a")
+        time.sleep(0.3)
+        assert not first.done()  # held for the image on its way
+        second = batcher.submit("b")
+    assert first.result(timeout=10).caption == "cap-a" and second.result(timeout=10).caption == "cap-b"
+    assert ["a", "b"] in model.calls  # one batch
+    batcher.close()

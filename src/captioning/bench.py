@@ -222,7 +222,7 @@ def bench_model(dest: Path) -> Path:
 
 
 def bench_serve(requests: int = 64, concurrency: int = 16, repeats: int = 3, model: str = "", url: str = "",
-                registry: str = "", max_batch: int = 32, window_ms: float = 10.0, name: str = "") -> dict:
+                registry: str = "", max_batch: int = 32, window_ms: float = 50.0, name: str = "") -> dict:
     """One-image requests to the server over loopback HTTP: ``concurrency`` at a time (batched by the server)
     against one at a time; captions/s and latency percentiles, medians over repeats. Without ``url`` the
     server runs here, on ``model`` (default: an untrained model at the bench sizes)."""

@@ -191,7 +191,7 @@ def serve(
     port: Optional[int] = typer.Option(None, envvar="AIP_HTTP_PORT", min=1, max=65535,
                                        help="Default: AIP_HTTP_PORT (Vertex AI) or 8080."),
     max_batch: int = typer.Option(32, min=1, help="Most images captioned as one batch."),
-    window_ms: float = typer.Option(10.0, min=0, help="How long the batcher waits for more images."),
+    window_ms: float = typer.Option(50.0, min=0, help="How long the batcher waits for images still being decoded."),
     max_request_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 above)."),
     max_image_mb: float = typer.Option(16.0, min=0.001, help="Largest image (413 above)."),
     max_instances: int = typer.Option(64, min=1, help="Most images per request (413 above)."),
@@ -514,7 +514,7 @@ def bench_serve_cmd(
     registry: str = typer.Option("", help="Registry folder for an alias."),
     url: str = typer.Option("", help="A running server to measure instead (http://127.0.0.1:8080)."),
     max_batch: int = typer.Option(32, min=1),
-    window_ms: float = typer.Option(10.0, min=0),
+    window_ms: float = typer.Option(50.0, min=0),
     repeats: Repeats = 3,
     as_json: AsJson = False,
 ) -> None:

@@ -14,7 +14,8 @@ it is handed is a way into the cluster's network). Each prediction is ``{"captio
 "model_version"}``; ``score`` is the caption's mean log-probability per token.
 
 Requests are decoded on the request threads and their images captioned together: a worker thread
-takes what arrived within a short window (``window_ms``), up to ``max_batch`` images, as one batch.
+takes what arrived within a short window (``window_ms``), up to ``max_batch`` images, as one batch; it
+waits only while other requests' images are still being decoded, so a lone request does not wait.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Limits:
     max_instances: int = 64
     max_image_bytes: int = 16 * MIB
     max_batch: int = 32
-    window_ms: float = 10.0
+    window_ms: float = 50.0  # only waited while other requests are being decoded
     allow_uri: tuple[str, ...] = ()  # URI prefixes an instance may name; none: URIs are refused
     uri_timeout_s: float = 30.0
     max_pending: int = 1024  # images waiting for the device; past it, 503 (the client retries elsewhere or later)
@@ -80,8 +81,21 @@ class Batcher:
         self.model, self.max_batch, self.window_s = model, max_batch, window_ms / 1000.0
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.batch_sizes: Counter = Counter()  # size -> batches run, for /stats and the bench
+        self.preparing = 0  # images of requests still being decoded: worth waiting for, up to the window
+        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="caption-batcher", daemon=True)
         self.thread.start()
+
+    @contextlib.contextmanager
+    def expecting(self, images: int):
+        """Images on their way (being decoded): the worker waits for them rather than run a smaller batch."""
+        with self._lock:
+            self.preparing += images
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.preparing -= images
 
     def submit(self, pixels) -> Future:
         future: Future = Future()
@@ -102,10 +116,14 @@ class Batcher:
             batch, stop = [first], False
             deadline = time.monotonic() + self.window_s
             while len(batch) < self.max_batch:
+                if self.queue.empty() and not self.preparing:
+                    break  # nothing else on its way: a lone request does not wait out the window
                 try:
-                    item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
+                    item = self.queue.get(timeout=min(max(deadline - time.monotonic(), 0), 0.002))
                 except queue.Empty:
-                    break
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
                 if item is None:
                     stop = True
                     break
@@ -269,9 +287,11 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             raise RequestError(400, "the request body is not JSON (or nested too deeply)") from None
 
     async def caption(instances: list) -> list[dict]:
-        prepared = await run_in_threadpool(_prepare, model, instances, limits)
+        batcher = state["batcher"]
         try:
-            futures = [asyncio.wrap_future(state["batcher"].submit(p)) for p in prepared]
+            with batcher.expecting(len(instances) if isinstance(instances, list) else 0):
+                prepared = await run_in_threadpool(_prepare, model, instances, limits)
+                futures = [asyncio.wrap_future(batcher.submit(p)) for p in prepared]
         except Busy:
             raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry later")\
                 from None

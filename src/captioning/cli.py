@@ -150,6 +150,11 @@ def run(
         exit_process(1)
 
 
+def _check_decoder(decoder: str | None) -> None:
+    if decoder not in (None, "greedy", "beam"):
+        _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
+
+
 @app.command()
 def caption(
     images: List[Path] = typer.Argument(..., help="JPEG or PNG files."),
@@ -161,8 +166,7 @@ def caption(
     """Print one caption per image: PATH<TAB>CAPTION."""
     from captioning.caption import caption_images
 
-    if decoder not in (None, "greedy", "beam"):
-        _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
+    _check_decoder(decoder)
     try:
         results = caption_images(model, images, decoder, beam_width)
     except CaptioningError as exc:
@@ -205,8 +209,7 @@ def serve(
     from captioning.model_source import resolve_model
     from captioning.serving import DEFAULT_PORT, Limits, serve as run_server
 
-    if decoder not in (None, "greedy", "beam"):
-        _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
+    _check_decoder(decoder)
     try:
         if not model:
             raise CaptioningError("--model: none given and AIP_STORAGE_URI is not set; name a model folder, an "

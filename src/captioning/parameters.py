@@ -133,14 +133,17 @@ def runtime_parameters(preset: str, overrides: list[str]) -> dict[str, Any]:
     A setting the pipeline does not expose as a parameter is refused: the pods
     would never see it.
     """
+    return _validated(preset, overrides, BY_KEY, "a pipeline parameter, so the pods", parameters_from_config)
+
+
+def _validated(preset: str, overrides: list[str], keys, what: str, from_config) -> dict[str, Any]:
     cfg = load_config(None, overrides, preset)
     for text in overrides:
         key = text.split("=", 1)[0].strip()
-        if key not in BY_KEY:
-            raise ConfigError(
-                f"--set {text}: {key} is not a pipeline parameter, so the pods would not see it; "
-                f"settable here: {', '.join(sorted(BY_KEY))}")
-    return {PRESET_PARAMETER: preset, **parameters_from_config(cfg)}
+        if key not in keys:
+            raise ConfigError(f"--set {text}: {key} is not {what} would not see it; "
+                              f"settable here: {', '.join(sorted(keys))}")
+    return {PRESET_PARAMETER: preset, **from_config(cfg)}
 
 
 # The batch captioning pipeline's parameters (``pipeline.py --pipeline caption``) -> configuration key.
@@ -183,12 +186,5 @@ def caption_parameters_from_config(cfg: Config) -> dict[str, Any]:
 
 def caption_runtime_parameters(preset: str, overrides: list[str]) -> dict[str, Any]:
     """Every batch captioning parameter for ``preset`` + ``overrides``, validated; as ``runtime_parameters``."""
-    cfg = load_config(None, overrides, preset)
-    keys = {key: name for name, key in CAPTION_PARAMETERS.items()}
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        if key not in keys:
-            raise ConfigError(
-                f"--set {text}: {key} is not a parameter of the caption pipeline, so its pods would not see it; "
-                f"settable here: {', '.join(sorted(keys))}")
-    return {PRESET_PARAMETER: preset, **caption_parameters_from_config(cfg)}
+    return _validated(preset, overrides, set(CAPTION_PARAMETERS.values()),
+                      "a parameter of the caption pipeline, so its pods", caption_parameters_from_config)

@@ -38,17 +38,29 @@ def run_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
         cfg = cfg.model_copy(deep=True)
         cfg.promote.registry = str(work / "registry")
     done: dict[str, StepResult] = {}
+
+    def step_run(name: str):
+        def run() -> StepResult:
+            upstream = done[upstream_of(name)].returns.get("wandb_ref", "") if upstream_of(name) else ""
+            with StepTracker(cfg, name, work, group, [upstream]) as tracker:
+                return run_step(STEPS[name], cfg, step_io(name, work, done), tracker)
+        return run
+
+    run_in_order(summary, {name: step_run(name) for name in STEPS}, done)
+    return summary
+
+
+def run_in_order(summary: dict, runs: dict, done: dict[str, StepResult]) -> None:
+    """Each step in turn into ``summary``; after a failure the rest are skipped, naming it. Both pipelines."""
     failed = None
-    for name, step in STEPS.items():
+    for name, run in runs.items():
         if failed:
             summary["steps"][name] = {"status": "skipped", "reason": f"{failed} failed", "metrics": {}, "outputs": {}}
             continue
         log.info("step %s: starting", name)
         started = time.monotonic()
-        upstream = done[upstream_of(name)].returns.get("wandb_ref", "") if upstream_of(name) else ""
         try:
-            with StepTracker(cfg, name, work, group, [upstream]) as tracker:
-                result = run_step(step, cfg, step_io(name, work, done), tracker)
+            result = run()
         except CaptioningError as exc:
             result = StepResult(status="failed", extra={"error": str(exc)})
         except Exception as exc:  # keep the summary honest even on a bug
@@ -64,7 +76,6 @@ def run_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
             done[name] = result
             log.info("step %s: %s in %.1fs", name, result.status, result.extra["seconds"])
     summary["status"] = "failed" if failed else "ok"
-    return summary
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:
@@ -127,27 +138,5 @@ def run_caption_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> d
             result.extra["wandb_ref"] = steps.record_captions(tracker, result, folders["merged"])
         return measured(result, {"plan": folders["plan"], "shards": shards_root}, {"captions": folders["merged"]})
 
-    failed = None
-    for name, run in zip(CAPTION_STEPS, (resolve, plan, shards, merge)):
-        if failed:
-            summary["steps"][name] = {"status": "skipped", "reason": f"{failed} failed", "metrics": {}, "outputs": {}}
-            continue
-        log.info("step %s: starting", name)
-        started = time.monotonic()
-        try:
-            result = run()
-        except CaptioningError as exc:
-            result = StepResult(status="failed", extra={"error": str(exc)})
-        except Exception as exc:  # keep the summary honest even on a bug
-            log.debug("%s", traceback.format_exc())
-            result = StepResult(status="failed", extra={"error": str(disk_full_from(exc) or
-                                                                  f"{type(exc).__name__}: {exc}")})
-        result.extra["seconds"] = round(time.monotonic() - started, 2)
-        summary["steps"][name] = result.summary()
-        if result.status == "failed":
-            failed = name
-            log.error("step %s failed: %s", name, result.extra["error"])
-        else:
-            done[name] = result
-    summary["status"] = "failed" if failed else "ok"
+    run_in_order(summary, dict(zip(CAPTION_STEPS, (resolve, plan, shards, merge))), done)
     return summary

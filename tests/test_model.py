@@ -288,3 +288,98 @@ def test_one_beam_search_ranked_by_each_length_penalty_equals_a_search_per_penal
         np.testing.assert_allclose(alphas, np.asarray(own_alphas), atol=1e-6)
     lengths = {p: (t != 0).sum(1).mean() for p, (t, _) in zip(penalties, ranked)}
     assert lengths[3.0] > lengths[0.0], lengths  # the penalty did change the choice: longer captions
+
+
+# ---------------------------------------------------------------- per-image batches (issue 23)
+
+def test_a_per_image_batch_gives_the_per_pair_loss_logits_and_attention_of_the_same_pairs(model):
+    """B images with K captions each, encoded once and broadcast, against the same (image, caption) pairs
+    batched one pair a row with the image's features repeated (dropout off: the model fixture's 0.0).
+    An image with fewer than K captions has empty rows, which are no pair: the attention penalty skips them."""
+    rng = np.random.default_rng(5)
+    feats = rng.standard_normal((3, 64, 2048)).astype(np.float16)
+    lengths = [[6, 4, 9], [3, 7, 5], [8, 0, 0]]  # image 2 has one caption: two empty rows
+    T = 11  # one more than the longest caption: the per-image batch is padded further than the pairs
+    inp, tgt = np.zeros((3, 3, T), np.int32), np.zeros((3, 3, T), np.int32)
+    for b, row in enumerate(lengths):
+        for k, n in enumerate(row):
+            if n:
+                words = rng.integers(3, VOCAB, n)
+                inp[b, k, : n + 1] = [START, *words]
+                tgt[b, k, : n + 1] = [*words, END]
+    pairs = [(b, k) for b in range(3) for k in range(3) if lengths[b][k]]
+    pair_feats = np.stack([feats[b] for b, _ in pairs])
+    pair_inp, pair_tgt = np.stack([inp[b, k] for b, k in pairs]), np.stack([tgt[b, k] for b, k in pairs])
+    pair_inp, pair_tgt = pair_inp[:, :-1], pair_tgt[:, :-1]  # the pairs' own padding: shorter by one
+
+    per_image = model({"features": feats, "tokens": inp})
+    per_pair = model({"features": pair_feats, "tokens": pair_inp})
+    rows = [b * 3 + k for b, k in pairs]
+    np.testing.assert_allclose(per_image["logits"].numpy()[rows, :-1], per_pair["logits"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(per_image["attention"].numpy()[rows, :-1], per_pair["attention"].numpy(), atol=1e-6)
+    assert float(model.compute_loss(y=tgt, y_pred=per_image)) == pytest.approx(
+        float(model.compute_loss(y=pair_tgt, y_pred=per_pair)), abs=1e-5)
+    assert model.attention_reg == 1.0  # the penalty is part of both
+
+
+def test_the_encoder_runs_once_per_image_not_once_per_caption(model):
+    """The dense layers that read the image see B rows, whatever K: counted by the encoder's input shapes."""
+    seen = []
+    original = model.encoder.call
+
+    def spy(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+
+    feats = np.zeros((2, 64, 2048), np.float16)
+    tokens = np.full((2, 5, 4), 5, np.int32)
+    model.encoder.call = spy
+    try:
+        out = model({"features": feats, "tokens": tokens})
+    finally:
+        model.encoder.call = original
+    assert seen == [(2, 64, 2048)] and out["logits"].shape == (10, 4, VOCAB)
+
+
+def test_the_step_is_keras_gru_cell_with_the_words_projection_taken_out_of_the_loop(model, features):
+    """recur's GRU, given the words' projection computed beforehand, is the model's own GRUCell."""
+    image, projected, state = model.encode(features)
+    embedded = model.embed(np.array([5, 6, 7], np.int32))
+    new_state, context, _ = model.recur(image, projected, state, word_gates=model.word_gates(embedded))
+    _, expected_context = model.attend(image, projected, state)
+    expected, _ = model.gru(np.concatenate([embedded.numpy(), expected_context.numpy()], -1), [state])
+    np.testing.assert_allclose(new_state.numpy(), expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(model.recur(image, projected, state, embedded)[0].numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_without_xla_the_training_loss_runs_the_output_layer_at_real_tokens_only_and_is_the_same(model):
+    """Compiled without XLA (the CPU default), training leaves the output layer to the loss, which runs it at
+    the real tokens only; the loss is the dense one's (dropout off)."""
+    import keras
+
+    rng = np.random.default_rng(6)
+    feats = rng.standard_normal((2, 64, 2048)).astype(np.float16)
+    tgt = np.zeros((2, 2, 6), np.int32)
+    tgt[0, 0, :4], tgt[0, 1, :2], tgt[1, 0, :6] = [5, 6, 7, END], [8, END], [9, 5, 6, 7, 8, END]
+    inp = np.where(tgt != 0, np.concatenate([np.full((2, 2, 1), START), tgt[..., :-1]], -1), 0)
+    inp = inp * (tgt != 0)
+    dense = model({"features": feats, "tokens": inp}, training=False)
+    expected = float(model.compute_loss(y=tgt, y_pred=dense, training=False))
+    sparse = Captioner.from_config(model.get_config())
+    sparse.build()
+    sparse.set_weights(model.get_weights())
+    sparse.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
+    out = sparse({"features": feats, "tokens": inp}, training=True)
+    assert "logits" not in out and out["states"].shape == (4, 6, 24)
+    assert float(sparse.compute_loss(y=tgt, y_pred=out, training=True)) == pytest.approx(expected, abs=1e-5)
+    from captioning.steps.train import use_determinism
+
+    try:
+        use_determinism("off")  # op determinism rules XLA out
+        xla = Captioner.from_config(model.get_config())
+        xla.build()
+        xla.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+        assert xla.jit_compile is True
+        assert "logits" in xla({"features": feats, "tokens": inp}, training=True)  # static shapes under XLA
+    finally:
+        use_determinism("on")

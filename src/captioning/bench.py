@@ -82,69 +82,139 @@ def coco_like_lengths(count: int, rng):
     return np.minimum(words + 2, 50)
 
 
-def _bucketed_batches(lengths, batch: int, vocab: int, rng):
-    """Batches of token ids grouped by length bucket, each padded to its own longest."""
+def synthetic_processed(root: Path, images: int, captions_per_image: int, vocab_size: int, rng,
+                        shard_images: int = 256):
+    """A processed split written as process_data writes it (float16 feature shards, captions as token ids of
+    COCO-like lengths), for the training benchmarks: ``ProcessedDataset.open(root)`` reads it."""
+    import json
+
     import numpy as np
 
-    from captioning.dataset import LENGTH_BUCKETS
+    from captioning.dataset import FORMAT
+    from captioning.features import CHANNELS, GRID, RECORD_BYTES
+    from captioning.text import Vocabulary
 
-    buckets: dict[int, list[int]] = {}
-    for n in lengths:
-        buckets.setdefault(int(np.searchsorted(LENGTH_BUCKETS, n)), []).append(int(n))
-    batches = []
-    for members in buckets.values():
-        for start in range(0, len(members) - batch + 1, batch):
-            chunk = members[start : start + batch]
-            tokens = np.zeros((batch, max(chunk)), np.int32)
-            for row, n in enumerate(chunk):
-                tokens[row, 0], tokens[row, 1 : n - 1], tokens[row, n - 1] = 1, rng.integers(4, vocab, n - 2), 2
-            batches.append(tokens)
-    rng.shuffle(batches)
-    return batches
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, images, shard_images)):
+        name = f"train-{k:03d}.f16"
+        count = min(shard_images, images - start)
+        rng.standard_normal((count, GRID, CHANNELS), dtype=np.float32).astype(np.float16).tofile(root / name)
+        shards.append(name)
+    lengths = coco_like_lengths(images * captions_per_image, rng).reshape(images, captions_per_image)
+    records = [{"image_id": i, "file": f"{i}.jpg", "references": [],
+                "tokens": [[1, *rng.integers(4, vocab_size, n - 2).tolist(), 2] for n in lengths[i]]}
+               for i in range(images)]
+    (root / "train.json").write_text(json.dumps(records))
+    words = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 4)]
+    Vocabulary(words, min_count=1, max_size=len(words)).save(root / "vocab.json")
+    (root / "stats.json").write_text(json.dumps({"mean": [0.0] * CHANNELS, "std": [1.0] * CHANNELS}))
+    split = {"images": images, "captions_file": "train.json", "shards": shards}
+    (root / "dataset.json").write_text(json.dumps({
+        "format": FORMAT, "vocab": "vocab.json", "max_length": 50, "record_bytes": RECORD_BYTES,
+        "feature_stats": "stats.json", "splits": {"train": split, "val": split}}))
+    return root
 
 
-def bench_train(steps: int = 20, repeats: int = 3, baseline: bool = True) -> dict:
-    """Teacher-forced training steps, captions per second, with train.deterministic on (op determinism,
-    no XLA: the CPU default) and off (XLA-compiled steps: the GPU default), against the tutorial's."""
+def drop_from_page_cache(files) -> None:
+    """Make the next read of these files come from the disk (``posix_fadvise(DONTNEED)`` after an fsync)."""
+    import os
+
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_train(steps: int = 20, repeats: int = 3, baseline: bool = True, input_only: bool = False,
+                captions_per_image: int = 5) -> dict:
+    """The per-image training step with its input pipeline in the loop (feature shards on disk, as train
+    reads them), captions/s and images/s, with train.deterministic on (op determinism, no XLA: the CPU
+    default) and off (XLA-compiled steps: the GPU default), against the tutorial's step on the same
+    captions; and the input pipeline alone from a cold page cache, batches/s and bytes read per epoch."""
+    import gc
+
     import numpy as np
 
     from captioning.config import Config
+    from captioning.dataset import ProcessedDataset
+    from captioning.features import RECORD_BYTES
     from captioning.steps.train import build_model, use_determinism
 
     import keras
 
     rng = np.random.default_rng(0)
     s = BENCH_SIZES
+    per_batch = max(1, s["batch"] // captions_per_image)
+    # Three times the images the timed steps take: the first third of an epoch's batches is mostly full ones
+    # (a length bucket's last, partial batch comes when its last image does), as in a COCO epoch, where
+    # partial batches are one per bucket in thousands.
+    images = 3 * steps * per_batch
     cfg = Config.model_validate({"train": {k: s[k] for k in ("embedding_dim", "units", "context_dim")}})
-    batches = _bucketed_batches(coco_like_lengths(steps * s["batch"] * 3, rng), s["batch"], s["vocab_size"], rng)
-    while len(batches) < steps:
-        batches += batches
-    features = rng.standard_normal((s["batch"], 64, 2048)).astype(np.float16)
-    result = {"bench": "train", "steps": steps, "repeats": repeats, **s,
-              "mean_tokens": float(np.mean([t.shape[1] for t in batches[:steps]]))}
-    # Every shape of the timed steps is compiled before timing: XLA compiles once per caption length.
-    warm = list({t.shape: t for t in batches[:steps]}.values())
-    for setting, key in (("on", "captions_per_s"), ("off", "xla_captions_per_s")):
-        deterministic = use_determinism(setting)
-        model = build_model(cfg, s["vocab_size"])
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=not deterministic)
+    result = {"bench": "train", "steps": steps, "repeats": repeats, **s, "images_per_batch": per_batch,
+              "captions_per_image": captions_per_image, "images": images}
+    with tempfile.TemporaryDirectory() as tmp:
+        # a few more images than the timed steps read: the input pipeline's figure is over whole epochs
+        data = ProcessedDataset.open(synthetic_processed(Path(tmp) / "data", images, captions_per_image,
+                                                          s["vocab_size"], rng))
 
-        def ours(batch_list):
-            for tokens in batch_list:
-                model.train_on_batch({"features": features, "tokens": tokens[:, :-1]}, tokens[:, 1:])
+        def batches():
+            return data.image_batches("train", s["batch"], captions_per_image)  # from disk: no memory budget
 
-        ours(warm)
-        runs = _time_runs(lambda: ours(batches[:steps]), repeats, steps * s["batch"])
-        result[key] = round(statistics.median(runs), 1)
-        result["runs" if setting == "on" else "xla_runs"] = [round(r, 1) for r in runs]
-    use_determinism("auto")
+        plan = batches()
+        result.update({"batches_per_epoch": plan.batches_per_epoch, "batch_shapes": len(plan.shapes),
+                       "mean_tokens": round(float((plan.tokens != 0).sum(1).mean()), 2),
+                       "feature_bytes": plan.store.bytes})
+        input_runs, bytes_read = [], 0
+        for _ in range(repeats):
+            del plan
+            gc.collect()  # no memory map of the shards left: the page cache can drop them
+            drop_from_page_cache(data.shard_files("train"))
+            plan = batches()
+            started = time.perf_counter()
+            for _ in plan.dataset(shuffle=True, seed=0, epoch=0):
+                pass
+            input_runs.append(plan.batches_per_epoch / (time.perf_counter() - started))
+            bytes_read = plan.store.reads.records * RECORD_BYTES
+        result.update({"input_batches_per_s": round(statistics.median(input_runs), 1),
+                       "input_runs": [round(r, 1) for r in input_runs], "bytes_read_per_epoch": bytes_read})
+        if input_only:
+            return result
+        timed, _ = plan.plan(0, shuffle=True, seed=0)
+        timed = timed[:steps]
+        real = timed >= 0
+        captions = int(np.minimum(plan.counts[timed[real]], captions_per_image).sum())
+        result.update({"timed_captions": captions, "timed_images": int(real.sum()),
+                       "empty_rows_share": round(1 - real.mean(), 3)})
+        for setting, key in (("on", ""), ("off", "xla_")):
+            deterministic = use_determinism(setting)
+            model = build_model(cfg, s["vocab_size"])
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=not deterministic)
+            dataset = batches().dataset(shuffle=True, seed=0, epoch=0)
+            model.fit(dataset, epochs=1, verbose=0)  # every shape traced (and compiled) before timing
+            first = dataset.take(steps)
+            runs = _time_runs(lambda: model.fit(first, epochs=1, verbose=0), repeats, captions)
+            result[f"{key}captions_per_s"] = round(statistics.median(runs), 1)
+            result[f"{key}images_per_s"] = round(statistics.median(runs) * real.sum() / captions, 1)
+            result[f"{key}steps_per_s"] = round(statistics.median(runs) / captions * steps, 2)
+            result[f"{key}runs"] = [round(r, 1) for r in runs]
+        use_determinism("auto")
+        result["input_over_model_steps"] = round(result["input_batches_per_s"] / result["steps_per_s"], 1)
     if baseline:
         from captioning.tutorial_baseline import make_tutorial, pad_to
 
+        # The same captions, as the tutorial batches them: 64 pairs a step, each padded to 50 tokens.
+        tokens = [np.asarray(t, np.int32) for image in plan.tokens.reshape(images, -1, plan.tokens.shape[1])
+                  for t in image]
+        features = rng.standard_normal((s["batch"], 64, 2048)).astype(np.float16)
+        padded = [pad_to(np.stack(tokens[k : k + s["batch"]])) for k in range(0, len(tokens) - s["batch"] + 1,
+                                                                            s["batch"])]
         _, train_step, _ = make_tutorial(s["vocab_size"], s["embedding_dim"], s["units"])
-        padded = [pad_to(t) for t in batches[:steps]]
         train_step(features, padded[0])  # trace
-        base = _time_runs(lambda: [train_step(features, t) for t in padded], repeats, steps * s["batch"])
+        base = _time_runs(lambda: [train_step(features, t) for t in padded], repeats, len(padded) * s["batch"])
         result["baseline_captions_per_s"] = round(statistics.median(base), 1)
         result["speedup"] = round(result["captions_per_s"] / result["baseline_captions_per_s"], 2)
         result["xla_speedup"] = round(result["xla_captions_per_s"] / result["baseline_captions_per_s"], 2)

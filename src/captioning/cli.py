@@ -487,12 +487,15 @@ def bench_train_cmd(
     steps: int = typer.Option(20, min=1),
     repeats: Repeats = 3,
     baseline: bool = typer.Option(True, help="Also time the tutorial-style implementation."),
+    input_only: bool = typer.Option(False, "--input-only", help="Only the input pipeline, from a cold page cache."),
+    captions_per_image: int = typer.Option(5, min=1, max=64, help="K captions of each image in a batch."),
     as_json: AsJson = False,
 ) -> None:
-    """Training steps at vocabulary 5000, embedding 256, units 512, batch 64, COCO-like lengths."""
+    """Per-image training steps with their input pipeline (feature shards on disk) at vocabulary 5000,
+    embedding 256, units 512, batch 64 captions, COCO-like lengths; the input pipeline alone."""
     from captioning.bench import bench_train
 
-    _print_bench(bench_train(steps, repeats, baseline), as_json)
+    _print_bench(bench_train(steps, repeats, baseline, input_only, captions_per_image), as_json)
 
 
 @bench_app.command("decode")

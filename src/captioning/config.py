@@ -171,7 +171,15 @@ class TrainConfig(Section):
     epochs: int = Field(20, ge=1, le=10_000)
     # 256 captions fill a modern GPU with these sizes; the learning rate is the usual Adam 1e-3 at
     # batch 64, scaled by the square root of the batch ratio (sqrt(256/64) = 2).
-    batch_size: int = Field(256, ge=1, le=8192)
+    batch_size: int = Field(256, ge=1, le=8192, description=(
+        "Captions per training batch: batch_size // captions_per_image images, with captions_per_image "
+        "captions each."))
+    captions_per_image: int = Field(5, ge=1, le=64, description=(
+        "K: captions of each image in a batch (COCO has 5 an image), its features read and encoded once for "
+        "all K; more are taken in rotation over the epochs, fewer leave masked rows."))
+    feature_memory: str = Field("auto", pattern=r"^(auto|off|[0-9]+(\.[0-9]+)?\s*[KMGT]i?B)$", description=(
+        "Hold a split's features in memory when they fit this (e.g. 24GiB); auto: 40 % of the pod's memory "
+        "limit (or the machine's); off: read them from disk every epoch."))
     # The paper's sizes (embedding 512; its LSTM had 1,000-1,800 units; a GRU of 1,024 here) and a
     # context at the paper's feature width (512), projected from InceptionV3's 2,048 channels.
     # Upper bounds a single GPU holds (units 8192: a GRU of ~0.3 G parameters).
@@ -200,7 +208,7 @@ class TrainConfig(Section):
         "", description="Checkpoints and history (the unit of resume); on a cluster, a mounted volume. "
         "Empty: <workdir>/train in-process, a temporary folder in a pod.")
 
-    @field_validator("mixed_precision", "deterministic", mode="before")
+    @field_validator("mixed_precision", "deterministic", "feature_memory", mode="before")
     @classmethod
     def _yaml_on_off(cls, value):
         # YAML 1.1 reads a bare on/off as a boolean.

@@ -13,8 +13,10 @@ Unlike the TensorFlow tutorial this model derives from:
 - the GRU state is carried from step to step (the tutorial never passed it back in);
 - the attention's projection of the image, W1·features, is computed once per
   image, not at every step;
-- the output layer (deep output) and the embeddings run once over all steps,
-  only the recurrence itself is a loop.
+- the output layer (deep output), the embeddings and the GRU's projection of the
+  words run once over all steps, only the recurrence itself is a loop;
+- training batches hold K captions of each image (``dataset.ImageBatches``): an
+  image's features are encoded once (annotations, attention keys, h0) for all K.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class ArchitectureError(ValueError):
     pass
 
 
+class StepTraces:
+    """How often the loss was built for training and for validation: in a compiled ``fit``, once per trace
+    of the train and test steps (XLA then compiles each trace once per batch shape)."""
+
+    def __init__(self):
+        self.train = self.val = 0
+
+
 @keras.saving.register_keras_serializable(package="captioning")
 class Captioner(keras.Model):
     def __init__(self, vocab_size: int, embedding_dim: int = 512, units: int = 1024, dropout: float = 0.5,
@@ -47,6 +57,7 @@ class Captioner(keras.Model):
         self.vocab_size, self.embedding_dim, self.units = vocab_size, embedding_dim, units
         self.dropout_rate, self.attention_reg, self.channels = dropout, attention_reg, channels
         self.context_dim = context_dim
+        self.step_traces = StepTraces()
         # Standardisation of the backbone's features, from the training split.
         self.feature_mean = self.add_weight(shape=(channels,), initializer="zeros", trainable=False, name="feature_mean")
         self.feature_std = self.add_weight(shape=(channels,), initializer="ones", trainable=False, name="feature_std")
@@ -104,16 +115,37 @@ class Captioner(keras.Model):
         return image, self.attend_image(image), self.init_state(ops.mean(image, axis=1))
 
     def attend(self, image, projected, state):
-        """Soft attention: alpha (B, P) over positions and the gated context β·Σ α_i a_i (B, D)."""
-        score = self.attend_score(ops.tanh(projected + ops.expand_dims(self.attend_state(state), 1)))
-        alpha = ops.softmax(ops.squeeze(score, -1), axis=-1)
-        context = ops.sum(image * ops.expand_dims(alpha, -1), axis=1) * self.gate(state)
-        return alpha, context
+        """Soft attention: alpha (N, P) over positions and the gated context β·Σ α_i a_i (N, D), for N = B·K
+        states of B images (K captions each, caption-major within an image: row b·K + k). The image's
+        annotations and keys are broadcast to its K states, never copied; the context is a batched product."""
+        images, positions, width = ops.shape(image)[0], ops.shape(image)[1], ops.shape(image)[2]
+        keys = ops.reshape(self.attend_state(state), (images, -1, 1, width))             # (B, K, 1, D)
+        score = self.attend_score(ops.tanh(ops.expand_dims(projected, 1) + keys))        # (B, K, P, 1)
+        alpha = ops.softmax(ops.squeeze(score, -1), axis=-1)                             # (B, K, P)
+        context = ops.einsum("bkp,bpd->bkd", alpha, image)                               # (B, K, D)
+        alpha, context = ops.reshape(alpha, (-1, positions)), ops.reshape(context, (-1, width))
+        return alpha, context * self.gate(state)
 
-    def recur(self, image, projected, state, embedded):
-        """One decoder step: attend with the previous state, feed word and context to the GRU."""
+    def word_gates(self, embedded):
+        """The GRU's projection of the words (with its input bias), (..., E) -> (..., 3U): it does not depend
+        on the state, so teacher forcing computes it for all steps at once, outside the loop."""
+        kernel = ops.cast(self.gru.kernel[: self.embedding_dim], embedded.dtype)
+        return ops.matmul(embedded, kernel) + ops.cast(self.gru.bias[0], embedded.dtype)
+
+    def recur(self, image, projected, state, embedded=None, word_gates=None):
+        """One decoder step: attend with the previous state, feed word and context to the GRU (Keras'
+        GRUCell with reset_after, its weights; the word's part of the input projection may come precomputed)."""
         alpha, context = self.attend(image, projected, state)
-        new_state, _ = self.gru(ops.concatenate([embedded, ops.cast(context, embedded.dtype)], -1), [state])
+        if word_gates is None:
+            word_gates = self.word_gates(embedded)
+        dtype = word_gates.dtype
+        context = ops.cast(context, dtype)
+        from_input = word_gates + ops.matmul(context, ops.cast(self.gru.kernel[self.embedding_dim :], dtype))
+        from_state = ops.matmul(state, ops.cast(self.gru.recurrent_kernel, dtype)) + ops.cast(self.gru.bias[1], dtype)
+        x_z, x_r, x_h = ops.split(from_input, 3, axis=-1)
+        h_z, h_r, h_h = ops.split(from_state, 3, axis=-1)
+        update, reset = ops.sigmoid(x_z + h_z), ops.sigmoid(x_r + h_r)
+        new_state = update * state + (1.0 - update) * ops.tanh(x_h + reset * h_h)
         return new_state, context, alpha
 
     def readout(self, states, contexts, embedded, training=False):
@@ -125,33 +157,62 @@ class Captioner(keras.Model):
     # ------------------------------------------------------------ teacher forcing
 
     def call(self, inputs, training=False):
-        """``{"features": (B, P, C), "tokens": (B, T)}`` -> logits (B, T, V) and attention (B, T, P)."""
+        """``{"features": (B, P, C), "tokens": (B, T) or (B, K, T)}`` -> logits (B·K, T, V) and attention
+        (B·K, T, P). With K captions an image, its features are encoded once and broadcast to all K."""
         features, tokens = inputs["features"], inputs["tokens"]
         image, projected, state = self.encode(features)
-        embedded = self.embed(tokens)                                   # (B, T, E), all steps at once
+        if len(tokens.shape) == 3:  # (B, K, T): row b·K + k is caption k of image b; attend broadcasts
+            state = ops.repeat(state, ops.shape(tokens)[1], axis=0)
+            tokens = ops.reshape(tokens, (-1, ops.shape(tokens)[2]))
+        embedded = self.embed(tokens)                                   # (N, T, E), all steps at once
+        gates = self.word_gates(embedded)                               # (N, T, 3U), all steps at once
 
-        def step(carry, word):  # carries all three outputs: every step's are stacked
-            return self.recur(image, projected, carry[0], word)
+        def step(carry, word_gates):  # carries all three outputs: every step's are stacked
+            return self.recur(image, projected, carry[0], word_gates=word_gates)
 
-        batch = ops.shape(features)[0]
-        init = (state, ops.zeros((batch, self.context_dim), state.dtype),
-                ops.zeros((batch, ops.shape(features)[1]), state.dtype))
-        states, contexts, alphas = _scan(step, init, ops.moveaxis(embedded, 1, 0))
+        rows = ops.shape(tokens)[0]
+        init = (state, ops.zeros((rows, self.context_dim), state.dtype),
+                ops.zeros((rows, ops.shape(features)[1]), state.dtype))
+        states, contexts, alphas = _scan(step, init, ops.moveaxis(gates, 1, 0))
         states, contexts, alphas = (ops.moveaxis(t, 0, 1) for t in (states, contexts, alphas))
+        if training and self._readout_in_loss():
+            return {"states": states, "contexts": contexts, "embedded": embedded, "attention": alphas}
         logits = self.readout(states, contexts, embedded, training=training)
         return {"logits": logits, "attention": alphas}
 
+    def _readout_in_loss(self) -> bool:
+        """Training without XLA on TensorFlow: the loss runs the output layer at the real tokens only (about a
+        quarter of a per-image batch is padding, and the V-wide output layer is a third of the step's work).
+        XLA and JAX need static shapes, so there the output layer runs at every position."""
+        return keras.backend.backend() == "tensorflow" and self._jit_compile is False
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The paper's objective per caption, Σ_t −log p(y_t) + λ Σ_i (1 − Σ_t α_ti)² over the real steps,
-        summed over the batch and divided by its real tokens (so the learning rate is per token)."""
+        summed over the batch's captions and divided by their real tokens (so the learning rate is per
+        token). ``y``: (N, T) or (B, K, T) targets, 0 for padding; an all-padding row is no caption."""
+        if training:
+            self.step_traces.train += 1
+        else:
+            self.step_traces.val += 1
+        y = ops.reshape(y, (-1, ops.shape(y)[-1]))
         mask = ops.cast(ops.not_equal(y, 0), "float32")
-        xent = keras.losses.sparse_categorical_crossentropy(y, ops.cast(y_pred["logits"], "float32"),
-                                                            from_logits=True)
-        total = ops.sum(xent * mask)
+        if "logits" in y_pred:
+            xent = keras.losses.sparse_categorical_crossentropy(y, ops.cast(y_pred["logits"], "float32"),
+                                                                from_logits=True)
+            total = ops.sum(xent * mask)
+        else:  # the output layer at the real tokens only (``_readout_in_loss``)
+            import tensorflow as tf
+
+            real = tf.where(ops.not_equal(y, 0))                                        # (M, 2)
+            states, contexts, embedded = (tf.gather_nd(y_pred[k], real) for k in ("states", "contexts", "embedded"))
+            logits = self.readout(states, contexts, embedded, training=training)
+            total = ops.sum(keras.losses.sparse_categorical_crossentropy(
+                tf.gather_nd(y, real), ops.cast(logits, "float32"), from_logits=True))
         if self.attention_reg:
             # Over a caption, each of the P regions should receive about one unit of attention.
             attended = ops.sum(ops.cast(y_pred["attention"], "float32") * ops.expand_dims(mask, -1), axis=1)
-            total = total + self.attention_reg * ops.sum(ops.square(1.0 - attended))
+            is_caption = ops.max(mask, axis=1)  # an empty row (an image with fewer than K captions) has none
+            total = total + self.attention_reg * ops.sum(ops.square(1.0 - attended) * ops.expand_dims(is_caption, -1))
         return total / ops.maximum(ops.sum(mask), 1.0)
 
 

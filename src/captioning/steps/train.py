@@ -21,7 +21,7 @@ from pathlib import Path
 from captioning.bundle import MODEL_FILE, save_bundle
 from captioning.checkpoints import CheckpointFolder, save_every_epoch
 from captioning.config import Config
-from captioning.dataset import ProcessedDataset, shuffle_epoch_callback
+from captioning.dataset import BATCHING, ProcessedDataset, memory_budget, shuffle_epoch_callback
 from captioning.validation import ValidationCaptions, caption_metric_callback, choose_decoding
 from captioning.errors import ConfigError, TrainingError
 from captioning.redact import redact_tree
@@ -59,8 +59,10 @@ def _data_fingerprint(data: ProcessedDataset) -> str:
 def _signature(cfg: Config, data: ProcessedDataset) -> str:
     """The checkpoint key: training settings (not where checkpoints live), the data and the code."""
     # Not where checkpoints live, nor the decodings tried after training (decoding.json records its grid).
-    settings = cfg.train.model_dump(exclude={"checkpoint_dir", "decode_beam_widths", "decode_length_penalties"})
-    payload = {"train": settings, "data": _data_fingerprint(data),
+    # Nor where the features are read from (memory or disk): the batches are the same.
+    settings = cfg.train.model_dump(exclude={"checkpoint_dir", "decode_beam_widths", "decode_length_penalties",
+                                             "feature_memory"})
+    payload = {"train": settings, "data": _data_fingerprint(data), "batching": BATCHING,
                "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -270,9 +272,17 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         keras.mixed_precision.set_global_policy("float32")
 
     shuffle_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    train_ds = data.caption_pairs("train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                  epoch=shuffle_epoch)
-    val_ds = data.caption_pairs("val", cfg.train.batch_size, shuffle=False)
+    budget = memory_budget(cfg.train.feature_memory)
+    train_batches = data.image_batches("train", cfg.train.batch_size, cfg.train.captions_per_image, budget)
+    val_batches = data.image_batches("val", cfg.train.batch_size, cfg.train.captions_per_image,
+                                     budget - (train_batches.store.bytes if train_batches.in_memory else 0))
+    train_ds = train_batches.dataset(shuffle=True, seed=cfg.train.seed, epoch=shuffle_epoch)
+    val_ds = val_batches.dataset(shuffle=False)
+    shapes = {"train": train_batches.shapes, "val": val_batches.shapes}
+    log.info("train: %d images x %d captions a batch; batch shapes (B, K, T): %d for training %s, %d for "
+             "validation: at most as many XLA compilations of each step; features %s", train_batches.images_per_batch,
+             train_batches.captions_per_image, len(shapes["train"]), [t for _, _, t in shapes["train"]],
+             len(shapes["val"]), "in memory" if train_batches.in_memory else "read from disk every epoch")
     steps_per_epoch = int(train_ds.cardinality())
     total_steps = max(steps_per_epoch * cfg.train.epochs, cfg.train.warmup_steps + 1)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -316,6 +326,10 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     else:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=fit_callbacks, verbose=2,
                   shuffle=False)  # tf.data shuffles, seeded
+        log.info("train: the training step was traced %d time(s) and the validation step %d; %s",
+                 model.step_traces.train, model.step_traces.val,
+                 f"XLA compiled them for at most {len(shapes['train'])} and {len(shapes['val'])} batch shapes"
+                 if model.jit_compile else "XLA off")
 
     history = _read_history(history_csv)
     if not history:
@@ -348,6 +362,10 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         "resumed_epochs": len(resumed_from),
         "parameters": int(model.count_params()),
         "deterministic": int(deterministic), "xla": int(bool(model.jit_compile)),
+        "images_per_batch": train_batches.images_per_batch, "captions_per_image": train_batches.captions_per_image,
+        "train_batch_shapes": len(shapes["train"]), "val_batch_shapes": len(shapes["val"]),
+        "train_step_traces": model.step_traces.train, "val_step_traces": model.step_traces.val,
+        "features_in_memory": int(train_batches.in_memory),
     }
     write_json_atomic(done_file, {"signature": signature, "metrics": metrics})
     store.save()

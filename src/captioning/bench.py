@@ -170,6 +170,7 @@ def bench_train(steps: int = 20, repeats: int = 3, baseline: bool = True, input_
                        "feature_bytes": plan.store.bytes})
         input_runs, bytes_read = [], 0
         for _ in range(repeats):
+            plan.store.close()
             del plan
             gc.collect()  # no memory map of the shards left: the page cache can drop them
             drop_from_page_cache(data.shard_files("train"))

@@ -239,6 +239,10 @@ class FeatureShards:
         self.reads.add(len(indices) if count is None else count)
         return out
 
+    def close(self) -> None:
+        """Unmap the shards (tf.data may keep this object alive): the page cache can then drop them."""
+        self._maps.clear()
+
     def in_memory(self) -> "FeatureTable":
         """The whole split read once, shard by shard in file order, into memory."""
         table = np.empty((int(self.starts[-1]), GRID, CHANNELS), np.float16)

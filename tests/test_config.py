@@ -60,6 +60,8 @@ def test_file_then_overrides(tmp_path):
         ("train.epochs=many", "train.epochs: Input should be a valid integer"),
         ("data.max_images=0", "data.max_images: Input should be greater than 0"),
         ("train.dropout=1.5", "train.dropout: Input should be less than 1"),
+        ("train.batch_size=4", "train: Value error, batch_size 4 is less than captions_per_image 5"),
+        ("train.feature_memory=lots", "train.feature_memory: String should match pattern"),
         ("data.base_url=ftp://x", "data.base_url: Value error, unsupported scheme 'ftp'"),
     ],
 )

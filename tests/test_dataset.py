@@ -156,10 +156,20 @@ def test_a_gather_returns_rows_in_the_order_asked_whatever_the_shard(dataset):
     assert store.gather(asked)[:, 0, 0].astype(int).tolist() == asked
 
 
-def test_the_memory_budget_setting(monkeypatch):
+def test_the_memory_budget_setting(monkeypatch, tmp_path):
+    import os
+
+    import captioning.dataset as module
+
     assert memory_budget("off") == 0
     assert memory_budget("2GiB") == 2 * 2**30 and memory_budget("1.5GB") == 1_500_000_000
-    assert 0 < memory_budget("auto") <= 0.4 * 2**50
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    (tmp_path / "v2").write_text("max\n")  # no limit: the machine's memory
+    (tmp_path / "v1").write_text(f"{3 * 2**30}\n")  # a pod limited to 3 GiB
+    monkeypatch.setattr(module, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"),))
+    assert memory_budget("auto") == int(0.4 * machine)
+    monkeypatch.setattr(module, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "v2"), str(tmp_path / "v1")))
+    assert memory_budget("auto") == int(0.4 * min(machine, 3 * 2**30))
 
 
 def test_a_resumed_fit_takes_up_the_order_of_its_epoch_not_the_first(dataset):

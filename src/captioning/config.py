@@ -208,6 +208,13 @@ class TrainConfig(Section):
         "", description="Checkpoints and history (the unit of resume); on a cluster, a mounted volume. "
         "Empty: <workdir>/train in-process, a temporary folder in a pod.")
 
+    @model_validator(mode="after")
+    def _whole_images(self):
+        if self.batch_size < self.captions_per_image:
+            raise ValueError(f"batch_size {self.batch_size} is less than captions_per_image {self.captions_per_image}: "
+                             "a batch holds batch_size // captions_per_image whole images")
+        return self
+
     @field_validator("mixed_precision", "deterministic", "feature_memory", mode="before")
     @classmethod
     def _yaml_on_off(cls, value):

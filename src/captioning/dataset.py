@@ -251,7 +251,8 @@ class FeatureShards:
             with open(name, "rb") as fh:
                 if fh.readinto(part) != len(part):
                     raise DataError(f"{name}: shorter than when it was opened; the shard changed while being read")
-        log.info("train: %d feature records (%.1f GiB) held in memory", len(table), self.bytes / 2**30)
+        log.info("features: %s and the rest of its split, %d records (%.1f GiB), held in memory",
+                 Path(self.files[0]).name, len(table), self.bytes / 2**30)
         return FeatureTable(table)
 
 
@@ -277,6 +278,10 @@ class FeatureTable:
         return np.take(self.table, np.asarray(indices, np.int64), axis=0)
 
 
+# A pod's memory limit: cgroup v2, then v1 ("max" or a huge number where there is none).
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def memory_budget(setting: str) -> int:
     """``train.feature_memory`` in bytes. ``auto``: 40 % of the memory this process may use (its cgroup's
     limit in a pod, else the machine's), leaving the rest to TensorFlow, the model and the page cache."""
@@ -287,7 +292,7 @@ def memory_budget(setting: str) -> int:
         scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit[0]]
         return int(float(number) * (2 ** (10 * "KMGT".index(unit[0]) + 10) if "i" in unit else scale))
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in CGROUP_MEMORY_LIMITS:
         try:
             text = Path(path).read_text().strip()
         except OSError:

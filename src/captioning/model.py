@@ -38,8 +38,9 @@ class ArchitectureError(ValueError):
 
 
 class StepTraces:
-    """How often the loss was built for training and for validation: in a compiled ``fit``, once per trace
-    of the train and test steps (XLA then compiles each trace once per batch shape)."""
+    """How often the loss was built for training and for validation: in a compiled ``fit`` only while the
+    train and test steps are traced (Keras builds it twice for a step's first trace), never per batch;
+    XLA then compiles each trace once per batch shape."""
 
     def __init__(self):
         self.train = self.val = 0
@@ -181,10 +182,15 @@ class Captioner(keras.Model):
         return {"logits": logits, "attention": alphas}
 
     def _readout_in_loss(self) -> bool:
-        """Training without XLA on TensorFlow: the loss runs the output layer at the real tokens only (about a
-        quarter of a per-image batch is padding, and the V-wide output layer is a third of the step's work).
-        XLA and JAX need static shapes, so there the output layer runs at every position."""
-        return keras.backend.backend() == "tensorflow" and self._jit_compile is False
+        """Training without XLA on TensorFlow's CPUs: the loss runs the output layer at the real tokens only
+        (about a quarter of a per-image batch is padding, and the V-wide output layer is a third of the step's
+        work). XLA and JAX need static shapes, so there the output layer runs at every position; so it does on
+        GPUs, where the gather's gradient (a scatter) falls back to the CPU under op determinism."""
+        if keras.backend.backend() != "tensorflow" or self._jit_compile is not False:
+            return False
+        import tensorflow as tf
+
+        return not tf.config.list_physical_devices("GPU")
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The paper's objective per caption, Σ_t −log p(y_t) + λ Σ_i (1 − Σ_t α_ti)² over the real steps,

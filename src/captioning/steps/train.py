@@ -326,7 +326,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     else:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=fit_callbacks, verbose=2,
                   shuffle=False)  # tf.data shuffles, seeded
-        log.info("train: the training step was traced %d time(s) and the validation step %d; %s",
+        log.info("train: the loss was built %d time(s) while tracing the training step, %d the validation step; %s",
                  model.step_traces.train, model.step_traces.val,
                  f"XLA compiled them for at most {len(shapes['train'])} and {len(shapes['val'])} batch shapes"
                  if model.jit_compile else "XLA off")

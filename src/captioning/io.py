@@ -153,6 +153,8 @@ def save_weights_atomic(model, path: str | Path) -> Path:
         except OSError as exc:
             if is_disk_full(exc):
                 _note_hdf5_failure()
+                # HDF5 names the file only in some of its messages (not when the close fails): name it here.
+                raise disk_full_error(path) from None
             raise
     return path
 

@@ -33,10 +33,18 @@ def http_mirror(small_mirror):
         yield server
 
 
+def user_env(**extra) -> dict:
+    """This process's environment as a user's shell has it: without WANDB_SERVICE, which an in-process W&B run
+    of an earlier test sets, and which would make the child write its runs through this process's W&B service
+    (on another volume's terms: a full-disk test then saw another error than a user would)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, **extra}
+
+
 def captioning_cli(*args, cwd=None, env=None, timeout=900):
     """Run the installed console command, as a user would."""
     exe = shutil.which("captioning", path=str(Path(sys.executable).parent)) or "captioning"
-    full_env = dict(os.environ, **(env or {}))
+    full_env = user_env(**(env or {}))
     return subprocess.run([exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

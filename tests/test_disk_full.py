@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import captioning_cli
+from conftest import captioning_cli, user_env
 
 SMALL_RUN = ["--set", "features.weights=none", "--set", "data.val_images=5", "--set", "data.test_images=5",
              "--set", "data.max_images=50", "--set", "train.epochs=1"]
@@ -68,7 +68,7 @@ def test_hdf5_meeting_a_full_disk_fails_the_step_naming_the_file_without_a_crash
     work = small_volume(tmp_path / "work", 24 << 20)
     proc = subprocess.run([sys.executable, "-c", FOOLED_CLI, "run", "--workdir", str(work),
                            "--set", f"data.base_url={small_mirror['root']}", *SMALL_RUN],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=user_env())
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])  # not 139, HDF5's crash at exit
     summary = json.loads((work / "summary.json").read_text())
     assert summary["steps"]["log_raw_data"]["status"] == "ok"

@@ -12,7 +12,7 @@ import pytest
 
 from captioning.config import load_config
 from captioning.errors import ConfigError
-from conftest import captioning_cli
+from conftest import captioning_cli, user_env
 from helpers.wandb_offline import leet_records, logged_artifacts, references
 
 pytestmark = pytest.mark.slow
@@ -320,7 +320,7 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
             "--set", "train.epochs=12", "--set", "train.patience=50", *sum((["--set", s] for s in TINY), [])]
     exe = str(Path(sys.executable).parent / "captioning")
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=user_env())
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((work / "train").glob("train-*/history.csv"))

@@ -89,10 +89,10 @@ def test_batched_greedy_equals_step_by_step_argmax(model, features):
         assert not row[len(expected):].any()  # nothing after <end>
 
 
-def test_beam_of_width_one_is_greedy_and_wider_beams_score_no_worse(model, features):
+def test_beams_of_width_one_and_four_score_no_worse_than_greedy(model, features):
+    """Greedy's caption is among a width-1 beam's finished captions (the live beam follows greedy's words until
+    greedy ends), so a beam never scores below it."""
     g, _ = greedy(model, features, START, END, 8)
-    b1, _ = beam(model, features, START, END, 8, width=1, length_penalty=0.0)
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(b1))
 
     def log_prob(seq, feats):
         seq = [t for t in seq if t != 0]
@@ -101,9 +101,65 @@ def test_beam_of_width_one_is_greedy_and_wider_beams_score_no_worse(model, featu
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
         return float(sum(logp[i, t] for i, t in enumerate(seq)))
 
-    b4, _ = beam(model, features, START, END, 8, width=4, length_penalty=0.0)
-    for k in range(3):
-        assert log_prob(list(np.asarray(b4)[k]), features[k]) >= log_prob(list(np.asarray(g)[k]), features[k]) - 1e-4
+    for width in (1, 4):
+        b, _ = beam(model, features, START, END, 8, width=width, length_penalty=0.0)
+        for k in range(3):
+            assert log_prob(list(np.asarray(b)[k]), features[k]) >= log_prob(list(np.asarray(g)[k]), features[k]) - 1e-4
+
+
+class ChainModel:
+    """A constructed captioner: the next word's probabilities depend only on the previous word (a table),
+    written with keras.ops so the real beam search runs on it unchanged."""
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab_size: int):
+        import keras
+
+        probs = np.full((vocab_size, vocab_size), 1e-6, np.float32)
+        for prev, nexts in table.items():
+            for word, p in nexts.items():
+                probs[prev, word] = p
+        self.vocab_size = vocab_size
+        self.log_table = keras.ops.convert_to_tensor(np.log(probs / probs.sum(1, keepdims=True)))
+
+    def encode(self, features):
+        from keras import ops
+        batch = ops.shape(features)[0]
+        return ops.zeros((batch, 64, 1)), ops.zeros((batch, 64, 1)), ops.zeros((batch, self.vocab_size))
+
+    def embed(self, token):
+        from keras import ops
+        return ops.one_hot(token, self.vocab_size)
+
+    def recur(self, image, projected, state, embedded):
+        from keras import ops
+        rows = ops.shape(embedded)[0]
+        return embedded, ops.zeros((rows, 1)), ops.full((rows, 64), 1 / 64)
+
+    def readout(self, state, context, embedded):
+        from keras import ops
+        return ops.matmul(embedded, self.log_table)  # log-probabilities are logits
+
+
+def test_a_longer_caption_beats_shorter_finished_ones_under_a_length_penalty():
+    """<end> is the likeliest first word and after A the likeliest second, so two short captions finish with
+    higher raw scores than A B D <end> (log p -2.005, 4 tokens) has as a prefix. A beam of 2 that let finished
+    captions keep their places (as this search did before) pruned A B at step 2 and returned the empty caption
+    under every penalty. With finished captions kept apart, the long one is found and wins at penalty 1
+    (-2.005/4 = -0.50 against -0.69 for <end> alone) and loses at penalty 0."""
+    A, B, C, D = 4, 5, 6, 7
+    chain = ChainModel({START: {END: 0.5, A: 0.3, C: 0.2}, A: {END: 0.55, B: 0.45}, B: {D: 1.0}, D: {END: 1.0},
+                        C: {END: 0.99, B: 0.01}}, vocab_size=8)
+    feats = np.zeros((2, 64, 1), np.float32)
+    long_caption = [A, B, D, END, 0, 0, 0, 0]
+    for penalty, expected in ((1.0, long_caption), (0.0, [END] + [0] * 7)):
+        tokens, alphas = beam(chain, feats, START, END, 8, width=2, length_penalty=penalty)
+        assert [list(row) for row in np.asarray(tokens)] == [expected, expected], penalty
+        assert np.asarray(alphas).shape == (2, 8, 64)
+    shared = Decoder(chain, START, END, 8, method="beam", beam_width=2, length_penalties=(0.0, 1.0))
+    candidates = shared.candidates(feats)
+    assert [list(candidates.best(p)[0][0]) for p in (1.0, 0.0)] == [long_caption, [END] + [0] * 7]
+    with pytest.raises(ValueError, match="length penalty 0.5"):
+        shared(feats, length_penalty=0.5)  # not searched for: refused rather than ranked on a partial pool
 
 
 def test_decoding_is_deterministic(model, features):
@@ -280,7 +336,7 @@ def test_one_beam_search_ranked_by_each_length_penalty_equals_a_search_per_penal
     bias[END] = 2.2  # <end> about as likely as the words: beams of different lengths compete
     biased.logits.bias.assign(bias)
     penalties = [0.0, 0.5, 0.7, 1.0, 3.0]
-    shared = Decoder(biased, START, END, max_length=8, method="beam", beam_width=4)
+    shared = Decoder(biased, START, END, max_length=8, method="beam", beam_width=4, length_penalties=penalties)
     ranked = decode_all(shared, tf.data.Dataset.from_tensor_slices(feats), 5, penalties)  # batches 5, 5, 2
     for penalty, (tokens, alphas) in zip(penalties, ranked):
         own, own_alphas = beam(biased, feats, START, END, 8, width=4, length_penalty=penalty, banned=(START,))

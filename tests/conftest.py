@@ -24,7 +24,8 @@ def small_mirror(tmp_path_factory) -> dict:
     from captioning.data.demo import write_coco_mirror
 
     root = tmp_path_factory.mktemp("mirror")
-    return write_coco_mirror(root, train_images=40, val_images=30, seed=3, awkward=True, hostile=True)
+    return write_coco_mirror(root, train_images=40, val_images=30, seed=3, awkward=True, hostile=True,
+                             karpathy_split=True)
 
 
 @pytest.fixture

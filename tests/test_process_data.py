@@ -124,7 +124,7 @@ def test_split_is_by_image_and_held_out_comes_from_val2014(processed):
             assert len(records) == 8
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
     dataset = json.loads((out / "dataset.json").read_text())
-    assert dataset["split"] == {"seed": 0, "max_images": None, "val_images": 8, "test_images": 8}
+    assert dataset["split"] == {"kind": "random", "seed": 0, "max_images": None, "val_images": 8, "test_images": 8}
     assert set(dataset["splits"]) == {"train", "val"}
     test = json.loads((split_folder(processed, "test") / "dataset.json").read_text())
     assert set(test["splits"]) == {"test"} and test["split"] == dataset["split"]
@@ -459,3 +459,54 @@ def test_an_image_id_in_both_caption_files_is_skipped_not_fatal(small_mirror, ex
             if (tmp_path / part / f"{split}.captions.json").exists()
             for r in json.loads((tmp_path / part / f"{split}.captions.json").read_text())}
     assert shared not in kept and len(kept) == result.metrics["images"] > 50
+
+
+def test_the_karpathy_split_file_fixes_exactly_the_train_val_and_test_images(small_mirror, extractor, tmp_path):
+    """data.split=karpathy: a generated caption_datasets.zip in Karpathy's layout, fetched over HTTP like the
+    archives and verified against its checksum; restval trains, images it does not list are unused, images it
+    lists that the annotations lack are counted."""
+    import hashlib
+
+    from helpers.http_mirror import HttpMirror
+
+    from captioning.errors import DownloadError
+    from captioning.steps.log_raw_data import log_raw_data
+    from captioning.steps.process_data import process_data
+
+    split_zip = Path(small_mirror["root"]) / "caption_datasets.zip"
+    digest = hashlib.sha256(split_zip.read_bytes()).hexdigest()
+    written = {int(k): v for k, v in small_mirror["karpathy"].items()}
+    settings = ["data.split=karpathy", "data.split_url=caption_datasets.zip", "data.val_images=null", "data.test_images=null",
+                "features.shard_images=16",
+                "features.batch_size=8", "features.max_image_pixels=1000000"]
+    with HttpMirror(Path(small_mirror["root"])) as server:
+        wrong = load_config(overrides=[f"data.base_url={server.url}", *settings, "data.split_sha256=" + "f" * 64])
+        with pytest.raises(DownloadError, match="caption_datasets.zip"):
+            log_raw_data(wrong.data, tmp_path / "wrong")
+        cfg = load_config(overrides=[f"data.base_url={server.url}", *settings, f"data.split_sha256={digest}"])
+        log_raw_data(cfg.data, tmp_path / "raw")
+    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    assert manifest["split_file"] == {"archive": "archives/splits/caption_datasets.zip", "member": "dataset_coco.json"}
+    assert manifest["files"]["splits/caption_datasets.zip"]["sha256"] == digest
+    result = process_data(cfg, tmp_path / "raw", tmp_path / "train", tmp_path / "test", extractor=extractor)
+
+    skipped = {int(s["file"].rsplit("_", 1)[-1].split(".")[0]) for s in
+               json.loads((tmp_path / "train" / "report.json").read_text())["skipped"] if s["file"].endswith(".jpg")}
+    for split, folder in (("train", "train"), ("val", "train"), ("test", "test")):
+        records = json.loads((tmp_path / folder / f"{split}.captions.json").read_text())
+        expected = {i for i, s in written.items() if {"restval": "train"}.get(s, s) == split}
+        got = {r["image_id"] for r in records}
+        assert got == expected - skipped - {max(written)}, split  # the absent image is in no split
+        if split != "train":
+            assert got and {r["source"] for r in records} == {"val2014"}
+    assert result.metrics["split_file_images_absent"] == 1  # the generated image no annotation file holds
+    assert result.metrics["images_outside_split_file"] == 1  # val2014's last image
+    dataset = json.loads((tmp_path / "train" / "dataset.json").read_text())
+    assert dataset["split"]["kind"] == "karpathy"
+
+
+def test_a_random_split_size_beside_the_karpathy_split_is_refused_by_name():
+    from captioning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.val_images"):
+        load_config(overrides=["data.split=karpathy", "data.val_images=10"])

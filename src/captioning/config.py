@@ -25,6 +25,8 @@ from captioning.errors import ConfigError
 PRESETS = ("demo", "coco2014")
 COCO_BASE_URL = "http://images.cocodataset.org"
 DEMO_SOURCE = "demo"
+# Karpathy & Fei-Fei's split of COCO 2014 (dataset_coco.json inside): the test split papers report on.
+KARPATHY_SPLIT_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 
 
 # Seeds every library takes (NumPy's legacy seed and TensorFlow's are below 2**32; Python's int range is wider).
@@ -61,6 +63,15 @@ class DataConfig(Section):
                                 "mirror serving other archives than the preset's (its checksums are still recorded).")
     max_images: int | None = Field(None, gt=0, le=10_000_000, description="Seeded subset size; null keeps all images.")
     seed: int = Seed("Seed of the subset and of the split.")
+    split: Literal["random", "karpathy"] = Field("random", description=(
+        "random: validation and test are a seeded draw from val2014 (data.val_images, data.test_images); "
+        "karpathy: exactly the train/val/test images of Karpathy's split file (data.split_url), so test figures "
+        "compare with the papers' (restval trains)."))
+    split_url: str = Field(KARPATHY_SPLIT_URL, description=(
+        "The zip holding Karpathy's dataset_coco.json (data.split=karpathy): a URL, or a path relative to "
+        "data.base_url."))
+    split_sha256: str | None = Field(None, description=(
+        "Expected SHA-256 of the split zip; verified when given (its checksum is recorded in the manifest always)."))
     val_images: int | None = Field(
         None, ge=1, le=1_000_000, description="Validation images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
     )
@@ -121,7 +132,17 @@ class DataConfig(Section):
         unknown = sorted(set(self.sha256) - set(self.files))
         if unknown:
             raise ValueError(f"sha256 names {', '.join(unknown)}, which data.files does not list")
+        if self.split == "karpathy" and (self.val_images is not None or self.test_images is not None):
+            raise ValueError("data.val_images and data.test_images draw a random split; with data.split=karpathy "
+                             "the split file fixes the held-out images: leave them null")
         return self
+
+    @field_validator("split_sha256")
+    @classmethod
+    def _split_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value.strip().lower()):
+            raise ValueError(f"{value!r} is not a SHA-256 (64 hex digits)")
+        return None if value is None else value.strip().lower()
 
     @field_validator("base_url")
     @classmethod

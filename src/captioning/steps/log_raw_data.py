@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ANNOTATION_FILES = {"train2014": "annotations/captions_train2014.json", "val2014": "annotations/captions_val2014.json"}
 ARCHIVES = "archives"
+# data.split=karpathy: the split zip's place in the artifact, and the file read from it.
+KARPATHY_ARCHIVE, KARPATHY_MEMBER = "splits/caption_datasets.zip", "dataset_coco.json"
 RESULT_FILE = "step.json"  # what a pod adds to its first artifact (captioning.workflow.RESULT_FILE)
 
 
@@ -137,36 +139,53 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     members: dict[str, str] = {}  # top-level folder -> the archive holding it (relative to out_dir)
     contents: dict[str, dict] = {}
     downloaded = 0
+    limits = (cfg.max_expanded_bytes, cfg.max_expansion_ratio)
+
+    def fetch(url: str, rel: str, expected_sha256: str | None, hook) -> tuple[dict, dict, bool]:
+        """One archive into ARCHIVES/rel (through the cache when there is one): its manifest entry, what it
+        holds, and whether it was downloaded now."""
+        dest = out_dir / ARCHIVES / rel
+        fetched = cache / rel if cache else dest
+        with _locked(fetched, shared=cache is not None):
+            record = download(
+                url, fetched, expected_sha256=expected_sha256, retries=cfg.retries,
+                backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, transfer_timeout_s=cfg.transfer_timeout_s,
+                progress=hook, check=lambda path: check_archive(path, *limits),
+            )
+            try:
+                held = index_archive(fetched, *limits)  # every entry checked before anything is read
+            except CaptioningError:
+                unverify(fetched)  # verified under other limits, or changed since: never trusted again
+                raise
+            if cache:
+                _place(fetched, dest)
+        entry = redact_tree(record_dict(record))  # the manifest is an artifact: no URL password in it
+        entry["path"] = str(dest.relative_to(out_dir))
+        entry["contents"] = held
+        return entry, held, record.downloaded
+
+    split_file = None
     with _progress_bar() as hook:
         for rel in cfg.files:
             url = join_url(base, rel)
-            dest = out_dir / ARCHIVES / rel
-            fetched = cache / rel if cache else dest
-            with _locked(fetched, shared=cache is not None):
-                limits = (cfg.max_expanded_bytes, cfg.max_expansion_ratio)
-                record = download(
-                    url, fetched, expected_sha256=cfg.sha256.get(rel) if cfg.verify_sha256 else None, retries=cfg.retries,
-                    backoff_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s, transfer_timeout_s=cfg.transfer_timeout_s,
-                    progress=hook, check=lambda path: check_archive(path, *limits),
-                )
-                try:
-                    held = index_archive(fetched, *limits)  # every entry checked before anything is read
-                except CaptioningError:
-                    unverify(fetched)  # verified under other limits, or changed since: never trusted again
-                    raise
-                if cache:
-                    _place(fetched, dest)
+            entry, held, fresh = fetch(url, rel, cfg.sha256.get(rel) if cfg.verify_sha256 else None, hook)
             for top in held:
                 if top in members:
                     raise DataError(f"{redact(url)}: holds {top}/, which {files_by_path(files, members[top])} "
                                     "already holds; one archive must not replace another's files")
-                members[top] = str(dest.relative_to(out_dir))
+                members[top] = entry["path"]
             contents.update(held)
-            downloaded += record.size if record.downloaded else 0
-            entry = redact_tree(record_dict(record))  # the manifest is an artifact: no URL password in it
-            entry["path"] = str(dest.relative_to(out_dir))
-            entry["contents"] = held
+            downloaded += entry["size"] if fresh else 0
             files[rel] = entry
+        if cfg.split == "karpathy":
+            url = cfg.split_url if "://" in cfg.split_url else join_url(base, cfg.split_url)
+            entry, held, fresh = fetch(url, KARPATHY_ARCHIVE, cfg.split_sha256 if cfg.verify_sha256 else None, hook)
+            if KARPATHY_MEMBER not in held:
+                raise DataError(f"{redact(url)} (data.split_url): holds no {KARPATHY_MEMBER}, only "
+                                f"{', '.join(sorted(held)) or 'nothing'}; is it Karpathy's caption_datasets.zip?")
+            downloaded += entry["size"] if fresh else 0
+            files[KARPATHY_ARCHIVE] = entry
+            split_file = {"archive": entry["path"], "member": KARPATHY_MEMBER}
     for split, rel in ANNOTATION_FILES.items():
         top = rel.split("/", 1)[0]
         if top not in members:
@@ -182,6 +201,8 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         "image_dirs": {split: split for split in ANNOTATION_FILES},
         "counts": counts,
     }
+    if split_file:
+        manifest["split_file"] = split_file
     write_json_atomic(out_dir / MANIFEST, manifest)
     _prune(out_dir, {MANIFEST, *(f["path"] for f in files.values()), *(str(sidecar(Path(f["path"])))
                                                                         for f in files.values())})

@@ -148,6 +148,42 @@ def held_out_sizes(pool: int, val: int | None, test: int | None) -> tuple[int, i
     return n_val, n_test
 
 
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def read_karpathy_split(raw_dir: Path, manifest: dict) -> dict[int, str]:
+    """COCO image id -> train, val or test, from Karpathy's ``dataset_coco.json`` (restval trains)."""
+    if "split_file" not in manifest:
+        raise DataError(f"{raw_dir / MANIFEST}: records no split file; run log_raw_data again with data.split=karpathy")
+    archive = raw_dir / manifest["split_file"]["archive"]
+    where = f"{manifest['split_file']['archive']}:{manifest['split_file']['member']}"
+    if not archive.resolve().is_relative_to(raw_dir.resolve()):
+        raise DataError(f"{raw_dir / MANIFEST}: split file {where!r} is outside the raw-data artifact")
+    index_archive(archive)  # its entries checked before one is read
+    data = read_json_member(archive, manifest["split_file"]["member"], "Karpathy split file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{where}: not Karpathy's split file (it needs a list 'images')")
+    split_of: dict[int, str] = {}
+    for n, entry in enumerate(data["images"]):
+        cocoid = entry.get("cocoid") if isinstance(entry, dict) else None
+        kind = entry.get("split") if isinstance(entry, dict) else None
+        if type(cocoid) is not int or kind not in KARPATHY_SPLITS:
+            raise DataError(f"{where}: images[{n}] needs an integer 'cocoid' and a 'split' of "
+                            f"{', '.join(KARPATHY_SPLITS)} (has cocoid {cocoid!r}, split {kind!r})")
+        if split_of.setdefault(cocoid, KARPATHY_SPLITS[kind]) != KARPATHY_SPLITS[kind]:
+            raise DataError(f"{where}: image {cocoid} is listed in two splits")
+    return split_of
+
+
+def karpathy_splits(split_of: dict[int, str], images: set[int]) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """The split file's train/val/test over the images at hand, and what did not match: images the file lists
+    that the annotations lack (or were skipped), and images it does not list (unused)."""
+    splits = {name: sorted(i for i, s in split_of.items() if s == name and i in images)
+              for name in ("train", "val", "test")}
+    return splits, {"split_file_images_absent": sum(i not in images for i in split_of),
+                    "images_outside_split_file": sum(i not in split_of for i in images)}
+
+
 def split_images(train_pool: list[int], val_pool: list[int], n_val: int, n_test: int, seed: int):
     rng = random.Random(seed)
     held = sorted(val_pool)
@@ -212,8 +248,19 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
         pools = {s: [i for i in ids if i in keep] for s, ids in pools.items()}
 
     train_pool, val_pool = pools.get("train2014", []), pools.get("val2014", [])
-    n_val, n_test = held_out_sizes(len(val_pool), cfg.data.val_images, cfg.data.test_images)
-    splits = split_images(train_pool, val_pool, n_val, n_test, cfg.data.seed)
+    unmatched: dict[str, int] = {}
+    if cfg.data.split == "karpathy":
+        splits, unmatched = karpathy_splits(read_karpathy_split(raw_dir, manifest), set(train_pool + val_pool))
+        n_val, n_test = len(splits["val"]), len(splits["test"])
+        if not (splits["train"] and n_val and n_test):
+            raise DataError(f"{raw_dir}: the split file leaves {len(splits['train'])} training, {n_val} validation "
+                            f"and {n_test} test images of these archives; each needs at least one")
+        log.info("process_data: Karpathy's split: %d train, %d val, %d test images; %d listed images absent, "
+                 "%d images not listed (unused)", len(splits["train"]), n_val, n_test,
+                 unmatched["split_file_images_absent"], unmatched["images_outside_split_file"])
+    else:
+        n_val, n_test = held_out_sizes(len(val_pool), cfg.data.val_images, cfg.data.test_images)
+        splits = split_images(train_pool, val_pool, n_val, n_test, cfg.data.seed)
 
     words = {i: [c.split() for c in images[i]["captions"]] for ids in splits.values() for i in ids}
     vocab = Vocabulary.build((w for i in splits["train"] for w in words[i]), cfg.text.min_count, cfg.text.max_vocab)
@@ -276,7 +323,8 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
                      "image_size": cfg.features.image_size, "weights_file": BACKBONE_FILE},
         "vocab": "vocab.json", "vocab_size": len(vocab), "max_length": max_length,
         "feature_stats": "feature_stats.json",
-        "split": {"seed": cfg.data.seed, "max_images": cfg.data.max_images, "val_images": n_val, "test_images": n_test},
+        "split": {"kind": cfg.data.split, "seed": cfg.data.seed, "max_images": cfg.data.max_images,
+                  "val_images": n_val, "test_images": n_test, **unmatched},
     }
     for part, splits_here in PARTS.items():
         out = outs[part]
@@ -297,7 +345,7 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
         "images": kept_images, "captions": kept_captions,
         **{f"{s}_images": split_info[s]["images"] for s in SPLITS},
         "skipped_files": len(skipped), "blank_captions_dropped": blank, "captions_truncated": truncated,
-        "vocab_size": len(vocab), "max_length": max_length,
+        "vocab_size": len(vocab), "max_length": max_length, **unmatched,
         "feature_bytes": sum(RECORD_BYTES * v["images"] for v in split_info.values()),
         "shards_reused": sum(1 for s in shards if s.reused),
     }

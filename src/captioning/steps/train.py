@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 from captioning.bundle import MODEL_FILE, save_bundle
@@ -168,9 +169,14 @@ def _history_csv(path: Path):
         """Keras' CSVLogger appends to the file in place: a run killed mid-write, or two writers, leave a
         file no later run can read. This rewrites the whole history beside it and renames it into place."""
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.monotonic()
+
         def on_epoch_end(self, epoch, logs=None):
+            logs = {} if logs is None else logs
+            logs["epoch_seconds"] = time.monotonic() - self.started  # training and validation of the epoch
             rows = [row for row in _read_history(path) if row["epoch"] != epoch]
-            rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+            rows.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
             fields = list(dict.fromkeys(key for row in rows for key in row))
             with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fields)
@@ -366,7 +372,10 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         "train_batch_shapes": len(shapes["train"]), "val_batch_shapes": len(shapes["val"]),
         "train_step_traces": model.step_traces.train, "val_step_traces": model.step_traces.val,
         "features_in_memory": int(train_batches.in_memory),
+        "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
     }
+    if "val_two_object_scenes_correct" in best:  # the demo's scenes: what the recipe is chosen on
+        metrics["val_two_object_scenes_correct"] = best["val_two_object_scenes_correct"]
     write_json_atomic(done_file, {"signature": signature, "metrics": metrics})
     store.save()
     return StepResult(metrics=metrics, outputs={"model": str(model_dir), "checkpoints": str(store)})

@@ -346,6 +346,64 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
     assert summary["steps"]["process_data"]["metrics"]["shards_reused"] > 0
 
 
+def test_a_self_critical_stage_follows_cross_entropy_and_reuses_it(pipeline_run, tmp_path):
+    """train.scst_epochs after the cross-entropy epochs of the same key: those are reused, not retrained; the
+    self-critical epochs are numbered on, log reward, baseline and entropy (to W&B too), and the best epoch is
+    chosen across both stages. Changing only a self-critical setting reuses the cross-entropy stage again, and
+    an interrupted self-critical stage resumes from its own checkpoint."""
+    import shutil
+
+    import keras
+
+    from captioning.runners.inprocess import run_pipeline
+    from captioning.steps.train import train
+
+    work = tmp_path / "work"
+    shutil.copytree(pipeline_run["work"], work, ignore=shutil.ignore_patterns("wandb"))
+    first = json.loads((Path(pipeline_run["summary"]["steps"]["train"]["outputs"]["model"]) / "meta.json").read_text())
+    xe_history = work / "train" / f"train-{first['dataset_signature']}" / "history.csv"  # other tests add folders
+    xe_bytes, xe_mtime = xe_history.read_bytes(), xe_history.stat().st_mtime_ns
+    scst = ["train.scst_epochs=2", "train.scst_samples=3", "train.scst_learning_rate=0.001"]
+    cfg = load_config(overrides=[f"data.base_url={pipeline_run['cfg'].data.base_url}", "train.epochs=3", *TINY, *scst])
+    summary = run_pipeline(cfg, work)
+    assert (xe_history.read_bytes(), xe_history.stat().st_mtime_ns) == (xe_bytes, xe_mtime)
+    metrics = summary["steps"]["train"]["metrics"]
+    assert metrics["scst_epochs"] == 2 and metrics["resumed_epochs"] == 3 and metrics["epochs"] == 5
+    model_dir = Path(summary["steps"]["train"]["outputs"]["model"])
+    history = json.loads((model_dir / "history.json").read_text())
+    assert [(h["epoch"], h["stage"]) for h in history] == [(0, "xe"), (1, "xe"), (2, "xe"), (3, "scst"), (4, "scst")]
+    for row in history[3:]:
+        assert {"scst_reward", "scst_baseline", "scst_entropy", "val_CIDEr"} <= set(row)
+        assert row["scst_reward"] >= 0 and row["scst_entropy"] > 0
+    best = max(history, key=lambda h: h["val_CIDEr"])
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert (meta["best_epoch"], meta["best_stage"]) == (best["epoch"] + 1, best["stage"])
+    assert meta["decoding"]["weights"].startswith("scst-" if best["stage"] == "scst" else "checkpoints/")
+    (run_dir,) = [d for d in (work / "wandb" / "wandb").glob("offline-run-*")
+                  if any(r["type"] == "run" and r["run"]["job_type"] == "train" for r in leet_records(d))]
+    assert {"epoch/scst_reward", "epoch/scst_baseline", "epoch/scst_entropy"} <= _history_keys(
+        {"records": leet_records(run_dir)})
+
+    # Another self-critical learning rate only: the cross-entropy epochs again reused, a stage of its own.
+    keyed = xe_history.parent
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"scst_learning_rate": 1e-4, "scst_epochs": 3})})
+
+    class NodeLost(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 4:  # the second self-critical epoch
+                raise SystemExit("the node went away")
+
+    with pytest.raises(SystemExit):
+        train(other, work / "processed" / "train", work / "train", model_dir=tmp_path / "m1", callbacks=[NodeLost()])
+    assert (xe_history.read_bytes(), xe_history.stat().st_mtime_ns) == (xe_bytes, xe_mtime)
+    assert len(list(keyed.glob("scst-*"))) == 2
+    result = train(other, work / "processed" / "train", work / "train", model_dir=tmp_path / "m2")
+    assert result.metrics["scst_epochs"] == 3 and result.metrics["resumed_epochs"] == 3
+    (stage,) = [d for d in keyed.glob("scst-*") if (d / "history.csv").read_text().count("\n") == 4]
+    epochs = [int(line.split(",")[0]) for line in (stage / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == [3, 4, 5]  # epoch 3 from before the interruption (4 died before its backup), then 4-5
+
+
 # ---------------------------------------------------------------- W&B, read back offline
 
 

@@ -212,6 +212,16 @@ class TrainConfig(Section):
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     warmup_steps: int = Field(200, ge=0, le=1_000_000)
     patience: int = Field(3, ge=1, le=10_000, description="Early stopping: epochs without a better selection metric.")
+    # Self-critical training after cross-entropy (Rennie et al. 2017): COCO's largest known lever for this
+    # family. Its learning rate and length are the reference implementations' (ruotianluo/ImageCaptioning.pytorch:
+    # 5e-5), not measured here on COCO.
+    scst_epochs: int = Field(10, ge=0, le=10_000, description=(
+        "Self-critical epochs after the cross-entropy epochs (0: none); early stopping and the choice of the "
+        "best epoch span both stages."))
+    scst_samples: int = Field(5, ge=1, le=64, description="Captions sampled per image at each self-critical step.")
+    scst_baseline: Literal["mean", "greedy"] = Field("mean", description=(
+        "The reward's baseline: mean of the image's other samples, or its greedy caption's reward."))
+    scst_learning_rate: float = Field(5e-5, gt=0, le=1.0, description="Adam's (constant) rate in the self-critical stage.")
     select_metric: Literal["CIDEr", "BLEU-4"] = Field(
         "CIDEr", description="Chooses the best epoch, stops early and chooses the decoding: this metric of the "
         "model's captions on the validation subset (the paper selected on BLEU).")
@@ -231,6 +241,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _whole_images(self):
+        if self.scst_epochs and self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ValueError("train.scst_baseline=mean compares each sample with the image's others: "
+                             "train.scst_samples must be at least 2")
         if self.batch_size < self.captions_per_image:
             raise ValueError(f"batch_size {self.batch_size} is less than captions_per_image {self.captions_per_image}: "
                              "a batch holds batch_size // captions_per_image whole images")

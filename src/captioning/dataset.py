@@ -199,6 +199,35 @@ class ImageBatches:
             tf.data.AUTOTUNE)
 
 
+    def image_dataset(self, shuffle: bool, seed: int = 0, epoch=0):
+        """The same batches of B images without their captions: ``{"features": (B, P, C), "images": (B,),
+        "serial": ()}``, the split's image indices (-1: an empty row) and the batch's number over the run
+        (epoch · batches + batch: a seed that a resumed run draws again), for training that draws its own
+        captions (self-critical)."""
+        import tensorflow as tf
+
+        def plan(epoch_value):
+            images, _ = self.plan(int(epoch_value), shuffle, seed)
+            return images, int(epoch_value) * self.batches_per_epoch + np.arange(len(images), dtype=np.int64)
+
+        def batch(images, serial):
+            def read(images):
+                real = images >= 0
+                return self.store.gather(np.where(real, images, images[real][0]), count=int(real.sum()))
+
+            features = tf.numpy_function(read, [images], tf.float16, stateful=False)
+            features.set_shape((self.images_per_batch, GRID, CHANNELS))
+            inputs = {"features": features, "images": tf.cast(images, tf.int32), "serial": tf.cast(serial, tf.int32)}
+            return inputs, tf.zeros((self.images_per_batch,))
+
+        epochs = tf.data.Dataset.from_tensors(0).map(lambda _: tuple(tf.numpy_function(
+            plan, [tf.cast(tf.convert_to_tensor(epoch), tf.int64)], [tf.int64, tf.int64], stateful=True)))
+        batches = epochs.flat_map(lambda *plan_: tf.data.Dataset.from_tensor_slices(plan_))
+        batches = batches.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return batches.apply(tf.data.experimental.assert_cardinality(self.batches_per_epoch)).prefetch(
+            tf.data.AUTOTUNE)
+
+
 class FeatureShards:
     """Random access into a split's feature shards (fixed-length records, memory-mapped: the page
     cache holds what is read, not the process)."""

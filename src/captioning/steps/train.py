@@ -61,11 +61,21 @@ def _signature(cfg: Config, data: ProcessedDataset) -> str:
     """The checkpoint key: training settings (not where checkpoints live), the data and the code."""
     # Not where checkpoints live, nor the decodings tried after training (decoding.json records its grid).
     # Nor where the features are read from (memory or disk): the batches are the same.
+    # Nor the self-critical stage's settings: changing only those reuses the cross-entropy epochs (``_scst_key``).
     settings = cfg.train.model_dump(exclude={"checkpoint_dir", "decode_beam_widths", "decode_length_penalties",
-                                             "feature_memory"})
+                                             "feature_memory", *SCST_SETTINGS})
     payload = {"train": settings, "data": _data_fingerprint(data), "batching": BATCHING,
                "code": _code_fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+SCST_SETTINGS = ("scst_epochs", "scst_samples", "scst_baseline", "scst_learning_rate")
+
+
+def _scst_key(cfg: Config) -> str:
+    """The self-critical stage's folder inside the cross-entropy key's: its settings (none when it is off)."""
+    settings = {name: getattr(cfg.train, name) for name in SCST_SETTINGS}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _best_epoch(history: list[dict], monitor: str) -> dict:
@@ -247,6 +257,65 @@ def train(cfg: Config, dataset_dir: str | Path, work_dir: str | Path, callbacks:
         return _train_keyed(cfg, data, signature, store, model_dir, callbacks)
 
 
+def _result_signature(cfg: Config, signature: str) -> str:
+    """What a finished model stands for: the cross-entropy key and, when on, the self-critical stage's."""
+    return f"{signature}+scst-{_scst_key(cfg)}" if cfg.train.scst_epochs else signature
+
+
+def _self_critical_stage(cfg: Config, data: ProcessedDataset, model, batches, validation, store: CheckpointFolder,
+                         xe_best: dict, xe_weights: Path, callbacks: list | None) -> tuple[list[dict], Path]:
+    """Self-critical epochs from the best cross-entropy epoch, numbered on from the cross-entropy ones, in a
+    folder of their own settings inside the cross-entropy key's (resumed and early-stopped the same way: it
+    stops when ``train.patience`` of its epochs do not beat the best epoch of either stage). Returns its
+    history rows and the pattern of its epochs' weights."""
+    import keras
+    import tensorflow as tf
+
+    from captioning.scst import CiderD, epoch_means, image_references, self_critical
+
+    t, vocab = cfg.train, data.vocab
+    folder = store.folder / f"scst-{_scst_key(cfg)}"
+    ckpt_dir = folder / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    history_csv, weights = folder / "history.csv", ckpt_dir / "epoch-{epoch:03d}.weights.h5"
+    done_file = folder / "scst_done.json"
+    monitor = f"val_{t.select_metric}"
+    start = _xe_epochs(store.folder)
+    backup_meta = ckpt_dir / "backup" / "training_metadata.json"
+    backed_up = read_json(backup_meta).get("epoch", 0) if backup_meta.exists() else 0
+    resumed = [row for row in _read_history(history_csv) if row["epoch"] < backed_up]
+    finished = done_file.exists() or backed_up >= start + t.scst_epochs or (
+        _epochs_without_improvement([xe_best, *resumed], monitor) >= t.patience and bool(resumed))
+    if not finished:
+        model.load_weights(str(xe_weights).format(epoch=xe_best["epoch"] + 1))  # from the best cross-entropy epoch
+        cider = CiderD(image_references(batches), len(vocab))
+        critic = self_critical(model, cider, t.scst_samples, t.scst_baseline, vocab.start_id, vocab.end_id,
+                               data.max_length, vocab.non_words, t.seed)
+        critic.compile(optimizer=keras.optimizers.Adam(t.scst_learning_rate, clipnorm=5.0), jit_compile=False)
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        log.info("train: self-critical stage, epochs %d-%d, %d samples an image, %s baseline, %s", start + 1,
+                 start + t.scst_epochs, t.scst_samples, t.scst_baseline,
+                 f"resuming after epoch {backed_up}" if resumed else "from the best cross-entropy epoch "
+                 f"({xe_best['epoch'] + 1})")
+        critic.fit(batches.image_dataset(shuffle=True, seed=t.seed, epoch=epoch), initial_epoch=start,
+                   epochs=start + t.scst_epochs, verbose=2, callbacks=[
+                       epoch_means(),  # first: the callbacks below see the epoch's means
+                       _stop_on_non_finite_loss(folder), shuffle_epoch_callback(epoch),
+                       caption_metric_callback(validation), free_space_guard([(ckpt_dir, 2)]),
+                       _epoch_weights(weights), _history_csv(history_csv), _backup_and_restore(ckpt_dir / "backup"),
+                       save_every_epoch(store), _early_stopping(t.patience, [xe_best, *resumed], monitor),
+                       *(callbacks or [])])
+        write_json_atomic(done_file, {"epochs": len(_read_history(history_csv))})
+        store.save()
+    rows = [{**row, "stage": "scst"} for row in _read_history(history_csv)]
+    return rows, weights
+
+
+def _xe_epochs(folder: Path) -> int:
+    """How many cross-entropy epochs the key's history holds: the self-critical epochs are numbered after them."""
+    return len(_read_history(folder / "history.csv"))
+
+
 def _same_decoding_grid(cfg: Config, model_dir: Path) -> bool:
     meta = model_dir / "meta.json"
     grid = (read_json(meta, "model metadata").get("decoding") or {}).get("grid") if meta.exists() else None
@@ -261,7 +330,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     store.restore()
     out_dir = store.folder
     done_file = out_dir / "train_done.json"
-    finished = done_file.exists() and read_json(done_file).get("signature") == signature
+    finished = done_file.exists() and read_json(done_file).get("signature") == _result_signature(cfg, signature)
     if finished and (model_dir / MODEL_FILE).exists() and _same_decoding_grid(cfg, model_dir):
         log.info("train: %s already holds a model of these settings and data; reusing it", model_dir)
         return StepResult(metrics={**read_json(done_file)["metrics"], "reused": True}, outputs={"model": str(model_dir)})
@@ -307,6 +376,8 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     resumed_from = [row for row in _read_history(history_csv) if row["epoch"] < backed_up]
     validation = ValidationCaptions(data, cfg.train.select_images, cfg.train.select_metric)
     monitor = f"val_{cfg.train.select_metric}"
+    xe_finished = finished or (done_file.exists() and read_json(done_file).get("signature", "").split("+")[0] == signature)
+    finished = xe_finished
     if not finished and _epochs_without_improvement(resumed_from, monitor) >= cfg.train.patience:
         finished = True  # it had stopped early before the restart: do not train on past that
     if resumed_from and (ckpt_dir / "backup").exists():
@@ -337,16 +408,24 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
                  f"XLA compiled them for at most {len(shapes['train'])} and {len(shapes['val'])} batch shapes"
                  if model.jit_compile else "XLA off")
 
-    history = _read_history(history_csv)
+    history = [{**row, "stage": "xe"} for row in _read_history(history_csv)]
     if not history:
         raise ConfigError(f"{history_csv}: training recorded no epoch")
-    best = _best_epoch(history, monitor)
-    model.load_weights(str(epoch_weights).format(epoch=best["epoch"] + 1))
+    weights_of = {"xe": epoch_weights}
+    if cfg.train.scst_epochs:
+        scst_rows, weights_of["scst"] = _self_critical_stage(cfg, data, model, train_batches, validation, store,
+                                                             _best_epoch(history, monitor), epoch_weights, callbacks)
+        history += scst_rows
+    best = _best_epoch(history, monitor)  # across both stages
+    chosen_weights = str(weights_of[best["stage"]]).format(epoch=best["epoch"] + 1)
+    model.load_weights(chosen_weights)
     decoding_file = out_dir / "decoding.json"
     grid = {"beam_widths": cfg.train.decode_beam_widths, "length_penalties": cfg.train.decode_length_penalties}
     decoding = read_json(decoding_file, "decoding chosen on validation") if decoding_file.exists() else None
-    if decoding is None or decoding.get("grid") != grid:  # the best epoch's decoding, chosen on validation
-        decoding = {**choose_decoding(model, validation, grid["beam_widths"], grid["length_penalties"]), "grid": grid}
+    weights_id = str(Path(chosen_weights).relative_to(out_dir))
+    if decoding is None or decoding.get("grid") != grid or decoding.get("weights", weights_id) != weights_id:
+        decoding = {**choose_decoding(model, validation, grid["beam_widths"], grid["length_penalties"]), "grid": grid,
+                    "weights": weights_id}
         write_json_atomic(decoding_file, decoding)
         store.save()
     meta = {
@@ -354,7 +433,8 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         "backbone": data.manifest["backbone"],
         "config": redact_tree(cfg.model_dump(mode="json")),  # travels with the model: no password
         "best_epoch": best["epoch"] + 1,
-        "val_loss": best["val_loss"],
+        "best_stage": best["stage"],  # xe: cross-entropy; scst: self-critical
+        "val_loss": best.get("val_loss"),  # the self-critical stage computes none
         "selection": {"metric": cfg.train.select_metric, "value": best[monitor], "images": len(validation.ids)},
         "decoding": decoding,
         "dataset_signature": signature,
@@ -362,7 +442,8 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     save_bundle(model_dir, model, data.vocab, meta, data.root / data.manifest["backbone"]["weights_file"], history)
     metrics = {
         "epochs": len(history), "best_epoch": best["epoch"] + 1,
-        "loss": history[-1]["loss"], "val_loss": best["val_loss"], monitor: best[monitor],
+        "loss": history[-1]["loss"], monitor: best[monitor],
+        "best_stage": best["stage"], "scst_epochs": sum(row["stage"] == "scst" for row in history),
         "beam_width": decoding["beam_width"],  # 1: greedy
         "length_penalty": decoding["length_penalty"],
         "resumed_epochs": len(resumed_from),
@@ -374,8 +455,15 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         "features_in_memory": int(train_batches.in_memory),
         "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
     }
+    if "val_loss" in best:
+        metrics["val_loss"] = best["val_loss"]
     if "val_two_object_scenes_correct" in best:  # the demo's scenes: what the recipe is chosen on
         metrics["val_two_object_scenes_correct"] = best["val_two_object_scenes_correct"]
-    write_json_atomic(done_file, {"signature": signature, "metrics": metrics})
+    scst_rows = [row for row in history if row["stage"] == "scst"]
+    if scst_rows:
+        xe_best = _best_epoch([row for row in history if row["stage"] == "xe"], monitor)
+        metrics.update({f"xe_{monitor}": xe_best[monitor], "scst_reward": scst_rows[-1].get("scst_reward", 0.0),
+                        "scst_entropy": scst_rows[-1].get("scst_entropy", 0.0)})
+    write_json_atomic(done_file, {"signature": _result_signature(cfg, signature), "metrics": metrics})
     store.save()
     return StepResult(metrics=metrics, outputs={"model": str(model_dir), "checkpoints": str(store)})

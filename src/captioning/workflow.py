@@ -230,8 +230,9 @@ def html_report(out_dir: Path, figures: list[str]) -> str:
 
 ARCHIVE_LIMIT_KEYS = ("data.max_expanded_bytes", "data.max_expansion_ratio")  # checked on download and extraction
 DOWNLOAD_KEYS = ("data.base_url", "data.files", "data.sha256", "data.verify_sha256", "data.retries", "data.retry_backoff_s",
-                 "data.timeout_s", "data.transfer_timeout_s", "data.download_cache", *ARCHIVE_LIMIT_KEYS)
-SPLIT_KEYS = ("data.max_images", "data.seed", "data.val_images", "data.test_images")
+                 "data.timeout_s", "data.transfer_timeout_s", "data.download_cache", "data.split", "data.split_url",
+                 "data.split_sha256", *ARCHIVE_LIMIT_KEYS)
+SPLIT_KEYS = ("data.split", "data.max_images", "data.seed", "data.val_images", "data.test_images")
 
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("log_raw_data", "Fetch and verify the COCO 2014 archives; the artifact is the archives, unextracted, "

@@ -89,7 +89,7 @@ def small_volume():
 # A small model, fast to train: what the serving and batch-captioning tests caption with.
 TINY_MODEL = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "train.embedding_dim=16",
               "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2",
-              "train.epochs=2"]
+              "train.epochs=2", "train.scst_epochs=0"]
 
 
 @pytest.fixture(scope="session")

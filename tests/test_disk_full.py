@@ -15,7 +15,8 @@ import pytest
 from conftest import captioning_cli, user_env
 
 SMALL_RUN = ["--set", "features.weights=none", "--set", "data.val_images=5", "--set", "data.test_images=5",
-             "--set", "data.max_images=50", "--set", "train.epochs=1"]
+             "--set", "data.max_images=50", "--set", "train.epochs=1",
+             "--set", "train.scst_epochs=0"]
 HALF_WRITTEN = ("*.tmp", ".tmp-*", "*.part", "*.part.json", "*.staging")
 
 

@@ -18,7 +18,8 @@ from helpers.wandb_offline import leet_records, logged_artifacts, references
 pytestmark = pytest.mark.slow
 
 TINY = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "train.embedding_dim=16",
-        "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2"]
+        "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2",
+        "train.scst_epochs=0"]
 
 
 @pytest.fixture(scope="module")

@@ -247,7 +247,8 @@ def test_each_step_reads_only_the_settings_it_declares(small_mirror, tmp_path, m
         monkeypatch.setitem(workflow.STEPS, name, dataclasses.replace(step, run=run))
     cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", "train.epochs=1", "data.val_images=8",
                                  "data.test_images=8", "train.units=16", "train.embedding_dim=8",
-                                 "evaluate.attention_samples=1", "wandb.mode=disabled"])
+                                 "evaluate.attention_samples=1", "wandb.mode=disabled",
+                                 "train.scst_epochs=0"])
     summary = run_pipeline(cfg, tmp_path)
     assert summary["status"] == "ok", summary["steps"]
     for name, keys in seen.items():

@@ -16,7 +16,7 @@ SIZES = {"small": (60, 40), "large": (240, 160)}  # (train2014, val2014) images
 SHARD_IMAGES = 50
 TINY = ["data.val_images=10", "data.test_images=10", f"features.shard_images={SHARD_IMAGES}",
         "features.weights=none", "train.epochs=1", "train.embedding_dim=8", "train.units=16", "train.batch_size=64",
-        "evaluate.decoder=greedy", "evaluate.attention_samples=1", "wandb.mode=disabled"]
+        "evaluate.decoder=greedy", "evaluate.attention_samples=1", "wandb.mode=disabled", "train.scst_epochs=0"]
 
 
 @pytest.fixture(scope="module")

@@ -260,7 +260,9 @@ def self_critical(model, cider: CiderD, samples: int, baseline: str, start_id: i
 
 def epoch_means(keys=("reward", "baseline", "entropy", "loss")):
     """Keras reports a custom ``train_step``'s last batch at epoch end; this puts the epoch's means of ``keys``
-    in the epoch's logs instead (the CSV history, W&B). Place it first."""
+    in the epoch's logs instead (``scst_reward``, ``scst_baseline``, ``scst_entropy``, ``loss``: the CSV history,
+    W&B). With the mean-of-the-others baseline the mean baseline equals the mean reward by construction; the
+    greedy baseline's differs. Place it first."""
     import keras
 
     class EpochMeans(keras.callbacks.Callback):
@@ -274,6 +276,8 @@ def epoch_means(keys=("reward", "baseline", "entropy", "loss")):
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is not None and self.batches:
+                for key in keys:  # the last batch's figure, replaced by the epoch's mean
+                    logs.pop(key, None)
                 logs.update({f"scst_{key}" if key != "loss" else key: value / self.batches
                              for key, value in self.sums.items()})
 

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-# name -> settings over the demo preset. "baseline" is the preset as it was before the recipe was chosen.
+# name -> settings over the demo preset, after BASELINE: the preset as it was before the recipe was chosen
+# (the README's "Choosing the recipe" table, row for row).
 BASELINE = ["train.attention_reg=1.0", "train.dropout=0.5", "train.learning_rate=0.003", "train.epochs=12",
-            "train.patience=3"]
+            "train.patience=3", "train.scst_epochs=0"]
+COMBINED = ["train.attention_reg=0", "train.dropout=0.1", "train.learning_rate=0.006"]
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "penalty λ=0.33": ["train.attention_reg=0.33"],
@@ -30,6 +32,16 @@ VARIANTS: dict[str, list[str]] = {
     "learning rate 6e-3": ["train.learning_rate=0.006"],
     "epochs 16": ["train.epochs=16"],
     "no early stopping": ["train.patience=1000"],
+    "combined": [*COMBINED, "train.epochs=16"],
+    "combined, dropout 0": [*COMBINED, "train.epochs=16", "train.dropout=0"],
+    "combined, epochs 20": [*COMBINED, "train.epochs=20"],
+    "combined, epochs 30": [*COMBINED, "train.epochs=30"],
+    "combined + SCST 4 (lr 5e-4)": [*COMBINED, "train.epochs=16", "train.scst_epochs=4", "train.scst_learning_rate=0.0005"],
+    "combined + SCST 4 (lr 1e-4)": [*COMBINED, "train.epochs=16", "train.scst_epochs=4", "train.scst_learning_rate=0.0001"],
+    "XE 20 + SCST 8 (lr 1e-4), the demo preset": [*COMBINED, "train.epochs=20", "train.scst_epochs=8",
+                                                  "train.scst_learning_rate=0.0001"],
+    "XE 20 + SCST 8 (lr 3e-4)": [*COMBINED, "train.epochs=20", "train.scst_epochs=8", "train.scst_learning_rate=0.0003"],
+    "XE 24 + SCST 4 (lr 1e-4)": [*COMBINED, "train.epochs=24", "train.scst_epochs=4", "train.scst_learning_rate=0.0001"],
 }
 
 

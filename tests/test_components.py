@@ -52,7 +52,7 @@ def chain(small_mirror, tmp_path_factory):
                                               wandb_run=runs["process_data"], preset="demo", val_images=8,
                                               test_images=8, weights="none", min_count=1)
     out["train"] = train.python_func(train_data=train_data, model=model, wandb_run=runs["train"], preset="demo",
-                                     epochs=2, units=32, embedding_dim=16, checkpoint_dir=str(root / "ckpt"))
+                                     epochs=2, scst_epochs=0, units=32, embedding_dim=16, checkpoint_dir=str(root / "ckpt"))
     # evaluate reads only the model and the test split: everything else is out of its reach meanwhile
     hidden = root / "not-downloaded-by-evaluate"
     hidden.mkdir()

@@ -237,11 +237,20 @@ def test_the_decodings_tried_after_training_are_not_part_of_the_checkpoint_key(d
 
     base = load_config()
     other_grid = load_config(overrides=["train.decode_beam_widths=[2]", "train.decode_length_penalties=[0.3]"])
-    other_model = load_config(overrides=["train.dropout=0.1"])
+    other_model = load_config(overrides=["train.dropout=0.3"])
+    # The self-critical stage keys a folder of its own inside the cross-entropy key's (train._scst_key).
+    other_scst = load_config(overrides=["train.scst_learning_rate=0.001", "train.scst_epochs=2"])
     other_memory = load_config(overrides=["train.feature_memory=off"])  # the same batches, from disk
     other_k = load_config(overrides=["train.captions_per_image=3"])
-    assert _signature(base, dataset) == _signature(other_grid, dataset) == _signature(other_memory, dataset)
+    assert _signature(base, dataset) == _signature(other_grid, dataset) == _signature(other_memory, dataset) == \
+        _signature(other_scst, dataset)
     assert len({_signature(base, dataset), _signature(other_model, dataset), _signature(other_k, dataset)}) == 3
+    # More self-critical epochs extend that stage's folder (a constant rate); other SCST settings get another.
+    from captioning.steps.train import _result_signature, _scst_key
+
+    longer = load_config(overrides=["train.scst_learning_rate=0.001", "train.scst_epochs=5"])
+    assert _scst_key(other_scst) == _scst_key(longer) != _scst_key(base)
+    assert _result_signature(other_scst, "k") != _result_signature(longer, "k")
 
 
 XLA_FIT = """

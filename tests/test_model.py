@@ -144,7 +144,7 @@ def test_a_longer_caption_beats_shorter_finished_ones_under_a_length_penalty():
     """<end> is the likeliest first word and after A the likeliest second, so two short captions finish with
     higher raw scores than A B D <end> (log p -2.005, 4 tokens) has as a prefix. A beam of 2 that let finished
     captions keep their places (as this search did before) pruned A B at step 2 and returned the empty caption
-    under every penalty. With finished captions kept apart, the long one is found and wins at penalty 1
+    at penalties 0 to 1. With finished captions kept apart, the long one is found and wins at penalty 1
     (-2.005/4 = -0.50 against -0.69 for <end> alone) and loses at penalty 0."""
     A, B, C, D = 4, 5, 6, 7
     chain = ChainModel({START: {END: 0.5, A: 0.3, C: 0.2}, A: {END: 0.55, B: 0.45}, B: {D: 1.0}, D: {END: 1.0},

@@ -34,6 +34,9 @@ def test_the_vectorised_cider_d_equals_pycocoevalcap_per_image():
     padded[0, : len(encode(res[7][0]))] = encode(res[7][0])
     padded[1, : len(encode(refs[9][0]))] = encode(refs[9][0])
     np.testing.assert_allclose(cider.score(padded, [7, 9]), [expected[7], cider.score([encode(refs[9][0])], [9])[0]])
+    # Candidates with no n-gram at all: zero, not an error.
+    np.testing.assert_array_equal(cider.score([[], [0, 0]], [0, 2]), [0.0, 0.0])
+    assert cider.score([], []).shape == (0,)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,28 @@ def test_a_sampled_caption_has_the_teacher_forced_log_probability_of_the_policy(
     assert (entropy.numpy()[tokens != 0] > 0).all()
     again, _ = sample(model, features, 4, START, END, 9, mask, tf.constant([5, 0]))
     np.testing.assert_array_equal(again.numpy(), tokens)  # seeded: the same draw
+
+
+def test_the_self_critical_copy_of_a_mixed_precision_model_trains_in_float32(tiny):
+    """Under mixed_float16 Keras wraps the optimizer in a loss-scale optimizer, which would divide the hand-written
+    step's gradients by a scale never applied: the copy is float32 whatever the model's policy."""
+    import keras
+
+    from captioning.model import Captioner
+    from captioning.scst import self_critical
+
+    model, _, refs, vocab = tiny
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = Captioner.from_config(model.get_config() | {"dtype": "mixed_float16"})
+        mixed.build()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.dtype_policy.name == "mixed_float16"
+    critic = self_critical(mixed, CiderD(refs, vocab), 3, "mean", START, END, 8, (PAD,), seed=1)
+    critic.compile(optimizer=keras.optimizers.Adam(1e-4))
+    assert critic.dtype_policy.name == "float32"
+    assert type(critic.optimizer).__name__ == "Adam"
 
 
 def test_self_critical_steps_raise_greedy_cider_d(tiny):

@@ -336,6 +336,15 @@ class Config(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
+    @model_validator(mode="after")
+    def _reward_vocabulary(self):
+        # The self-critical reward keys n-grams of token ids below 2^15 (captioning.scst.CiderD).
+        if self.train.scst_epochs and self.text.max_vocab >= 1 << 15:
+            raise ValueError(f"text.max_vocab={self.text.max_vocab}: the self-critical stage (train.scst_epochs="
+                             f"{self.train.scst_epochs}) scores captions of at most {(1 << 15) - 1} tokens' "
+                             "vocabulary; lower text.max_vocab or set train.scst_epochs=0")
+        return self
+
 
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 120, 120

@@ -20,6 +20,7 @@ import numpy as np
 
 ORDERS = 4
 SIGMA = 6.0
+MAX_VOCAB = 1 << 15  # token ids below it: four of them and the order fit an int64 n-gram key
 
 
 class CiderD:
@@ -30,7 +31,7 @@ class CiderD:
     a score equals pycocoevalcap's ``Cider()`` on the same words."""
 
     def __init__(self, references: list[list[list[int]]], vocab_size: int):
-        if vocab_size >= 1 << 15:
+        if vocab_size >= MAX_VOCAB:
             raise ValueError(f"vocabulary of {vocab_size}: n-gram keys hold token ids below 32768")
         self.base = vocab_size + 1
         self.ref_len = np.log(float(len(references)))
@@ -106,7 +107,7 @@ class CiderD:
         # Expand each candidate n-gram over its candidate's references.
         reps = per_cand[cand]
         entry = np.repeat(np.arange(len(cand)), reps)
-        offset = np.arange(len(entry)) - np.repeat(np.concatenate([[0], np.cumsum(reps)[:-1]]), reps)
+        offset = np.arange(len(entry)) - np.repeat(np.cumsum(reps) - reps, reps)
         pair = pair_of[cand[entry]] + offset
         composite = pair_ref[pair] * n_keys + dense[entry]
         at = np.minimum(np.searchsorted(self.ref_entries, composite), max(len(self.ref_entries) - 1, 0))
@@ -135,7 +136,7 @@ def policy_mask(vocab_size: int, banned) -> np.ndarray:
 
 def sample(model, features, samples: int, start_id: int, end_id: int, max_length: int, mask, seed):
     """``samples`` captions per image drawn from the policy (dropout off), reproducibly from ``seed`` (a (2,)
-    int tensor): tokens (B·K, max_length) int32, row b·K + k the k-th of image b, 0 after ``<end>``, and each
+    int tensor: a run's seed and the batch's number): tokens (B·K, max_length) int32, row b·K + k the k-th of image b, 0 after ``<end>``, and each
     caption's log-probability under the policy (B·K,)."""
     import tensorflow as tf
 
@@ -148,7 +149,9 @@ def sample(model, features, samples: int, start_id: int, end_id: int, max_length
         embedded = model.embed(token)
         state, context, _ = model.recur(image, projected, state, embedded)
         logits = tf.cast(model.readout(state, context, embedded), tf.float32) + mask
-        drawn = tf.cast(tf.random.stateless_categorical(logits, 1, seed=seed + tf.stack([0, t]))[:, 0], tf.int32)
+        # (seed, batch·max_length + t): every step of every batch draws its own noise.
+        step_seed = tf.stack([seed[0], seed[1] * max_length + t])
+        drawn = tf.cast(tf.random.stateless_categorical(logits, 1, seed=step_seed)[:, 0], tf.int32)
         step_log_prob = tf.gather(tf.nn.log_softmax(logits), drawn, batch_dims=1)
         drawn = tf.where(done, 0, drawn)
         log_prob += tf.where(done, 0.0, step_log_prob)
@@ -251,7 +254,9 @@ def self_critical(model, cider: CiderD, samples: int, baseline: str, start_id: i
                   banned, seed: int):
     """A self-critical copy of ``model`` (same sizes, same weights), ready to ``compile`` and ``fit`` on
     ``ImageBatches.image_dataset``."""
-    twin = _self_critical_class().from_config(model.get_config())
+    # float32 whatever the model's policy: under mixed_float16 Keras would wrap the optimizer in a loss-scale
+    # optimizer, which divides the gradients of this hand-written step by the scale it never applied.
+    twin = _self_critical_class().from_config({**model.get_config(), "dtype": "float32"})
     twin.build()
     twin.set_weights(model.get_weights())
     twin.configure(cider, samples, baseline, start_id, end_id, max_length, banned, seed)

@@ -151,7 +151,8 @@ def held_out_sizes(pool: int, val: int | None, test: int | None) -> tuple[int, i
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
-def read_karpathy_split(raw_dir: Path, manifest: dict) -> dict[int, str]:
+def read_karpathy_split(raw_dir: Path, manifest: dict, limits: tuple[int, float] = (MAX_EXPANDED_BYTES,
+                                                                                      MAX_EXPANSION_RATIO)) -> dict[int, str]:
     """COCO image id -> train, val or test, from Karpathy's ``dataset_coco.json`` (restval trains)."""
     if "split_file" not in manifest:
         raise DataError(f"{raw_dir / MANIFEST}: records no split file; run log_raw_data again with data.split=karpathy")
@@ -159,7 +160,7 @@ def read_karpathy_split(raw_dir: Path, manifest: dict) -> dict[int, str]:
     where = f"{manifest['split_file']['archive']}:{manifest['split_file']['member']}"
     if not archive.resolve().is_relative_to(raw_dir.resolve()):
         raise DataError(f"{raw_dir / MANIFEST}: split file {where!r} is outside the raw-data artifact")
-    index_archive(archive)  # its entries checked before one is read
+    index_archive(archive, *limits)  # its entries checked before one is read
     data = read_json_member(archive, manifest["split_file"]["member"], "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{where}: not Karpathy's split file (it needs a list 'images')")
@@ -250,7 +251,8 @@ def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_d
     train_pool, val_pool = pools.get("train2014", []), pools.get("val2014", [])
     unmatched: dict[str, int] = {}
     if cfg.data.split == "karpathy":
-        splits, unmatched = karpathy_splits(read_karpathy_split(raw_dir, manifest), set(train_pool + val_pool))
+        split_of = read_karpathy_split(raw_dir, manifest, (cfg.data.max_expanded_bytes, cfg.data.max_expansion_ratio))
+        splits, unmatched = karpathy_splits(split_of, set(train_pool + val_pool))
         n_val, n_test = len(splits["val"]), len(splits["test"])
         if not (splits["train"] and n_val and n_test):
             raise DataError(f"{raw_dir}: the split file leaves {len(splits['train'])} training, {n_val} validation "

@@ -72,9 +72,10 @@ def _signature(cfg: Config, data: ProcessedDataset) -> str:
 SCST_SETTINGS = ("scst_epochs", "scst_samples", "scst_baseline", "scst_learning_rate")
 
 
-def _scst_key(cfg: Config) -> str:
-    """The self-critical stage's folder inside the cross-entropy key's: its settings (none when it is off)."""
-    settings = {name: getattr(cfg.train, name) for name in SCST_SETTINGS}
+def _scst_key(cfg: Config, with_epochs: bool = False) -> str:
+    """The self-critical stage's folder inside the cross-entropy key's: its settings but the number of epochs
+    (a constant rate, so more epochs extend the stage rather than start it again)."""
+    settings = {name: getattr(cfg.train, name) for name in SCST_SETTINGS if with_epochs or name != "scst_epochs"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -259,7 +260,7 @@ def train(cfg: Config, dataset_dir: str | Path, work_dir: str | Path, callbacks:
 
 def _result_signature(cfg: Config, signature: str) -> str:
     """What a finished model stands for: the cross-entropy key and, when on, the self-critical stage's."""
-    return f"{signature}+scst-{_scst_key(cfg)}" if cfg.train.scst_epochs else signature
+    return f"{signature}+scst-{_scst_key(cfg, with_epochs=True)}" if cfg.train.scst_epochs else signature
 
 
 def _self_critical_stage(cfg: Config, data: ProcessedDataset, model, batches, validation, store: CheckpointFolder,
@@ -278,14 +279,13 @@ def _self_critical_stage(cfg: Config, data: ProcessedDataset, model, batches, va
     ckpt_dir = folder / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     history_csv, weights = folder / "history.csv", ckpt_dir / "epoch-{epoch:03d}.weights.h5"
-    done_file = folder / "scst_done.json"
     monitor = f"val_{t.select_metric}"
     start = _xe_epochs(store.folder)
     backup_meta = ckpt_dir / "backup" / "training_metadata.json"
     backed_up = read_json(backup_meta).get("epoch", 0) if backup_meta.exists() else 0
     resumed = [row for row in _read_history(history_csv) if row["epoch"] < backed_up]
-    finished = done_file.exists() or backed_up >= start + t.scst_epochs or (
-        _epochs_without_improvement([xe_best, *resumed], monitor) >= t.patience and bool(resumed))
+    finished = backed_up >= start + t.scst_epochs or (
+        bool(resumed) and _epochs_without_improvement([xe_best, *resumed], monitor) >= t.patience)
     if not finished:
         model.load_weights(str(xe_weights).format(epoch=xe_best["epoch"] + 1))  # from the best cross-entropy epoch
         cider = CiderD(image_references(batches), len(vocab))
@@ -305,9 +305,9 @@ def _self_critical_stage(cfg: Config, data: ProcessedDataset, model, batches, va
                        _epoch_weights(weights), _history_csv(history_csv), _backup_and_restore(ckpt_dir / "backup"),
                        save_every_epoch(store), _early_stopping(t.patience, [xe_best, *resumed], monitor),
                        *(callbacks or [])])
-        write_json_atomic(done_file, {"epochs": len(_read_history(history_csv))})
         store.save()
-    rows = [{**row, "stage": "scst"} for row in _read_history(history_csv)]
+    # Epochs past this run's count (an earlier run asked for more) are not this model's.
+    rows = [{**row, "stage": "scst"} for row in _read_history(history_csv) if row["epoch"] < start + t.scst_epochs]
     return rows, weights
 
 
@@ -316,10 +316,15 @@ def _xe_epochs(folder: Path) -> int:
     return len(_read_history(folder / "history.csv"))
 
 
-def _same_decoding_grid(cfg: Config, model_dir: Path) -> bool:
-    meta = model_dir / "meta.json"
-    grid = (read_json(meta, "model metadata").get("decoding") or {}).get("grid") if meta.exists() else None
-    return grid == {"beam_widths": cfg.train.decode_beam_widths, "length_penalties": cfg.train.decode_length_penalties}
+def _same_model(cfg: Config, model_dir: Path, result_signature: str) -> bool:
+    """The model folder holds this key's result (both stages) with this decoding grid."""
+    path = model_dir / "meta.json"
+    meta = read_json(path, "model metadata") if path.exists() else {}
+    grid = (meta.get("decoding") or {}).get("grid")
+    # A folder written before the signature was recorded holds a cross-entropy model of the dataset key.
+    recorded = meta.get("train_signature", meta.get("dataset_signature"))
+    return recorded == result_signature and grid == {"beam_widths": cfg.train.decode_beam_widths,
+                                                      "length_penalties": cfg.train.decode_length_penalties}
 
 
 def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: CheckpointFolder, model_dir: Path,
@@ -331,7 +336,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
     out_dir = store.folder
     done_file = out_dir / "train_done.json"
     finished = done_file.exists() and read_json(done_file).get("signature") == _result_signature(cfg, signature)
-    if finished and (model_dir / MODEL_FILE).exists() and _same_decoding_grid(cfg, model_dir):
+    if finished and (model_dir / MODEL_FILE).exists() and _same_model(cfg, model_dir, _result_signature(cfg, signature)):
         log.info("train: %s already holds a model of these settings and data; reusing it", model_dir)
         return StepResult(metrics={**read_json(done_file)["metrics"], "reused": True}, outputs={"model": str(model_dir)})
 
@@ -438,6 +443,7 @@ def _train_keyed(cfg: Config, data: ProcessedDataset, signature: str, store: Che
         "selection": {"metric": cfg.train.select_metric, "value": best[monitor], "images": len(validation.ids)},
         "decoding": decoding,
         "dataset_signature": signature,
+        "train_signature": _result_signature(cfg, signature),  # the cross-entropy key and the self-critical stage's
     }
     save_bundle(model_dir, model, data.vocab, meta, data.root / data.manifest["backbone"]["weights_file"], history)
     metrics = {

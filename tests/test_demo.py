@@ -19,7 +19,7 @@ def test_demo_beats_the_blind_baseline_twice_over(tmp_path):
     # Scenes with two objects and a relation are in the test split, and the share of captions that name
     # all of a scene is reported beside the COCO metrics; it beats what guessing the relation could get.
     assert metrics["two_object_scenes"] >= 150 and metrics["scenes_correct"] > 0.25, metrics
-    # The recipe chosen on validation (no attention penalty, then self-critical epochs): 0.38 on this machine.
+    # The recipe chosen on validation (no attention penalty, then self-critical epochs): 0.39 on this machine.
     assert metrics["two_object_scenes_correct"] >= 0.3, metrics
     train = summary["steps"]["train"]["metrics"]
     assert train["scst_epochs"] >= 1 and train["val_CIDEr"] >= train["xe_val_CIDEr"], train

@@ -36,6 +36,8 @@ VARIANTS: dict[str, list[str]] = {
     "combined, dropout 0": [*COMBINED, "train.epochs=16", "train.dropout=0"],
     "combined, epochs 20": [*COMBINED, "train.epochs=20"],
     "combined, epochs 30": [*COMBINED, "train.epochs=30"],
+    "combined, epochs 20, units and context 512": [*COMBINED, "train.epochs=20", "train.units=512",
+                                                   "train.context_dim=512"],
     "combined + SCST 4 (lr 5e-4)": [*COMBINED, "train.epochs=16", "train.scst_epochs=4", "train.scst_learning_rate=0.0005"],
     "combined + SCST 4 (lr 1e-4)": [*COMBINED, "train.epochs=16", "train.scst_epochs=4", "train.scst_learning_rate=0.0001"],
     "XE 20 + SCST 8 (lr 1e-4), the demo preset": [*COMBINED, "train.epochs=20", "train.scst_epochs=8",

@@ -48,6 +48,18 @@ def test_the_picture_shows_the_first_object_where_the_relation_says(relation):
     assert {"left": rx < bx, "right": rx > bx, "above": ry < by, "below": ry > by}[relation]
 
 
+def test_the_boxes_a_scene_reports_hold_its_objects_pixels():
+    """What scripts/probe_demo_features.py reads the objects' grid cells from."""
+    placed = []
+    pixels = np.asarray(draw_scene(PAIR, random.Random(4), placed=placed)).astype(int)
+    assert [(p["colour"], p["shape"]) for p in placed] == PAIR["objects"]
+    for p in placed:
+        x0, y0, x1, y1 = p["box"]
+        mask = (np.abs(pixels - np.array(COLOURS[p["colour"]])) < 40).all(-1)
+        ys, xs = np.nonzero(mask)
+        assert mask.sum() > 500 and xs.min() >= x0 and xs.max() <= x1 and ys.min() >= y0 and ys.max() <= y1
+
+
 def test_scene_accuracy_counts_whole_scenes_and_only_for_demo_references():
     rng = random.Random(1)
     one = {"objects": [("green", "triangle")], "side": "right"}

@@ -116,8 +116,10 @@ def random_scene(rng: random.Random) -> dict:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, cx: int, cy: int, radius: int,
-                rng: random.Random) -> None:
+                rng: random.Random, placed: list | None) -> None:
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if placed is not None:
+        placed.append({"colour": colour, "shape": shape, "box": box})
     fill = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -127,7 +129,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, cx: int, cy:
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
 
 
-def draw_scene(scene: dict, rng: random.Random, size=(640, 480)) -> Image.Image:
+def draw_scene(scene: dict, rng: random.Random, size=(640, 480), placed: list | None = None) -> Image.Image:
+    """The scene's picture; ``placed``, if given, receives each object's colour, shape and bounding box."""
     width, height = size
     image = Image.new("RGB", size, rng.choice(BACKGROUNDS))
     draw = ImageDraw.Draw(image)
@@ -138,7 +141,7 @@ def draw_scene(scene: dict, rng: random.Random, size=(640, 480)) -> Image.Image:
         if side == "right":
             cx = width - cx
         cy = rng.randint(radius + 10, height - radius - 10)
-        _draw_shape(draw, colour, shape, cx, cy, radius, rng)
+        _draw_shape(draw, colour, shape, cx, cy, radius, rng, placed)
         return image
     # Two shapes, each in its own half (left/right or top/bottom) of the picture.
     relation = scene["relation"]
@@ -154,7 +157,7 @@ def draw_scene(scene: dict, rng: random.Random, size=(640, 480)) -> Image.Image:
     if relation in ("right", "below"):  # the first object lies in the second half
         centres.reverse()
     for (colour, shape), (cx, cy) in zip(scene["objects"], centres):
-        _draw_shape(draw, colour, shape, cx, cy, radius, rng)
+        _draw_shape(draw, colour, shape, cx, cy, radius, rng, placed)
     return image
 
 

@@ -12,12 +12,22 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e '.[cpu,dev,vertex]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The protos of the KFP backend releases the compiled IR is checked against (a wheel each, hash-pinned).
+PROTOS := $(VENV)/kfp-backend-protos
+$(PROTOS)/.complete: tests/kfp_backend_protos.lock $(STAMP)
+	rm -rf $(PROTOS) && mkdir -p $(PROTOS)
+	grep -v '^#' $< | while read -r line; do \
+	  echo "$$line" > $(PROTOS)/req.txt && \
+	  $(PY) -m pip download -q --no-deps --require-hashes -d $(PROTOS) -r $(PROTOS)/req.txt || exit 1; \
+	done
+	rm $(PROTOS)/req.txt && touch $@
+
+setup: $(STAMP) $(PROTOS)/.complete
 
 run: $(STAMP)
 	$(VENV)/bin/captioning run
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest
 
 bench: $(STAMP)

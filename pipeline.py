@@ -64,6 +64,24 @@ DESCRIPTION = "Show, Attend and Tell on MS-COCO, tracked in W&B"
 GATE = "score-above-floor"  # promote runs only when evaluate's score exceeds min_score
 
 
+# What each Kubeflow Pipelines backend parses of an executor's Kubernetes config. Its Argo compiler
+# unmarshals the config strictly (backend/src/v2/compiler/argocompiler/container.go) and refuses the run
+# on a field it does not know; tests parse the IR with each release's published kfp-kubernetes proto.
+KFP_BACKENDS = {
+    "2.14": {"optional_secret": False, "security_context": False},
+    "2.15": {"optional_secret": True, "security_context": False},  # kubeflow/pipelines#12216
+    "2.16": {"optional_secret": True, "security_context": True},
+    "2.17": {"optional_secret": True, "security_context": True},
+}
+
+
+def _pinned_backend() -> str:
+    """The backend release of the kfp-kubernetes this project pins (its protos are what the SDK emits)."""
+    from importlib.metadata import version
+
+    return ".".join(version("kfp-kubernetes").split(".")[:2])
+
+
 PIPELINES = ("train", "caption")
 CAPTION_GPU_STEPS = ("caption_shard",)
 CAPTION_UNCACHED_STEPS = ("resolve_model", "plan_captions")  # an alias moves, a folder fills: look again each run
@@ -108,8 +126,35 @@ class BuildOptions:
     gpu_node_selector: str = _option("", "Kubeflow: KEY=VALUE label of the GPU nodes, e.g. "
                                          "cloud.google.com/gke-accelerator=nvidia-l4.")
     spot: bool = _option(False, "Kubeflow: tolerate GKE spot and pre-emptible node taints.")
-    security_context: bool = _option(True, "Kubeflow: run as uid 1000, non-root, in the pod spec (backend >= 2.16; "
-                                           "turn off for older ones, where the image's USER 1000 still applies).")
+    kfp_version: str = _option(_pinned_backend(), f"Kubeflow: the Pipelines backend release the IR is for "
+                                                  f"({', '.join(KFP_BACKENDS)}); only fields it parses are "
+                                                  "emitted, and what is left out is said.")
+    security_context: bool = _option(True, "Kubeflow: run as uid 1000, non-root, in the pod spec (from backend 2.16: "
+                                           "--kfp-version leaves it out for older ones).")
+
+    @property
+    def backend(self) -> dict:
+        return KFP_BACKENDS[self.kfp_version]
+
+    @property
+    def emits_security_context(self) -> bool:
+        return self.security_context and self.backend["security_context"]
+
+    def left_out(self) -> list[str]:
+        """What the IR does without, for the backend it is compiled for (``compile`` and ``submit`` print it)."""
+        if self.target != "kubeflow":
+            return []
+        notes = []
+        if not self.backend["optional_secret"]:
+            notes.append(f"KFP {self.kfp_version}: the Secret {WANDB_SECRET!r} is attached as required (optional "
+                         "Secrets parse from 2.15): create it even for offline runs, with an empty key if need be "
+                         f"(kubectl create secret generic {WANDB_SECRET} --from-literal={WANDB_SECRET_KEY}=), or "
+                         "every pod waits in CreateContainerConfigError")
+        if self.security_context and not self.backend["security_context"]:
+            notes.append(f"KFP {self.kfp_version}: no securityContext in the pod specs (it parses from 2.16): the "
+                         f"pods run as the image's USER {IMAGE_UID}, but nothing in the spec says non-root, so a "
+                         "namespace enforcing Pod Security 'restricted' refuses them")
+        return notes
 
     @property
     def accelerator(self) -> str:
@@ -132,6 +177,9 @@ class BuildOptions:
                              "resources, like nvidia.com/gpu or amd.com/gpu")
         if self.gpu_node_selector and "=" not in self.gpu_node_selector:
             raise ValueError(f"--gpu-node-selector {self.gpu_node_selector!r}: expected KEY=VALUE")
+        if self.kfp_version not in KFP_BACKENDS:
+            raise ValueError(f"--kfp-version {self.kfp_version!r}: choose one of {', '.join(KFP_BACKENDS)} (the "
+                             "backend releases whose Kubernetes config this project checks)")
         if self.spot and self.target == "vertex":
             raise ValueError("--spot: Kubeflow only; Vertex AI Pipelines chooses the machines of its tasks itself")
         # kfp's own patterns, less the decimal "K" (kfp takes it, Kubernetes does not)
@@ -304,9 +352,12 @@ def _kubernetes_task(task, options: BuildOptions, gpu: bool) -> None:
     # The key reaches the pods from a Secret, never as a value in the YAML.
     kubernetes.use_secret_as_env(task, secret_name=WANDB_SECRET, secret_key_to_env={WANDB_SECRET_KEY: "WANDB_API_KEY"},
                                  optional=True)
+    if not options.backend["optional_secret"]:  # the field is unknown there: without it the Secret is required
+        for secret in task.platform_config["kubernetes"]["secretAsEnv"]:
+            secret.pop("optional", None)
     # Pod Security "restricted": the backend (>= 2.16) adds no privilege escalation, all capabilities
     # dropped and the RuntimeDefault seccomp profile; the user and non-root are ours to say.
-    if options.security_context:  # a 2.15 backend refuses the field; 2.16 knows it
+    if options.emits_security_context:
         kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
     # Which run this pod belongs to, for grouping its W&B run: from the pod's label, outside the cache key.
     kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ID_ENV, field_path=RUN_ID_LABEL)

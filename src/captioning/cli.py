@@ -276,6 +276,8 @@ def compile_cmd(build, output: Path = typer.Option(Path("captioning_pipeline.yam
     from pipeline import compile_pipeline
 
     typer.echo(str(compile_pipeline(output, build)))
+    for note in build.left_out():
+        typer.echo(f"note: {note}", err=True)
     if not build.image_pinned:
         typer.echo(f"note: --image {build.image} is a tag: KFP's cache key holds the reference, not the content, "
                    "so a rebuilt image under the same tag is answered from the cache. Pass NAME@sha256:... "
@@ -360,6 +362,8 @@ def submit(
             stem = "captioning_batch" if build.pipeline == "caption" else "captioning_pipeline"
             package = compile_pipeline(Path(f"{stem}.{target}.yaml"), build)
             typer.echo(f"compiled: {package}", err=True)
+            for note in build.left_out():
+                typer.echo(f"note: {note}", err=True)
         check_package(read_package(package), target, parameters, build.pipeline)
         if target == "kubeflow":
             outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, where)

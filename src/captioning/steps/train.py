@@ -180,12 +180,15 @@ def _history_csv(path: Path):
         """Keras' CSVLogger appends to the file in place: a run killed mid-write, or two writers, leave a
         file no later run can read. This rewrites the whole history beside it and renames it into place."""
 
+        started: float | None = None
+
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
             logs = {} if logs is None else logs
-            logs["epoch_seconds"] = time.monotonic() - self.started  # training and validation of the epoch
+            if self.started is not None:  # training and validation of the epoch
+                logs["epoch_seconds"] = time.monotonic() - self.started
             rows = [row for row in _read_history(path) if row["epoch"] != epoch]
             rows.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
             fields = list(dict.fromkeys(key for row in rows for key in row))

@@ -84,7 +84,9 @@ def _pinned_backend() -> str:
 
 PIPELINES = ("train", "caption")
 CAPTION_GPU_STEPS = ("caption_shard",)
-CAPTION_UNCACHED_STEPS = ("resolve_model", "plan_captions")  # an alias moves, a folder fills: look again each run
+# An alias moves, a folder fills: these look again every run, and hand on only strings naming what they found
+# (a model version, a listing's fingerprint), so that every task after them is cached on those.
+CAPTION_UNCACHED_STEPS = ("resolve_model", "list_images")
 CAPTION_PARALLELISM = 8  # shards captioned at once (GPU pods)
 
 
@@ -108,8 +110,8 @@ class BuildOptions:
     accelerator_count: int = _option(1, "Accelerators per GPU step.", min=0)
     preset: str = _option("coco2014", "Defaults of the pipeline parameters: demo or coco2014.")
     pipeline: str = _option("train", "train: log_raw_data → ... → promote; caption: batch captioning with the "
-                                     "promoted model (resolve_model → plan_captions → caption_shard × N → "
-                                     "merge_captions).")
+                                     "promoted model (resolve_model → fetch_model, list_images → "
+                                     "plan_captions, → caption_shard × N → merge_captions).")
     # The defaults fit the allocatable size of g2-standard-8 (L4), n1-standard-8 (T4) and a2-highgpu-1g (A100)
     # after GKE's system pods (README: "Resources").
     cpu: str = _option("2", "CPU request and limit of the CPU steps (log_raw_data, promote).")
@@ -300,6 +302,8 @@ def build_caption_pipeline(options: BuildOptions = BuildOptions(pipeline="captio
 
     from captioning.parameters import PRESET_PARAMETER
     from components.caption_shard import caption_shard
+    from components.fetch_model import fetch_model
+    from components.list_images import list_images
     from components.merge_captions import merge_captions
     from components.plan_captions import plan_captions
     from components.resolve_model import resolve_model
@@ -324,11 +328,14 @@ def build_caption_pipeline(options: BuildOptions = BuildOptions(pipeline="captio
     def caption_pipeline(*args):
         p = dict(zip(signature.parameters, args))
         preset = p[PRESET_PARAMETER]
-        model = settle(resolve_model(preset=preset, model=p["model"], registry=p["registry"],
-                                     collection=p["collection"], wandb_mode=p["wandb_mode"],
-                                     wandb_secret=p["wandb_secret"]), "resolve_model")
-        plan = settle(plan_captions(preset=preset, source=p["source"], shard_images=p["shard_images"]),
-                      "plan_captions")
+        registry = dict(registry=p["registry"], collection=p["collection"], wandb_mode=p["wandb_mode"],
+                        wandb_secret=p["wandb_secret"])
+        found = settle(resolve_model(preset=preset, model=p["model"], **registry), "resolve_model")
+        model = settle(fetch_model(preset=preset, model_ref=found.outputs["model_ref"],
+                                   model_version=found.outputs["model_version"], **registry), "fetch_model")
+        listed = settle(list_images(preset=preset, source=p["source"]), "list_images")
+        plan = settle(plan_captions(preset=preset, source=p["source"], shard_images=p["shard_images"],
+                                    listing=listed.outputs["listing"]), "plan_captions")
         with dsl.ParallelFor(plan.outputs["Output"], parallelism=CAPTION_PARALLELISM) as shard:
             captioned = settle(caption_shard(model=model.outputs["resolved"], plan=plan.outputs["plan"], shard=shard,
                                              preset=preset, caption_batch_size=p["caption_batch_size"],

@@ -1,7 +1,7 @@
 """What every batch-captioning component does in its pod: settings from its parameters, one-line errors.
 
-The components themselves (resolve_model.py, plan_captions.py, caption_shard.py,
-merge_captions.py) are thin: typed KFP inputs and outputs around
+The components themselves (resolve_model.py, fetch_model.py, list_images.py, plan_captions.py,
+caption_shard.py, merge_captions.py) are thin: typed KFP inputs and outputs around
 ``captioning.steps.batch_caption``. Nothing here imports TensorFlow: compiling stays light.
 """
 

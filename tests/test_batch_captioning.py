@@ -71,6 +71,52 @@ def test_a_folder_is_captioned_in_shards_with_the_production_model(promoted_mode
     assert "captions" in logged_artifacts(records)  # the merged file
 
 
+def test_the_uncached_lookups_hand_on_names_that_change_only_with_the_model_or_the_images(promoted_model, scenes,
+                                                                                          tmp_path):
+    """resolve_model and list_images run every time; what they hand on to the cached steps after them (issue 25,
+    point 5) names a model version and a set of images, and the cached steps refuse if either moved since."""
+    from captioning.config import load_config
+    from captioning.errors import DataError
+    from captioning.steps.batch_caption import (fetch_model_step, list_images_step, plan_captions,
+                                                resolve_model_step)
+
+    cfg = load_config(overrides=["batch.model=production", f"promote.registry={promoted_model['registry']}",
+                                 "wandb.mode=offline"])
+    found = resolve_model_step(cfg).returns
+    # the alias resolves to the version folder itself: written once, it names that version whatever the alias does
+    assert found == {"model_ref": str(promoted_model["model"]), "model_version": promoted_model["version"]}
+    fetched = fetch_model_step(cfg, found["model_ref"], found["model_version"], tmp_path / "model")
+    assert fetched.metrics["model_version"] == promoted_model["version"]
+    assert (tmp_path / "model" / "captioner.keras").is_file()
+    with pytest.raises(DataError, match="now holds"):
+        fetch_model_step(cfg, found["model_ref"], "v999", tmp_path / "other")
+
+    # a plain folder is known by its content: rewritten under the same name, fetch_model refuses it
+    folder = tmp_path / "folder-model"
+    shutil.copytree(promoted_model["model"], folder)
+    by_folder = resolve_model_step(load_config(overrides=[f"batch.model={folder}"])).returns
+    assert by_folder["model_ref"] == str(folder) and by_folder["model_version"].startswith("sha256:")
+    with open(folder / "captioner.keras", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(DataError, match="now holds sha256:"):
+        fetch_model_step(cfg, by_folder["model_ref"], by_folder["model_version"], tmp_path / "m2")
+
+    images = tmp_path / "images"
+    shutil.copytree(scenes["root"] / "images", images)
+    source = load_config(overrides=[f"batch.source={images}", "batch.shard_images=2"])
+    first, again = list_images_step(source).returns, list_images_step(source).returns
+    assert first == again and first["images"] == 6
+    assert plan_captions(source, tmp_path / "plan", first["listing"]).returns["shards"] == [0, 1, 2]
+    (images / "new.jpg").write_bytes((images / "zz_broken.jpg").read_bytes())  # the folder fills
+    assert list_images_step(source).returns["listing"] != first["listing"]
+    with pytest.raises(DataError, match="the images changed since list_images looked"):
+        plan_captions(source, tmp_path / "plan2", first["listing"])
+    (images / "new.jpg").unlink()
+    assert list_images_step(source).returns == first
+    (images / "zz_broken.jpg").write_bytes(b"other bytes, same name")  # rewritten in place
+    assert list_images_step(source).returns["listing"] != first["listing"]
+
+
 def test_a_list_of_uris_mixes_sources_and_reports_each_failure(promoted_model, scenes, cli_captions, tmp_path):
     images = scenes["images"]
     with HttpMirror(scenes["root"]) as mirror:
@@ -154,11 +200,12 @@ def test_the_caption_pipeline_compiles_with_parallel_shards_on_the_gpu(target, t
     assert loop["iteratorPolicy"]["parallelismLimit"] == 8
     tasks = {**ir["root"]["dag"]["tasks"], **next(c for n, c in ir["components"].items()
                                                    if n.startswith("comp-for-loop"))["dag"]["tasks"]}
-    for name in ("resolve-model", "plan-captions"):  # an alias moves: never answered from the cache
+    for name in ("resolve-model", "list-images"):  # an alias moves, a folder fills: never answered from the cache
         assert not tasks[name].get("cachingOptions", {}).get("enableCache")
-    for name in ("resolve-model", "plan-captions", "caption-shard", "merge-captions"):  # all idempotent: retried
-        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3
-    assert tasks["caption-shard"]["cachingOptions"]["enableCache"]
+    for name in ("fetch-model", "plan-captions", "caption-shard", "merge-captions"):
+        assert tasks[name]["cachingOptions"]["enableCache"], name
+    for name in ("resolve-model", "fetch-model", "list-images", "plan-captions", "caption-shard", "merge-captions"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3  # all idempotent: retried
     executors = ir["deploymentSpec"]["executors"]
     shard = executors["exec-caption-shard"]["container"]
     assert shard["resources"]["accelerator"]["resourceCount"] == "1"
@@ -173,3 +220,40 @@ def test_the_caption_pipeline_compiles_with_parallel_shards_on_the_gpu(target, t
         assert platform["exec-merge-captions"]["secretAsEnv"][0]["secretName"] == "wandb"
         # the key's only trace: the env name each task maps the Secret to, never a value
         assert text.count("WANDB_API_KEY") == sum(len(e.get("secretAsEnv", [])) for e in platform.values())
+
+
+def test_rerunning_on_the_same_images_with_the_same_model_reuses_every_shard(tmp_path):
+    """Issue 25, point 5, on the compiled keys: KFP keys a task by its input artifacts' names, so a cached task
+    fed by an uncached one never hits. Replayed as the backend decides (helpers/kfp_cache.py, a stand-in for the
+    KFP backend, which cannot run here): only the lookups run again while the model and the images stay."""
+    from helpers.kfp_cache import CacheReplay
+
+    out = tmp_path / "caption.yaml"
+    proc = captioning_cli("compile", "--pipeline", "caption", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    ir = yaml.safe_load_all(out.read_text()).__next__()
+    params = {name: spec.get("defaultValue") for name, spec in ir["root"]["inputDefinitions"]["parameters"].items()}
+    replay = CacheReplay(ir)
+
+    def run(version: str, listing: str, shards: list[int]) -> dict[str, list[str]]:
+        events = replay.replay(params, {"resolve-model": {"model_ref": f"registry/versions/{version}",
+                                                          "model_version": version},
+                                        "list-images": {"listing": listing, "images": 10 * len(shards)}},
+                               {"plan-captions": {"Output": shards}})
+        by_task: dict[str, list[str]] = {}
+        for task, what in events:
+            by_task.setdefault(task, []).append(what)
+        return by_task
+
+    first = run("v3", "sha256:aaaa", [0, 1, 2])
+    assert first["caption-shard"] == ["ran"] * 3
+    again = run("v3", "sha256:aaaa", [0, 1, 2])
+    assert again == {"resolve-model": ["ran"], "list-images": ["ran"], "fetch-model": ["hit"],
+                     "plan-captions": ["hit"], "caption-shard": ["hit"] * 3, "merge-captions": ["hit"]}
+    new_model = run("v4", "sha256:aaaa", [0, 1, 2])  # the alias moved: every shard again, the plan kept
+    assert new_model["plan-captions"] == ["hit"] and new_model["fetch-model"] == ["ran"]
+    assert new_model["caption-shard"] == ["ran"] * 3 and new_model["merge-captions"] == ["ran"]
+    new_images = run("v4", "sha256:bbbb", [0, 1, 2, 3])  # the folder filled: a new plan, new shards
+    assert new_images["fetch-model"] == ["hit"] and new_images["plan-captions"] == ["ran"]
+    assert new_images["caption-shard"] == ["ran"] * 4
+    assert run("v3", "sha256:aaaa", [0, 1, 2])["caption-shard"] == ["hit"] * 3  # back to the first: still cached

@@ -229,6 +229,23 @@ def test_no_cached_task_has_a_run_scoped_cache_key(kubeflow, tmp_path):
     assert run_scoped_placeholders(cache_key_parts(bad, "echo")) == {dsl.PIPELINE_JOB_NAME_PLACEHOLDER}
 
 
+def test_a_second_run_with_the_same_inputs_is_answered_from_the_cache_up_to_promote(kubeflow):
+    """Replayed as KFP's backend keys tasks (helpers/kfp_cache.py, a stand-in: no backend runs here): no cached
+    task is fed by an uncached one, so all of them hit; promote, uncached, runs again."""
+    from helpers.kfp_cache import CacheReplay
+
+    _, docs, _ = kubeflow
+    ir = docs[0]
+    params = {name: spec.get("defaultValue") for name, spec in ir["root"]["inputDefinitions"]["parameters"].items()}
+    replay = CacheReplay(ir)
+    assert all(what == "ran" for _, what in replay.replay(params, {}, {}))
+    second = dict(replay.replay(params, {}, {}))
+    assert second == {**{task: "hit" for task in CACHED}, "promote": "ran"}
+    changed = dict(replay.replay({**params, "epochs": 99}, {}, {}))  # a training setting: train and after it
+    assert changed == {"log-raw-data": "hit", "process-data": "hit", "train": "ran", "evaluate": "ran",
+                       "promote": "ran"}
+
+
 def test_wandb_runs_are_grouped_by_the_run_id_label_outside_the_cache_key(kubeflow, monkeypatch):
     from pipeline import RUN_ID_LABEL
 

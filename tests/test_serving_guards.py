@@ -162,11 +162,11 @@ def test_online_a_bare_alias_is_looked_up_in_the_wandb_registry_with_a_stand_in_
     monkeypatch.setattr(model_source, "_from_wandb_registry", wandb_registry)
     monkeypatch.setenv("WANDB_MODE", "online")
     with pytest.raises(ConfigError, match="stand-in"):
-        resolve_model_step(load_config(overrides=["batch.model=production"]), tmp_path / "m")
+        resolve_model_step(load_config(overrides=["batch.model=production"]))
     assert asked == [("wandb:production", "captioning-model")]
     monkeypatch.setenv("WANDB_MODE", "offline")  # offline: the registry folder promote wrote
     with pytest.raises(ConfigError, match="an alias needs the registry folder"):
-        resolve_model_step(load_config(overrides=["batch.model=production"]), tmp_path / "m")
+        resolve_model_step(load_config(overrides=["batch.model=production"]))
     assert len(asked) == 1
 
 

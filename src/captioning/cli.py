@@ -71,6 +71,8 @@ HIGHLIGHTS = {
     "evaluate": ("BLEU-4", "METEOR", "CIDEr", "baseline_CIDEr", "scenes_correct", "two_object_scenes_correct"),
     "promote": ("promoted", "candidate", "production"),
     "resolve_model": ("model_version",),
+    "fetch_model": ("model_version",),
+    "list_images": ("images",),
     "plan_captions": ("images", "shards"),
     "caption_shards": ("shards", "skipped"),
     "merge_captions": ("captioned", "skipped", "mean_score"),

@@ -70,11 +70,26 @@ def _without_uri(message: str, uri: str) -> str:
 
 def list_images(source: str, setting: str = "batch.source") -> list[str]:
     """Every image URI under a folder or ``gs://`` prefix (sorted), or listed in a ``.jsonl`` file (in order)."""
+    return [uri for uri, _ in _listing(source, setting)]
+
+
+def image_listing(source: str, setting: str = "batch.source") -> tuple[list[str], str]:
+    """``list_images`` and a fingerprint of what it found: each URI with its size and modification time (a
+    folder) or generation (a bucket). A ``.jsonl`` list is known by its URIs: what they point at is not read."""
+    import hashlib
+
+    found = _listing(source, setting)
+    digest = hashlib.sha256("".join(f"{uri}\t{stamp}\n" for uri, stamp in found).encode())
+    return [uri for uri, _ in found], f"sha256:{digest.hexdigest()[:32]}"
+
+
+def _listing(source: str, setting: str) -> list[tuple[str, str]]:
+    """(URI, what changes when its content does) for every image of ``source``."""
     source = source.strip()
     if not source:
         raise ConfigError(f"{setting}: empty; name a folder, a gs:// prefix or a .jsonl list of image URIs")
     if source.endswith(".jsonl"):
-        return _read_list(source, setting)
+        return [(uri, "") for uri in _read_list(source, setting)]
     if source.startswith("gs://"):
         return _list_bucket(source, setting)
     scheme = urlparse(source).scheme if "://" in source else ""
@@ -84,20 +99,25 @@ def list_images(source: str, setting: str = "batch.source") -> list[str]:
     folder = Path(urlparse(source).path if scheme == "file" else source)
     if not folder.is_dir():
         raise ConfigError(f"{setting}={source}: no such folder")
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    found = []
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            st = p.stat()
+            found.append((str(p), f"{st.st_size}:{st.st_mtime_ns}"))
+    return sorted(found)
 
 
-def _list_bucket(prefix: str, setting: str) -> list[str]:
+def _list_bucket(prefix: str, setting: str) -> list[tuple[str, str]]:
     from google.api_core import exceptions as gexc
 
     from captioning.gcs import split_uri, storage_client
 
     bucket, path = split_uri(prefix)
     try:
-        names = [b.name for b in storage_client().list_blobs(bucket, prefix=path)]
+        blobs = [(b.name, f"{b.size}:{b.generation}") for b in storage_client().list_blobs(bucket, prefix=path)]
     except (gexc.NotFound, gexc.Forbidden, gexc.Unauthorized) as exc:
         raise ConfigError(f"{setting}={prefix}: cannot list it: {getattr(exc, 'message', exc)}") from None
-    return sorted(f"gs://{bucket}/{n}" for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted((f"gs://{bucket}/{n}", stamp) for n, stamp in blobs if Path(n).suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _read_list(source: str, setting: str) -> list[str]:

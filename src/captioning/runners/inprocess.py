@@ -84,7 +84,7 @@ def write_summary(summary: dict, path: str | Path) -> Path:
     return write_json_atomic(path, redact_tree(summary))
 
 
-CAPTION_STEPS = ("resolve_model", "plan_captions", "caption_shards", "merge_captions")
+CAPTION_STEPS = ("resolve_model", "fetch_model", "list_images", "plan_captions", "caption_shards", "merge_captions")
 
 
 def run_caption_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> dict:
@@ -114,10 +114,19 @@ def run_caption_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> d
         return result
 
     def resolve():
-        return measured(steps.resolve_model_step(cfg, folders["model"]), {}, {"resolved": folders["model"]})
+        return steps.resolve_model_step(cfg)
+
+    def fetch():
+        found = done["resolve_model"].returns
+        return measured(steps.fetch_model_step(cfg, found["model_ref"], found["model_version"], folders["model"]),
+                        {}, {"resolved": folders["model"]})
+
+    def listing():
+        return steps.list_images_step(cfg)
 
     def plan():
-        return measured(steps.plan_captions(cfg, folders["plan"]), {}, {"plan": folders["plan"]})
+        return measured(steps.plan_captions(cfg, folders["plan"], done["list_images"].returns["listing"]), {},
+                        {"plan": folders["plan"]})
 
     def shards():
         results = [steps.caption_shard(cfg, folders["model"], folders["plan"], index, shards_root / f"{index:05d}")
@@ -138,5 +147,5 @@ def run_caption_pipeline(cfg: Config, workdir: str | Path, group: str = "") -> d
             result.extra["wandb_ref"] = steps.record_captions(tracker, result, folders["merged"])
         return measured(result, {"plan": folders["plan"], "shards": shards_root}, {"captions": folders["merged"]})
 
-    run_in_order(summary, dict(zip(CAPTION_STEPS, (resolve, plan, shards, merge))), done)
+    run_in_order(summary, dict(zip(CAPTION_STEPS, (resolve, fetch, listing, plan, shards, merge))), done)
     return summary

@@ -162,7 +162,9 @@ def _summed(figures) -> dict:
     return total
 
 
-CAPTION_OUTPUTS = {"resolve_model": "resolved", "plan_captions": "plan", "caption_shard": "captions",
+# The steps that write an artifact, with its name; resolve_model and list_images hand on strings only (their
+# failure shows as fetch_model's or plan_captions' missing result, their log above it).
+CAPTION_OUTPUTS = {"fetch_model": "resolved", "plan_captions": "plan", "caption_shard": "captions",
                    "merge_captions": "captions"}
 
 
@@ -185,7 +187,7 @@ def collect_caption_summary(run_dir: Path | None, cfg: Config) -> dict:
             **({} if len(shards) == planned else {"error": f"{len(shards)} of {planned} shards left captions"})}]
     steps: dict[str, dict] = {}
     failed = None
-    for name in ("resolve_model", "plan_captions", "caption_shards", "merge_captions"):
+    for name in ("fetch_model", "plan_captions", "caption_shards", "merge_captions"):
         results = found.get(name) or []
         if results and results[0]["status"] == "ok":
             steps[name] = results[0]

@@ -1,11 +1,17 @@
 """The batch captioning pipeline's steps: resolve the model, plan shards, caption each, merge.
 
 ```
-resolve_model  the model holding batch.model (an alias by default), copied into the model artifact
-plan_captions  the images under batch.source, split into shards of batch.shard_images URIs
+resolve_model  which model version batch.model names now (an alias by default): a reference that stays put
+fetch_model    that version, copied into the model artifact
+list_images    a fingerprint of the images under batch.source now (names, sizes, modification times)
+plan_captions  those images, split into shards of batch.shard_images URIs
 caption_shard  one shard: JSON lines {uri, caption, score, model_version} (or {uri, error}), in order
 merge_captions every shard's lines in plan order -> captions.jsonl, a summary, a W&B table of a sample
 ```
+
+On Kubeflow only resolve_model and list_images look again every run (an alias moves, a folder fills);
+they hand on strings that name what they found, so the steps after them are cached on those: the same
+model version and the same images reuse every shard's captions.
 
 An image that cannot be read or decoded is a line with an ``error``, never a failed shard.
 Every file is written beside its final name and renamed: a retried pod finds whole files or none.
@@ -35,37 +41,75 @@ def shard_file(index: int) -> str:
     return f"shard-{index:05d}.jsonl"
 
 
-def resolve_model_step(cfg: Config, out_dir: Path) -> StepResult:
+def resolve_model_step(cfg: Config) -> StepResult:
+    """The version ``batch.model`` names now, as a reference that names only that version (``model_ref``)."""
     from captioning.bundle import load_bundle
     from captioning.model_source import ALIAS_PATTERN, resolve_model
     from captioning.tracking import resolve_mode
 
     spec = cfg.batch.model
+    collection = cfg.promote.collection
     if resolve_mode(cfg) == "online" and ALIAS_PATTERN.fullmatch(spec) and not Path(spec).exists():
         # Online, promote linked the model into the W&B Registry (not a registry folder): look there.
         if cfg.wandb.api_key_secret:
             from captioning.gcp_secrets import ensure_wandb_key
 
             ensure_wandb_key(cfg.wandb.api_key_secret, "online")
+        collection = ALIAS_PATTERN.fullmatch(spec)["collection"] or collection
         spec = f"wandb:{spec}"
-    resolved = resolve_model(spec, cfg.promote.registry, cfg.promote.collection, setting="batch.model")
+    resolved = resolve_model(spec, cfg.promote.registry, collection, setting="batch.model")
     load_bundle(resolved.path)  # a broken model fails here, once, not in every shard
+    if spec.startswith("wandb:"):
+        ref = f"wandb:{collection}:{resolved.version}"  # the version itself, not the alias
+    elif resolved.path.parent.name == "versions" and resolved.version == resolved.path.name:
+        ref = str(resolved.path)  # a registry version folder: written once, never changed
+    else:
+        ref = spec  # a folder or gs:// prefix: fetch_model checks its content is still this version
+    log.info("resolve_model: %s is %s (%s)", resolved.source, resolved.version, ref)
+    return StepResult(metrics={"model_version": resolved.version, "model": resolved.source},
+                      returns={"model_ref": ref, "model_version": resolved.version})
+
+
+def fetch_model_step(cfg: Config, model_ref: str, model_version: str, out_dir: Path) -> StepResult:
+    """The model version resolve_model found, copied into ``out_dir``; refused if the reference now holds another."""
+    from captioning.bundle import load_bundle
+    from captioning.model_source import resolve_model
+
+    resolved = resolve_model(model_ref, cfg.promote.registry, cfg.promote.collection, setting="model_ref")
+    if resolved.version != model_version:
+        raise DataError(f"model_ref={model_ref}: now holds {resolved.version}, not {model_version} as resolve_model "
+                        "found a moment ago (the folder or prefix was rewritten): run the pipeline again")
+    load_bundle(resolved.path)
     out_dir = Path(out_dir)
     if out_dir.resolve() != resolved.path.resolve():
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.copytree(resolved.path, out_dir)
-    write_json_atomic(out_dir / MODEL_INFO, {"version": resolved.version, "source": resolved.source})
-    log.info("resolve_model: %s is %s", resolved.source, resolved.version)
-    return StepResult(metrics={"model_version": resolved.version, "model": resolved.source},
-                      outputs={"model": str(out_dir)}, returns={"model_version": resolved.version})
+    write_json_atomic(out_dir / MODEL_INFO, {"version": resolved.version, "source": cfg.batch.model,
+                                             "ref": model_ref})
+    return StepResult(metrics={"model_version": resolved.version}, outputs={"model": str(out_dir)})
 
 
-def plan_captions(cfg: Config, out_dir: Path) -> StepResult:
-    from captioning.images import list_images
+def list_images_step(cfg: Config) -> StepResult:
+    """The images under ``batch.source`` now, as a fingerprint (``listing``) plan_captions checks again."""
+    from captioning.images import image_listing
 
-    uris = list_images(cfg.batch.source)
+    uris, fingerprint = image_listing(cfg.batch.source)
     if not uris:
         raise DataError(f"batch.source={cfg.batch.source}: no images there (.jpg, .jpeg, .png, .gif, .bmp)")
+    log.info("list_images: %d images, listing %s", len(uris), fingerprint)
+    return StepResult(metrics={"images": len(uris)}, returns={"listing": fingerprint, "images": len(uris)})
+
+
+def plan_captions(cfg: Config, out_dir: Path, listing: str = "") -> StepResult:
+    """The images split into shards; with ``listing`` (list_images' fingerprint), refused if they changed since."""
+    from captioning.images import image_listing
+
+    uris, fingerprint = image_listing(cfg.batch.source)
+    if not uris:
+        raise DataError(f"batch.source={cfg.batch.source}: no images there (.jpg, .jpeg, .png, .gif, .bmp)")
+    if listing and listing != fingerprint:
+        raise DataError(f"batch.source={cfg.batch.source}: the images changed since list_images looked "
+                        f"({len(uris)} now, listing {fingerprint} against {listing}): run the pipeline again")
     size = cfg.batch.shard_images
     shards = [uris[i:i + size] for i in range(0, len(uris), size)]
     out_dir = Path(out_dir)
@@ -74,7 +118,7 @@ def plan_captions(cfg: Config, out_dir: Path) -> StepResult:
         with atomic_path(out_dir / shard_file(index)) as tmp:
             tmp.write_text("".join(json.dumps({"uri": uri}) + "\n" for uri in shard))
     write_json_atomic(out_dir / PLAN_FILE, {"source": cfg.batch.source, "images": len(uris), "shards": len(shards),
-                                            "shard_images": size})
+                                            "shard_images": size, "listing": fingerprint})
     log.info("plan_captions: %d images in %d shards", len(uris), len(shards))
     return StepResult(metrics={"images": len(uris), "shards": len(shards)}, outputs={"plan": str(out_dir)},
                       returns={"shards": list(range(len(shards)))})

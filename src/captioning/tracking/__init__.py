@@ -123,9 +123,16 @@ class StepTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=1 if exc_type else 0)
-            self.run = None
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        if exc_type is None:
+            run.finish(exit_code=0)
+            return
+        try:  # the step's own error is the one to report: W&B failing to close (e.g. on the same full disk) is not
+            run.finish(exit_code=1)
+        except Exception as closing:  # noqa: BLE001 - any W&B failure here
+            log.warning("%s: the W&B run did not close cleanly after the step failed: %s", self.step, closing)
 
     # -------------------------------------------------------------- logging
 

@@ -258,6 +258,8 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         task.set_caching_options(cached)
         if cached:  # Argo's backoff factor must be an integer
             task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
+        else:  # an explicit limit of 0: without one, the task takes the controller's default (2 on KFP 2.17)
+            task.set_retry(0, options.retry_backoff, 2, options.retry_window)
         if name == "promote":  # promote.deploy serves the new model with the pipeline's own image
             from captioning.deploy.after_promote import IMAGE_ENV
 

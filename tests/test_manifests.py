@@ -205,14 +205,62 @@ def test_the_prepare_script_as_uid_1000_fails_on_a_root_owned_volume_and_passes_
         check_writable("/proc/no-such-volume", "train.checkpoint_dir")
 
 
-def test_the_argo_retry_policy_patch_retries_lost_pods_and_failures():
-    """Applied to the workflow controller's ConfigMap (no Argo here: the patch's content is what is checked)."""
+STOCK_DEFAULTS = {"2.16": {}, "2.17": {"limit": "2", "retryPolicy": "OnError"}}  # workflow-controller-configmap
+
+
+def shipped_retry_defaults() -> dict:
     patch = yaml.safe_load((MANIFESTS / "cluster" / "argo-retry-policy.yaml").read_text())
     validate(patch)
     assert (patch["metadata"]["name"], patch["metadata"]["namespace"]) == ("workflow-controller-configmap", "kubeflow")
-    defaults = yaml.safe_load(patch["data"]["workflowDefaults"])["spec"]
-    assert defaults["templateDefaults"]["retryStrategy"]["retryPolicy"] == "Always"
-    assert defaults["templateDefaults"]["retryStrategy"]["limit"] == "0"  # only the tasks with their own count
-    assert isinstance(defaults["templateDefaults"]["retryStrategy"]["limit"], str)  # Argo's IntOrString as KFP writes it
-    assert defaults["ttlStrategy"]["secondsAfterCompletion"] == 3600  # KFP 2.17's value kept
-    assert "argo-retry-policy.yaml" in (REPO / "README.md").read_text()
+    spec = yaml.safe_load(patch["data"]["workflowDefaults"])["spec"]
+    assert spec["ttlStrategy"]["secondsAfterCompletion"] == 3600  # KFP 2.17's value kept
+    return spec["templateDefaults"]["retryStrategy"]
+
+
+def retry_table() -> dict:
+    """(task, case) -> {install: retried?} for the pipeline's cached steps (set_retry(3)) and promote (limit 0)."""
+    from helpers.argo_retry import CASES, merged, retries
+
+    installs = {"stock 2.16": STOCK_DEFAULTS["2.16"], "stock 2.17": STOCK_DEFAULTS["2.17"],
+                "with the patch": shipped_retry_defaults()}
+    tasks = {"cached steps (3 retries)": {"limit": "3"}, "promote (limit 0)": {"limit": "0"}}
+    return {(task, case): {name: retries(merged(defaults, own), *CASES[case]) for name, defaults in installs.items()}
+            for task, own in tasks.items() for case in CASES}
+
+
+def test_the_argo_retry_patch_retries_pre_empted_and_lost_steps_without_lowering_a_default():
+    """Issue 25, point 4, against Argo's retry decision as read from its source (helpers/argo_retry.py)."""
+    from helpers.argo_retry import CASES, DAG_CASES, merged, retries
+
+    shipped = shipped_retry_defaults()
+    assert isinstance(shipped["limit"], str) and int(shipped["limit"]) >= int(STOCK_DEFAULTS["2.17"]["limit"])
+    table = retry_table()
+    for case in ("pod lost with its node", "graceful pre-emption (SIGTERM)", "OOM kill"):
+        assert table[("cached steps (3 retries)", case)]["with the patch"], case
+        assert not all(table[("cached steps (3 retries)", case)][stock] for stock in ("stock 2.16", "stock 2.17"))
+    assert not any(v for (task, _), row in table.items() if task.startswith("promote") for v in row.values())
+    # A failed step is retried by its own count, not again by the DAGs around it; an Error still climbs, as stock.
+    assert not retries(merged(shipped, {}), *DAG_CASES["a DAG whose child failed"])
+    assert retries(merged(shipped, {}), *DAG_CASES["a DAG whose child errored"])
+    # Nothing a stock install retried is lost for a pod, or for any template without a strategy of its own;
+    # a template with its own strategy (another workflow's DAG) loses only the retry of a DAG node that Failed
+    # (said in the patch and the README).
+    nodes = [*CASES.values(), *DAG_CASES.values()]
+    for own in ({}, {"limit": "1"}, {"limit": "3"}, {"limit": "2", "retryPolicy": "OnFailure"},
+                {"limit": "2", "retryPolicy": "Always"}, {"limit": "2", "retryPolicy": "OnError"}):
+        for stock in STOCK_DEFAULTS.values():
+            lost = {(phase, message) for phase, message in nodes
+                    if retries(merged(stock, own), phase, message) and not retries(merged(shipped, own), phase, message)}
+            assert lost <= ({DAG_CASES["a DAG whose child failed"]} if own else set()), (own, stock, lost)
+
+
+def test_the_readme_retry_table_is_the_one_argos_rules_give():
+    readme = (REPO / "README.md").read_text()
+    assert "argo-retry-policy.yaml" in readme
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("cached steps (3 retries)", "promote (limit 0)"):
+            rows[(cells[0], cells[1])] = {k: v.startswith("yes") for k, v in
+                                          zip(("stock 2.16", "stock 2.17", "with the patch"), cells[2:])}
+    assert rows == retry_table()

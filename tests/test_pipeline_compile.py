@@ -91,6 +91,9 @@ def test_promote_is_gated_on_the_score_and_not_cached(kubeflow):
     inner = kubeflow[1][0]["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
     assert list(inner) == ["promote"]
     assert inner["promote"]["cachingOptions"] == {}
+    # Retried by nobody: an explicit policy without a count compiles to Argo's limit 0, which the controller's
+    # templateDefaults (KFP 2.17: limit 2) cannot raise; a task without a policy would take that default.
+    assert "retryPolicy" in inner["promote"] and not inner["promote"]["retryPolicy"].get("maxRetryCount")
     for name in ("log-raw-data", "process-data", "train", "evaluate"):
         assert root[name]["cachingOptions"]["enableCache"] is True
         assert root[name]["retryPolicy"]["maxRetryCount"] == 3

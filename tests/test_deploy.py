@@ -92,8 +92,20 @@ def rendered_with_gpu(tmp_path) -> dict:
 
 
 def storage_uri(isvc: dict) -> str:
-    (env,) = [e for e in isvc["spec"]["predictor"]["containers"][0]["env"] if e["name"] == "STORAGE_URI"]
-    return env["value"]
+    """The model the manifest serves: `serve --model`'s value (gs://, read by the server itself)."""
+    args = isvc["spec"]["predictor"]["containers"][0]["args"]
+    return args[args.index("--model") + 1]
+
+
+def kserve_pod(isvc: dict) -> dict:
+    """The predictor pod as KServe's webhook makes it (a stand-in: no KServe runs here): with STORAGE_URI set it
+    adds the storage-initializer init container, built without a securityContext (pkg/utils/storage.go, v0.20)."""
+    pod = predictor_pod(isvc)["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+    if "STORAGE_URI" in env:
+        pod["initContainers"] = [{"name": "storage-initializer", "image": "kserve/storage-initializer:v0.20.0",
+                                  "args": [env["STORAGE_URI"], "/mnt/models"]}]
+    return pod
 
 
 def predictor_pod(isvc: dict) -> dict:
@@ -133,6 +145,25 @@ def test_the_predictor_pod_validates_under_the_restricted_profile(rendered, tmp_
     assert "tolerations" not in rendered["spec"]["predictor"]
 
 
+@pytest.mark.parametrize("uri", ["gs://b/models/production", "pvc://models/captioning/v7", "s3://b/model"])
+def test_the_predictor_kserve_makes_passes_pod_security_restricted_unless_its_storage_initializer_runs(uri):
+    """Issue 25, point 3: gs:// (the server reads it) and pvc:// (mounted) make a pod a restricted namespace admits;
+    s3:// still needs KServe's initializer, refused there, and deploy says so."""
+    from helpers.pod_security import violations
+
+    from captioning.deploy.kserve import restricted_note
+
+    for gpu in (False, True):
+        pod = kserve_pod(inference_service(IMAGE, uri, gpu=gpu))
+        validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod})
+        if uri.startswith("s3://"):
+            assert violations(pod) and all(v.startswith("init container storage-initializer") for v in violations(pod))
+            assert "restricted" in restricted_note(uri)
+        else:
+            assert violations(pod) == [] and restricted_note(uri) is None, violations(pod)
+            assert "initContainers" not in pod
+
+
 def test_the_validator_catches_a_broken_predictor(rendered):
     import kubernetes_validate
 
@@ -157,7 +188,7 @@ def test_what_kserve_needs_matches_the_server_and_the_cluster_manifests(rendered
     assert rendered["apiVersion"] == "serving.kserve.io/v1beta1" and rendered["kind"] == "InferenceService"
     predictor = rendered["spec"]["predictor"]
     (container,) = predictor["containers"]
-    assert container["name"] == "kserve-container"  # KServe reads STORAGE_URI and the port from this one
+    assert container["name"] == "kserve-container"  # KServe reads the port (and STORAGE_URI) from this one
     assert container["ports"] == [{"containerPort": serving.DEFAULT_PORT, "protocol": "TCP"}]
     assert predictor["minReplicas"] == 1 and container["image"] == DEFAULT_IMAGE
 
@@ -176,7 +207,8 @@ def test_what_kserve_needs_matches_the_server_and_the_cluster_manifests(rendered
     serve = typer.main.get_command(app).commands["serve"]
     assert container["command"] == ["captioning"] and container["args"][0] == "serve"
     params = serve.make_context("serve", list(container["args"][1:])).params
-    assert (params["model"], params["name"], params["port"]) == (contract.KSERVE_MODEL_DIR, "captioner", 8080)
+    assert (params["model"], params["name"], params["port"]) == (storage_uri(rendered), "captioner", 8080)
+    assert "env" not in container  # no STORAGE_URI: nothing for KServe to inject
     from captioning.deploy.vertex import upload_kwargs
 
     vertex_args = upload_kwargs(IMAGE, MODEL_URI, "captioner")["serving_container_args"]
@@ -316,7 +348,11 @@ def test_kserve_dry_run_prints_the_object_and_contacts_nothing(tmp_path):
         assert (plan["namespace"], plan["auth"], plan["api_server"]) == ("team-b", "token", api.url)
         container = plan["object"]["spec"]["predictor"]["containers"][0]
         assert container["image"] == IMAGE and container["args"][container["args"].index("--name") + 1] == "cap-b"
-        assert {"name": "STORAGE_URI", "value": "pvc://models/captioning/v7"} in container["env"]
+        # the claim mounted read-only, no STORAGE_URI (no storage initializer)
+        assert "env" not in container and container["args"][container["args"].index("--model") + 1] == \
+            "/mnt/pvc/captioning/v7"
+        assert plan["object"]["spec"]["predictor"]["volumes"] == [
+            {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
         assert KUBE_TOKEN not in printed(result)
         assert api.requests == []
 

@@ -154,6 +154,29 @@ def test_the_prepare_job_readies_the_pipelines_volumes_under_the_restricted_prof
         assert by_kind(rendered["gke"], "PersistentVolumeClaim", pvc)["spec"]["storageClassName"] == "standard-rwo"
 
 
+def test_every_pod_of_every_overlay_passes_pod_security_restricted(rendered):
+    """Issue 25, point 3: the Jobs as a namespace enforcing Pod Security "restricted" admits them (the policy's
+    checks written out in helpers/pod_security.py: its Go checker does not install here)."""
+    from helpers.pod_security import violations
+
+    for overlay, docs in rendered.items():
+        jobs = [d for d in docs if d["kind"] == "Job"]
+        assert {j["metadata"]["name"] for j in jobs} == {GPU_CHECK, PREPARE}
+        for job in jobs:
+            assert violations(job["spec"]["template"]["spec"]) == [], (overlay, job["metadata"]["name"])
+    # the checker itself: what the gpu-check Job was before it had a securityContext is refused
+    bare = yaml.safe_load(yaml.safe_dump(by_kind(rendered["standalone"], "Job", GPU_CHECK)["spec"]["template"]["spec"]))
+    bare.pop("securityContext")
+    bare["containers"][0].pop("securityContext")
+    assert violations(bare) == ["container gpu-check: allowPrivilegeEscalation is not false",
+                                "container gpu-check: capabilities do not drop ALL",
+                                "container gpu-check: runAsNonRoot is not true (container or pod)",
+                                "container gpu-check: seccompProfile is unset (container or pod), not RuntimeDefault"]
+    bare["volumes"] = [{"name": "host", "hostPath": {"path": "/"}}]
+    bare["hostNetwork"] = True
+    assert {"volume host: hostPath", "pod: hostNetwork"} <= set(violations(bare))
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                     reason="needs root to run a process as another user")
 def test_the_prepare_script_as_uid_1000_fails_on_a_root_owned_volume_and_passes_once_fsgroup_applies(rendered):

@@ -64,6 +64,8 @@ def deploy_promoted(cfg: Config, model_uri: str, version: str) -> dict:
         if p.deploy == "kserve":
             from captioning.deploy import kserve
 
+            if note := kserve.restricted_note(uri):
+                log.warning("promote.deploy=kserve: %s", note)
             target = kserve.KServeTarget(p.deploy_namespace or None, None, os.environ.get("KUBE_API_SERVER"),
                                          os.environ.get("KUBE_TOKEN"))
             outcome = kserve.apply(kserve.inference_service(_image(), uri, p.deploy_name, p.deploy_gpu), target)

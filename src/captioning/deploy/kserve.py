@@ -28,13 +28,18 @@ GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 # reads the model from gs:// or s3:// is bound to it (Workload Identity, a KServe S3 Secret). Not the pipeline's
 # captioning-runner, which can read the namespace's Secrets: a network-facing pod must not hold that.
 SERVICE_ACCOUNT = "captioning-serving"
-CONTAINER = "kserve-container"  # the container KServe reads STORAGE_URI from and routes to
+CONTAINER = "kserve-container"  # the container KServe routes to (and reads STORAGE_URI from, if set)
 IMAGE_UID = 1000  # docker/Dockerfile: USER 1000:1000 (pipeline.IMAGE_UID)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}  # pipeline.GPU_TOLERATION
 RESOURCES = {"cpu": "2", "memory": "8Gi"}  # TensorFlow, the backbone and a batch of images
 # What KServe's default storage initializer downloads (its ClusterStorageContainer), plus pvc://CLAIM/PATH.
 STORAGE_SCHEMES = ("gs://", "s3://", "pvc://", "hdfs://", "webhdfs://", "https://", "http://")
+# Fetched without KServe's storage initializer, which KServe injects for STORAGE_URI without any securityContext
+# (pkg/utils/storage.go): a namespace enforcing Pod Security "restricted" refuses such a pod. The server reads
+# gs:// itself; a pvc:// claim is mounted read-only.
+SERVER_FETCHED = ("gs://", "pvc://")
+PVC_MOUNT = "/mnt/pvc"
 NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1035 label: it names Services and routes
 TIMEOUT = (10, 60)  # connect, read seconds for each API call
 
@@ -54,10 +59,11 @@ def inference_service(image: str, model_uri: str, name: str = DEFAULT_NAME, gpu:
         return {"httpGet": {"path": path, "port": DEFAULT_PORT}, "initialDelaySeconds": initial,
                 "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
 
+    model, extra, volumes = _model_source(model_uri)
     container = {
         "name": CONTAINER, "image": image, "command": ["captioning"],
-        "args": ["serve", "--model", KSERVE_MODEL_DIR, "--name", name, "--port", str(DEFAULT_PORT)],
-        "env": [{"name": "STORAGE_URI", "value": model_uri}],
+        "args": ["serve", "--model", model, "--name", name, "--port", str(DEFAULT_PORT)],
+        **extra,
         "ports": [{"containerPort": DEFAULT_PORT, "protocol": "TCP"}],
         "readinessProbe": probe(READY_ROUTE, 30, 10, 3),  # loading TensorFlow and the model takes ~30-60 s
         "livenessProbe": probe(LIVE_ROUTE, 60, 15, 6),
@@ -68,12 +74,35 @@ def inference_service(image: str, model_uri: str, name: str = DEFAULT_NAME, gpu:
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
     predictor = {"serviceAccountName": SERVICE_ACCOUNT, "automountServiceAccountToken": False, "minReplicas": 1,
-                 "containers": [container]}
+                 "containers": [container], **({"volumes": volumes} if volumes else {})}
     if gpu:
         predictor["tolerations"] = [dict(GPU_TOLERATION)]
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
             "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "captioning"}},
             "spec": {"predictor": predictor}}
+
+
+def _model_source(model_uri: str) -> tuple[str, dict, list]:
+    """``serve --model``'s value, the container's extra fields (env or volume mounts) and the pod's volumes."""
+    if model_uri.startswith("gs://"):
+        return model_uri, {}, []  # the server downloads it (Workload Identity), as on Vertex AI
+    if model_uri.startswith("pvc://"):
+        claim, _, path = model_uri[len("pvc://"):].partition("/")
+        mount = {"volumeMounts": [{"name": "model", "mountPath": PVC_MOUNT, "readOnly": True}]}
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return f"{PVC_MOUNT}/{path}".rstrip("/"), mount, [volume]
+    # KServe's storage initializer downloads it into KSERVE_MODEL_DIR (not admitted under "restricted").
+    return KSERVE_MODEL_DIR, {"env": [{"name": "STORAGE_URI", "value": model_uri}]}, []
+
+
+def restricted_note(model_uri: str) -> str | None:
+    """Why a namespace enforcing Pod Security "restricted" would refuse the predictor, if it would."""
+    if model_uri.startswith(SERVER_FETCHED):
+        return None
+    scheme = model_uri.split("://", 1)[0]
+    return (f"{scheme}:// is downloaded by KServe's storage initializer, an init container KServe adds without a "
+            "securityContext: a namespace enforcing Pod Security \"restricted\" refuses the pod. Serve from gs:// "
+            "(read by the server) or pvc://CLAIM/PATH (mounted) there")
 
 
 def check_request(model_uri: str, name: str) -> None:

@@ -82,6 +82,10 @@ def _pinned_backend() -> str:
     return ".".join(version("kfp-kubernetes").split(".")[:2])
 
 
+# What one COCO run of the training pipeline writes as artifacts (raw_data 20.4, train_data 31.2, test_data 1.3 GB
+# and the model: README "Data plane"), in GB; the store must hold it, and more for runs kept side by side.
+COCO_ARTIFACT_GB = 53
+
 PIPELINES = ("train", "caption")
 CAPTION_GPU_STEPS = ("caption_shard",)
 # An alias moves, a folder fills: these look again every run, and hand on only strings naming what they found
@@ -128,6 +132,10 @@ class BuildOptions:
     gpu_node_selector: str = _option("", "Kubeflow: KEY=VALUE label of the GPU nodes, e.g. "
                                          "cloud.google.com/gke-accelerator=nvidia-l4.")
     spot: bool = _option(False, "Kubeflow: tolerate GKE spot and pre-emptible node taints.")
+    pipeline_root: str = _option("", "Where the runs' artifacts go, written into the IR as its defaultPipelineRoot: "
+                                     "gs://BUCKET/PATH, or on Kubeflow also s3:// or minio://. Empty: the "
+                                     "cluster's default store (Kubeflow) - too small for COCO from KFP 2.15 on "
+                                     "(README 'Artifact store'); Vertex AI needs one, here or at submit.")
     kfp_version: str = _option(_pinned_backend(), f"Kubeflow: the Pipelines backend release the IR is for "
                                                   f"({', '.join(KFP_BACKENDS)}); only fields it parses are "
                                                   "emitted, and what is left out is said.")
@@ -152,6 +160,10 @@ class BuildOptions:
                          "Secrets parse from 2.15): create it even for offline runs, with an empty key if need be "
                          f"(kubectl create secret generic {WANDB_SECRET} --from-literal={WANDB_SECRET_KEY}=), or "
                          "every pod waits in CreateContainerConfigError")
+        if not self.pipeline_root and self.preset == "coco2014" and self.pipeline == "train":
+            notes.append("no --pipeline-root: the artifacts go to the cluster's default store; a COCO run moves "
+                         f"about {COCO_ARTIFACT_GB} GB through it (README 'Data plane'), more than the SeaweedFS volume "
+                         "KFP 2.15-2.17 installs (20Gi): pass a bucket, or size the store (manifests/cluster/kfp-store)")
         if self.security_context and not self.backend["security_context"]:
             notes.append(f"KFP {self.kfp_version}: no securityContext in the pod specs (it parses from 2.16): the "
                          f"pods run as the image's USER {IMAGE_UID}, but nothing in the spec says non-root, so a "
@@ -179,6 +191,12 @@ class BuildOptions:
                              "resources, like nvidia.com/gpu or amd.com/gpu")
         if self.gpu_node_selector and "=" not in self.gpu_node_selector:
             raise ValueError(f"--gpu-node-selector {self.gpu_node_selector!r}: expected KEY=VALUE")
+        if self.pipeline_root:
+            schemes = ("gs://",) if self.target == "vertex" else ("gs://", "s3://", "minio://")
+            scheme, _, rest = self.pipeline_root.partition("://")
+            if f"{scheme}://" not in schemes or not rest.split("/")[0]:
+                raise ValueError(f"--pipeline-root {self.pipeline_root!r}: expected {' or '.join(s + 'BUCKET/PATH' for s in schemes)} "
+                                 f"({self.target})")
         if self.kfp_version not in KFP_BACKENDS:
             raise ValueError(f"--kfp-version {self.kfp_version!r}: choose one of {', '.join(KFP_BACKENDS)} (the "
                              "backend releases whose Kubernetes config this project checks)")
@@ -281,8 +299,8 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
 
     captioning_pipeline.__signature__ = signature
     captioning_pipeline.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
-    return dsl.pipeline(name="captioning", description=f"{DESCRIPTION} {compiled_for(options.target)}")(
-        captioning_pipeline)
+    return dsl.pipeline(name="captioning", description=f"{DESCRIPTION} {compiled_for(options.target)}",
+                        pipeline_root=options.pipeline_root or None)(captioning_pipeline)
 
 
 def caption_signature(preset: str) -> inspect.Signature:
@@ -349,7 +367,7 @@ def build_caption_pipeline(options: BuildOptions = BuildOptions(pipeline="captio
     caption_pipeline.__signature__ = signature
     caption_pipeline.__annotations__ = {q.name: q.annotation for q in signature.parameters.values()}
     return dsl.pipeline(name="captioning-batch", description=f"Caption images with the promoted model "
-                        f"{compiled_for(options.target)}")(caption_pipeline)
+                        f"{compiled_for(options.target)}", pipeline_root=options.pipeline_root or None)(caption_pipeline)
 
 
 def _kubernetes_task(task, options: BuildOptions, gpu: bool) -> None:

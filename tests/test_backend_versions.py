@@ -63,7 +63,7 @@ def test_every_backend_parses_the_ir_compiled_for_it(tmp_path, minor, pipeline):
     ir = compiled(tmp_path, kfp_version=minor, pipeline=pipeline)
     result = strict_parse(minor, ir)
     assert result["pipeline_spec"] == "ok"
-    assert len(result["executors"]) == (5 if pipeline == "train" else 4)
+    assert len(result["executors"]) == (5 if pipeline == "train" else 6)
     assert set(result["executors"].values()) == {"ok"}, result
 
 

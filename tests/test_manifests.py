@@ -287,3 +287,24 @@ def test_the_readme_retry_table_is_the_one_argos_rules_give():
             rows[(cells[0], cells[1])] = {k: v.startswith("yes") for k, v in
                                           zip(("stock 2.16", "stock 2.17", "with the patch"), cells[2:])}
     assert rows == retry_table()
+
+
+def test_the_artifact_store_overlay_sizes_kfps_seaweedfs_volume_for_coco_runs(tmp_path):
+    """Issue 25, point 1: the patch applied to KFP's own PVC (its file at the pinned ref, tests/data; the remote
+    base itself cannot be fetched here), validated, and large enough for a COCO run's artifacts."""
+    import re
+
+    from pipeline import COCO_ARTIFACT_GB, KFP_BACKENDS
+
+    overlay = yaml.safe_load((MANIFESTS / "cluster" / "kfp-store" / "kustomization.yaml").read_text())
+    (remote,) = overlay["resources"]
+    ref = re.fullmatch(r"github\.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic\?ref=(.+)", remote)
+    assert ref and ref.group(1)[:4] in KFP_BACKENDS
+    shutil.copy(REPO / "tests" / "data" / f"seaweedfs-pvc-{ref.group(1)}.yaml", tmp_path / "pvc.yaml")
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({**overlay, "resources": ["pvc.yaml"]}))
+    (pvc,) = kustomize(tmp_path)
+    validate(pvc)
+    assert (pvc["metadata"]["name"], pvc["metadata"]["namespace"]) == ("seaweedfs-pvc", "kubeflow")
+    size = pvc["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and int(size[:-2]) * 1.073741824 >= 3 * COCO_ARTIFACT_GB  # three runs' variants
+    assert "manifests/cluster/kfp-store" in (REPO / "README.md").read_text()

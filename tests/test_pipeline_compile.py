@@ -386,3 +386,22 @@ def test_spot_nodes_are_tolerated_when_asked_for(kubeflow, tmp_path):
     assert platform["exec-promote"]["tolerations"] == list(SPOT_TOLERATIONS)
     default = kubeflow[1][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert default["exec-train"]["tolerations"] == [GPU_TOLERATION]
+
+
+def test_a_pipeline_root_is_compiled_in_and_a_coco_run_without_one_is_warned_about(tmp_path):
+    """Issue 25, point 1: KFP 2.15-2.17's default store is a 20Gi SeaweedFS volume; a COCO run writes about 53 GB."""
+    from conftest import captioning_cli
+
+    out = tmp_path / "p.yaml"
+    proc = captioning_cli("compile", "--pipeline-root", "s3://team-bucket/captioning", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load_all(out.read_text()).__next__()["defaultPipelineRoot"] == "s3://team-bucket/captioning"
+    assert "no --pipeline-root" not in proc.stderr
+    bare = captioning_cli("compile", "--output", str(tmp_path / "q.yaml"))
+    assert "defaultPipelineRoot" not in (tmp_path / "q.yaml").read_text()
+    assert "no --pipeline-root" in " ".join(bare.stderr.split()) and "20Gi" in bare.stderr
+    demo = captioning_cli("compile", "--preset", "demo", "--output", str(tmp_path / "d.yaml"))
+    assert demo.returncode == 0 and "no --pipeline-root" not in demo.stderr
+    for target, root in (("kubeflow", "/data/artifacts"), ("kubeflow", "s3://"), ("vertex", "s3://b/p")):
+        bad = captioning_cli("compile", "--target", target, "--pipeline-root", root, "--output", str(tmp_path / "r.yaml"))
+        assert bad.returncode == 2 and f"--pipeline-root '{root}'" in bad.stderr, bad.stderr

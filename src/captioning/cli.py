@@ -301,7 +301,6 @@ def submit(
     experiment: Optional[str] = typer.Option(
         None, help="Experiment, created when missing. Default: captioning (kubeflow), none (vertex)."),
     run_name: Optional[str] = typer.Option(None, help="Default: captioning-YYYYmmdd-HHMMSS."),
-    pipeline_root: Optional[str] = typer.Option(None, help="Where artifacts go (Vertex: required, gs://...)."),
     service_account: Optional[str] = typer.Option(
         None, help="Identity of the pods. Default: captioning-runner (kubeflow, from manifests/); "
         "the project's default (vertex)."),
@@ -352,10 +351,11 @@ def submit(
 
             parameters["wandb_secret"] = default_wandb_secret(project)
         if target == "kubeflow":
+            pipeline_root = build.pipeline_root or None
             where = KubeflowTarget(host, namespace, token, cookie, experiment or "captioning", run_name, pipeline_root,
                                    DEFAULT_SERVICE_ACCOUNT if service_account is None else service_account, ui_host)
         else:
-            where = VertexTarget(project or "", region, pipeline_root or "", service_account, experiment, run_name,
+            where = VertexTarget(project or "", region, build.pipeline_root, service_account, experiment, run_name,
                                  api_endpoint)
             check_vertex_target(where)  # before compiling: a missing --project should not wait for that
         if package is None:

@@ -82,6 +82,12 @@ def _pinned_backend() -> str:
     return ".".join(version("kfp-kubernetes").split(".")[:2])
 
 
+# Peak ephemeral storage of each GPU step at COCO size, in GB: KFP's launcher downloads every input artifact
+# into an emptyDir (no size limit, on the node's boot disk) and the step writes its outputs beside them before
+# the upload: the reads plus the writes of README "Data plane" (a test adds them up from that table).
+GPU_STEP_SCRATCH_GB = {"process_data": 53, "train": 32, "evaluate": 2}
+GPU_BOOT_DISK_GB = 200  # README's GKE node pool: the largest step, the CUDA image and the kubelet's eviction margin
+
 # What one COCO run of the training pipeline writes as artifacts (raw_data 20.4, train_data 31.2, test_data 1.3 GB
 # and the model: README "Data plane"), in GB; the store must hold it, and more for runs kept side by side.
 COCO_ARTIFACT_GB = 53

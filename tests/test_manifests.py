@@ -308,3 +308,43 @@ def test_the_artifact_store_overlay_sizes_kfps_seaweedfs_volume_for_coco_runs(tm
     size = pvc["spec"]["resources"]["requests"]["storage"]
     assert size.endswith("Gi") and int(size[:-2]) * 1.073741824 >= 3 * COCO_ARTIFACT_GB  # three runs' variants
     assert "manifests/cluster/kfp-store" in (REPO / "README.md").read_text()
+
+
+def test_gpu_nodes_have_the_disk_a_steps_artifacts_need_and_the_gpu_check_measures_it(rendered, tmp_path):
+    """Issue 25, point 6: the launcher puts a step's artifacts in an emptyDir on the node's boot disk. The figures
+    are the README data-plane table's reads plus writes; the gpu-check Job's own script runs here (no GPU here:
+    it must say so, and say when the disk is short)."""
+    import math
+    import re
+
+    from pipeline import GPU_BOOT_DISK_GB, GPU_STEP_SCRATCH_GB
+
+    readme = (REPO / "README.md").read_text()
+    for step, need in GPU_STEP_SCRATCH_GB.items():
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| {step} |") and " files" in line and " GB" in line]
+        sizes = [float(x) * {"GB": 1, "MB": 1e-3}[unit] for x, unit in re.findall(r"([\d.]+) (GB|MB)", row)]
+        assert need == math.ceil(sum(sizes)), (step, sizes)
+    assert f"--disk-size {GPU_BOOT_DISK_GB}" in readme
+    assert GPU_BOOT_DISK_GB >= 2 * max(GPU_STEP_SCRATCH_GB.values())  # the image and the kubelet's margin beside it
+
+    for overlay, docs in rendered.items():
+        pod = by_kind(docs, "Job", GPU_CHECK)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert {"name": "NEED_GB", "value": str(max(GPU_STEP_SCRATCH_GB.values()))} in container["env"]
+        (mount,) = container["volumeMounts"]
+        assert {"name": mount["name"], "emptyDir": {}} in pod["volumes"] and mount["mountPath"] == "/scratch"
+        # the volumes are made where the GPU steps run: the prepare Job is scheduled like them
+        prepare = by_kind(docs, "Job", PREPARE)["spec"]["template"]["spec"]
+        assert prepare["tolerations"] == pod["tolerations"]
+        assert prepare.get("nodeSelector") == pod.get("nodeSelector")
+    assert by_kind(rendered["gke"], "Job", PREPARE)["spec"]["template"]["spec"]["nodeSelector"]
+
+    script = by_kind(rendered["standalone"], "Job", GPU_CHECK)["spec"]["template"]["spec"]["containers"][0]["command"]
+    (tmp_path / "scratch").mkdir()
+    code = script[-1].replace('"/scratch"', repr(str(tmp_path / "scratch")))
+    for need, short in (("1", False), ("1e9", True)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "NEED_GB": need, "CUDA_VISIBLE_DEVICES": ""})
+        assert proc.returncode == 1 and "no GPU visible to TensorFlow" in proc.stderr, proc.stderr[-2000:]
+        assert ("give the GPU node pool a larger boot disk" in proc.stderr) is short
+        assert "GB free; process_data needs about" in proc.stdout

@@ -261,6 +261,9 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
             kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=mount)
             task.set_env_variable(env, f"{mount}/{folder}".rstrip("/"))
             task.set_env_variable(VOLUME_ENV, f"{pvc}={mount}")  # named in the error when the volume is read-only
+        if name == "process_data" and options.raw_cache_pvc:
+            # raw_data only references the archives log_raw_data keeps there: read them at the same path
+            kubernetes.mount_pvc(task, pvc_name=options.raw_cache_pvc, mount_path=RAW_CACHE_MOUNT)
 
     def add_step(name, params, tasks):
         """One task: its artifacts from the upstream tasks, its parameters from the pipeline's."""

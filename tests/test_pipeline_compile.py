@@ -142,11 +142,15 @@ def test_kubeflow_gpu_steps_tolerate_the_gpu_taint_and_raw_data_keeps_a_cache_vo
     assert mount["constant"] == RAW_CACHE_PVC and mount["mountPath"] == RAW_CACHE_MOUNT
     env = docs[0]["deploymentSpec"]["executors"]["exec-log-raw-data"]["container"]["env"]
     assert {"name": "CAPTIONING_DOWNLOAD_CACHE", "value": f"{RAW_CACHE_MOUNT}/coco2014"} in env
+    # raw_data only references the cached archives: process_data reads them on the same volume, at the same path
+    (read,) = platform["exec-process-data"]["pvcMount"]
+    assert (read["constant"], read["mountPath"]) == (mount["constant"], mount["mountPath"])
+    assert "pvcMount" not in platform["exec-train"] or platform["exec-train"]["pvcMount"][0]["constant"] != RAW_CACHE_PVC
 
     _, docs, _ = compile_in_subprocess(tmp_path, "--raw-cache-pvc", "", "--gpu-node-selector",
                                        "cloud.google.com/gke-accelerator=nvidia-l4")
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert "pvcMount" not in platform["exec-log-raw-data"]
+    assert "pvcMount" not in platform["exec-log-raw-data"] and "pvcMount" not in platform["exec-process-data"]
     assert platform["exec-train"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 

@@ -213,9 +213,10 @@ def test_a_shared_download_cache_is_filled_once_across_runs(http_mirror, tmp_pat
     assert second.metrics["bytes_downloaded"] == 0
     assert sum(r.method == "GET" for r in http_mirror.state.requests) == gets_after_first
     manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
-    assert manifest["files"]["zips/val2014.zip"]["path"] == "archives/zips/val2014.zip"
-    placed, cached = tmp_path / "run2" / "archives" / "zips" / "val2014.zip", cache / "zips" / "val2014.zip"
-    assert placed.stat().st_ino == cached.stat().st_ino  # linked into the artifact from the volume, not copied
+    # Issue 25, point 1: the artifact references the cached archives instead of holding 20 GB of them
+    assert manifest["archive_root"] == str(cache.resolve())
+    assert manifest["files"]["zips/val2014.zip"]["path"] == "zips/val2014.zip"
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir() if p.name != "step.json") == ["manifest.json"]
     assert manifest["counts"] == json.loads((tmp_path / "run1" / "manifest.json").read_text())["counts"]
 
 
@@ -389,37 +390,43 @@ def test_log_raw_data_names_an_annotation_file_that_is_not_coco(small_mirror, tm
                                         f"annotations/captions_train2014.json: {why}")
 
 
-def test_a_damaged_copy_from_a_cache_on_another_volume_is_replaced(small_mirror, small_volume, tmp_path):
-    """Review of issue 14: with the download cache on another volume the artifact holds a copy; once a read
-    finds it damaged (its mark withdrawn), the next log_raw_data copies the verified cache file again."""
+def test_process_data_reads_the_referenced_cache_and_names_an_archive_changed_or_gone_since(small_mirror, tmp_path):
+    """Issue 25, point 1: with a download cache the raw-data artifact is only a manifest; process_data reads the
+    archives where it points and checks each against the size and SHA-256 log_raw_data recorded (KFP may answer
+    log_raw_data from its cache long after the volume changed)."""
+    import shutil
+
+    from captioning.steps.log_raw_data import log_raw_data
+    from captioning.steps.process_data import open_raw
+
+    cache = tmp_path / "pvc" / "coco2014"
+    cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", f"data.download_cache={cache}",
+                                 "data.split=karpathy", "data.split_url=caption_datasets.zip", "data.val_images=null",
+                                 "data.test_images=null"]).data
+    result = log_raw_data(cfg, tmp_path / "raw")
+    artifact = sum(p.stat().st_size for p in (tmp_path / "raw").rglob("*") if p.is_file())
+    assert artifact < 64 * 1024 < result.metrics["bytes"]  # a manifest, not the archives
+    manifest, images = open_raw(tmp_path / "raw")
+    assert set(manifest["members"]) >= {"train2014", "val2014", "annotations"}
     import zipfile
 
-    from captioning.data.archive import ArchiveImages
-    from captioning.data.fetch import sha256_file
-    from captioning.steps.log_raw_data import log_raw_data
+    with zipfile.ZipFile(cache / "zips" / "val2014.zip") as zf:
+        some = next(n for n in zf.namelist() if n.endswith(".jpg"))
+    assert images.read(some)[:2] == b"\xff\xd8"  # a JPEG, read out of the cached zip
 
-    cache = small_volume(tmp_path / "pvc", 16 << 20)
-    cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", f"data.download_cache={cache}"]).data
-    log_raw_data(cfg, tmp_path / "raw")
-    placed, cached = tmp_path / "raw" / "archives" / "zips" / "val2014.zip", cache / "zips" / "val2014.zip"
-    assert placed.stat().st_ino != cached.stat().st_ino  # a copy: another file system
-    with zipfile.ZipFile(placed) as zf:
-        info = next(i for i in zf.infolist() if i.file_size > 1000)
-    import os
-
-    before = placed.stat()
-    data = bytearray(placed.read_bytes())
-    at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 100
-    data[at] ^= 0xFF
-    placed.write_bytes(bytes(data))
-    os.utime(placed, ns=(before.st_atime_ns, before.st_mtime_ns))  # rot leaves no trace: only the read finds it
-    with pytest.raises(DataError):
-        ArchiveImages({"val2014": placed}).read(info.filename)
-
-    again = log_raw_data(cfg, tmp_path / "raw")
-    assert again.metrics["bytes_downloaded"] == 0  # the cache's copy is still verified
-    assert sha256_file(placed) == sha256_file(cached)
-    assert len(ArchiveImages({"val2014": placed}).read(info.filename)) == info.file_size
+    val = cache / "zips" / "val2014.zip"
+    kept = tmp_path / "kept.zip"
+    shutil.copy2(val, kept)
+    data = bytearray(val.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    val.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{val}: changed in the download cache since log_raw_data verified it"):
+        open_raw(tmp_path / "raw")
+    val.unlink()
+    with pytest.raises(DataError, match=rf"{val}: the download cache no longer holds this archive"):
+        open_raw(tmp_path / "raw")
+    shutil.copy2(kept, val)
+    assert open_raw(tmp_path / "raw")[0] == manifest
 
 
 def test_an_image_id_in_both_caption_files_is_skipped_not_fatal(small_mirror, extractor, tmp_path):

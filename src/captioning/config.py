@@ -90,8 +90,8 @@ class DataConfig(Section):
     max_expansion_ratio: float = Field(200.0, ge=1, le=100_000, description=(
         "An archive with an entry (over 1 MiB) expanding more than this many times its compressed size is refused."))
     download_cache: str | None = Field(
-        None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); "
-        "null: the step's own output folder.")
+        None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); the raw-data "
+        "artifact then only references them, and process_data reads them there. null: the archives are the artifact.")
 
     @field_validator("files")
     @classmethod

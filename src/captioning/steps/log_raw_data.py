@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from captioning.data.archive import check_archive, index_archive, read_json_memb
 from captioning.data.fetch import download, join_url, record_dict, sidecar, unverify
 from captioning.errors import CaptioningError, DataError
 from captioning.redact import redact, redact_tree
-from captioning.io import atomic_path, check_writable, file_lock, require_free_space, write_json_atomic
+from captioning.io import check_writable, file_lock, write_json_atomic
 from captioning.steps.result import StepResult
 
 log = logging.getLogger(__name__)
@@ -92,33 +91,12 @@ def _locked(path: Path, shared: bool):
         yield
 
 
-def _place(cached: Path, dest: Path) -> None:
-    """The cached archive (and its verification record) into the artifact: a hard link where the
-    file systems allow, else a copy renamed into place (copy2 keeps the mtime: a copy whose mark was
-    withdrawn, its mtime moved, is replaced)."""
-    for src, dst in ((cached, dest), (sidecar(cached), sidecar(dest))):
-        if dst.exists() and _size_and_mtime(dst) == _size_and_mtime(src):
-            continue
-        with atomic_path(dst) as tmp:
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:  # another file system: a copy, if the volume can hold it
-                require_free_space(dst.parent, src.stat().st_size, f"copying {src.name} from the download cache")
-                shutil.copy2(src, tmp)
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _counts(out_dir: Path, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:
+def _counts(root: Path, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for split, rel in ANNOTATION_FILES.items():
         if split in contents:
             counts[f"{split}_images"] = contents[split]["images"]
-        archive = out_dir / members["annotations"]
+        archive = root / members["annotations"]
         data = read_json_member(archive, rel, "COCO caption file")
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
             raise DataError(f"{archive}:{rel}: not a COCO caption file (it needs lists 'images' and 'annotations')")
@@ -146,6 +124,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         holds, and whether it was downloaded now."""
         dest = out_dir / ARCHIVES / rel
         fetched = cache / rel if cache else dest
+        placed = fetched if cache else dest
         with _locked(fetched, shared=cache is not None):
             record = download(
                 url, fetched, expected_sha256=expected_sha256, retries=cfg.retries,
@@ -157,10 +136,9 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
             except CaptioningError:
                 unverify(fetched)  # verified under other limits, or changed since: never trusted again
                 raise
-            if cache:
-                _place(fetched, dest)
         entry = redact_tree(record_dict(record))  # the manifest is an artifact: no URL password in it
-        entry["path"] = str(dest.relative_to(out_dir))
+        # With a cache the archives stay there and the artifact names them: 20 GB neither uploaded nor downloaded.
+        entry["path"] = str(placed.relative_to(cache if cache else out_dir))
         entry["contents"] = held
         return entry, held, record.downloaded
 
@@ -190,7 +168,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         top = rel.split("/", 1)[0]
         if top not in members:
             raise DataError(f"{redact(base)}: the archives hold no {rel}; is data.base_url a COCO 2014 mirror?")
-    counts = _counts(out_dir, members, contents)
+    counts = _counts(cache or out_dir, members, contents)
     manifest = {
         "format": "coco-archives/1",
         "base_url": redact(cfg.base_url),
@@ -203,9 +181,11 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     }
     if split_file:
         manifest["split_file"] = split_file
+    if cache:  # process_data reads the archives in the cache (the same volume, mounted at the same path)
+        manifest["archive_root"] = str(cache.resolve())
     write_json_atomic(out_dir / MANIFEST, manifest)
-    _prune(out_dir, {MANIFEST, *(f["path"] for f in files.values()), *(str(sidecar(Path(f["path"])))
-                                                                        for f in files.values())})
+    in_artifact = [] if cache else list(files.values())
+    _prune(out_dir, {MANIFEST, *(f["path"] for f in in_artifact), *(str(sidecar(Path(f["path"]))) for f in in_artifact)})
     metrics = {"bytes": sum(f["size"] for f in files.values()), "bytes_downloaded": downloaded, **counts}
     return StepResult(metrics=metrics, outputs={"raw_data": str(out_dir), "manifest": str(out_dir / MANIFEST)})
 

@@ -120,6 +120,32 @@ def load_coco_captions(data, where: str, image_dir: str, source: str, max_words:
     return images, blank, skipped, truncated
 
 
+def archive_at(raw_dir: Path, manifest: dict, path: str, what: str = "archive") -> Path:
+    """Where an archive the manifest names lies: in the raw-data artifact, or in the download cache it references
+    (``archive_root``: the same volume, mounted at the same path). Nothing may lead out of that folder."""
+    root = Path(manifest["archive_root"]) if manifest.get("archive_root") else raw_dir
+    if not (root / path).resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{raw_dir / MANIFEST}: {what} {path!r} is outside "
+                        f"{'the download cache ' + str(root) if manifest.get('archive_root') else 'the raw-data artifact'}")
+    return root / path
+
+
+def _check_referenced(raw_dir: Path, manifest: dict) -> None:
+    """Archives the manifest only references were verified by log_raw_data, perhaps runs ago (KFP's cache): each
+    must still be there with the size and SHA-256 it recorded."""
+    from captioning.data.fetch import sha256_file
+
+    for entry in manifest["files"].values():
+        path = archive_at(raw_dir, manifest, entry["path"])
+        again = "run log_raw_data again (on Kubeflow: submit with its caching off)"
+        if not path.is_file():
+            raise DataError(f"{path}: the download cache no longer holds this archive, which {raw_dir / MANIFEST} "
+                            f"references; {again}")
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path}: changed in the download cache since log_raw_data verified it (size or SHA-256 "
+                            f"differs from {raw_dir / MANIFEST}); {again}")
+
+
 def open_raw(raw_dir: Path, limits: tuple[int, float] = (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO),
              ) -> tuple[dict, ArchiveImages]:
     """log_raw_data's manifest and a reader of its archives, each checked entry by entry first."""
@@ -127,11 +153,12 @@ def open_raw(raw_dir: Path, limits: tuple[int, float] = (MAX_EXPANDED_BYTES, MAX
     if manifest.get("format") != "coco-archives/1":
         raise DataError(f"{raw_dir / MANIFEST}: not a log_raw_data manifest of this version "
                         f"(format {manifest.get('format')!r}); run log_raw_data again")
+    if manifest.get("archive_root"):
+        _check_referenced(raw_dir, manifest)
     for path in sorted(set(manifest["members"].values())):
-        if not (raw_dir / path).resolve().is_relative_to(raw_dir.resolve()):
-            raise DataError(f"{raw_dir / MANIFEST}: archive {path!r} is outside the raw-data artifact")
-        index_archive(raw_dir / path, *limits)
-    return manifest, ArchiveImages({top: raw_dir / path for top, path in manifest["members"].items()})
+        index_archive(archive_at(raw_dir, manifest, path), *limits)
+    return manifest, ArchiveImages({top: archive_at(raw_dir, manifest, path)
+                                    for top, path in manifest["members"].items()})
 
 
 def held_out_sizes(pool: int, val: int | None, test: int | None) -> tuple[int, int]:
@@ -156,10 +183,8 @@ def read_karpathy_split(raw_dir: Path, manifest: dict, limits: tuple[int, float]
     """COCO image id -> train, val or test, from Karpathy's ``dataset_coco.json`` (restval trains)."""
     if "split_file" not in manifest:
         raise DataError(f"{raw_dir / MANIFEST}: records no split file; run log_raw_data again with data.split=karpathy")
-    archive = raw_dir / manifest["split_file"]["archive"]
     where = f"{manifest['split_file']['archive']}:{manifest['split_file']['member']}"
-    if not archive.resolve().is_relative_to(raw_dir.resolve()):
-        raise DataError(f"{raw_dir / MANIFEST}: split file {where!r} is outside the raw-data artifact")
+    archive = archive_at(raw_dir, manifest, manifest["split_file"]["archive"], "split file")
     index_archive(archive, *limits)  # its entries checked before one is read
     data = read_json_member(archive, manifest["split_file"]["member"], "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -210,7 +235,8 @@ def save_backbone(extractor: FeatureExtractor, out_dir: Path) -> None:
 
 
 def _json_member(raw_dir: Path, manifest: dict, rel: str):
-    return read_json_member(raw_dir / manifest["members"][rel.split("/", 1)[0]], rel, "COCO caption file")
+    return read_json_member(archive_at(raw_dir, manifest, manifest["members"][rel.split("/", 1)[0]]), rel,
+                            "COCO caption file")
 
 
 def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_dir: str | Path,

@@ -296,11 +296,27 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
 
     signature = pipeline_signature(options.preset)
 
+    def volume_check():
+        """Kubeflow with a checkpoint PVC: an uncached check before train (its dependency is not in train's cache
+        key) that another run's pod does not hold the ReadWriteOnce volume."""
+        from components.check_volumes import check_volumes
+
+        task = check_volumes(checkpoint_pvc=options.checkpoint_pvc).set_container_image(options.image)
+        _kubernetes_task(task, options, gpu=False)
+        task.set_cpu_request("100m").set_cpu_limit("500m").set_memory_request("256Mi").set_memory_limit("512Mi")
+        task.set_caching_options(False)
+        task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
+        return task.set_display_name("check_volumes")
+
     def captioning_pipeline(*args):
         params = dict(zip(signature.parameters, args))
         tasks = {}
         for name in STEPS:
-            if name == "promote":
+            if name == "train" and options.target == "kubeflow" and options.checkpoint_pvc:
+                check = volume_check()
+                add_step(name, params, tasks)
+                tasks[name].after(check)
+            elif name == "promote":
                 with dsl.If(tasks["evaluate"].outputs["Output"] > params["min_score"], name=GATE):
                     add_step(name, params, tasks)
             else:

@@ -63,7 +63,7 @@ def test_every_backend_parses_the_ir_compiled_for_it(tmp_path, minor, pipeline):
     ir = compiled(tmp_path, kfp_version=minor, pipeline=pipeline)
     result = strict_parse(minor, ir)
     assert result["pipeline_spec"] == "ok"
-    assert len(result["executors"]) == (5 if pipeline == "train" else 6)
+    assert len(result["executors"]) == 6  # train: five steps and check_volumes; caption: six steps
     assert set(result["executors"].values()) == {"ok"}, result
 
 
@@ -71,7 +71,7 @@ def test_the_checker_refuses_what_an_older_backend_does_not_know(tmp_path):
     """The default IR (for the pinned 2.17) is refused by 2.14 and 2.15, naming the field, as their compilers do."""
     ir = compiled(tmp_path)
     old = strict_parse("2.14", ir)["executors"]
-    assert len(old) == 5 and all('no field named "optional"' in why for why in old.values()), old
+    assert len(old) == 6 and all('no field named "optional"' in why for why in old.values()), old
     middle = strict_parse("2.15", ir)["executors"]
     assert all('no field named "securityContext"' in why for why in middle.values()), middle
 

@@ -35,7 +35,8 @@ def kubeflow(tmp_path_factory):
 def test_five_executors_on_the_project_image_without_code_or_pip(kubeflow):
     text, docs, _ = kubeflow
     executors = docs[0]["deploymentSpec"]["executors"]
-    assert sorted(executors) == sorted(f"exec-{n}" for n in STEP_NAMES)
+    # the five steps, and on Kubeflow the check that no other run holds the checkpoint volume
+    assert sorted(executors) == sorted(f"exec-{n}" for n in (*STEP_NAMES, "check-volumes"))
     for spec in executors.values():
         container = spec["container"]
         assert container["image"] == IMAGE
@@ -247,10 +248,10 @@ def test_a_second_run_with_the_same_inputs_is_answered_from_the_cache_up_to_prom
     replay = CacheReplay(ir)
     assert all(what == "ran" for _, what in replay.replay(params, {}, {}))
     second = dict(replay.replay(params, {}, {}))
-    assert second == {**{task: "hit" for task in CACHED}, "promote": "ran"}
+    assert second == {**{task: "hit" for task in CACHED}, "promote": "ran", "check-volumes": "ran"}
     changed = dict(replay.replay({**params, "epochs": 99}, {}, {}))  # a training setting: train and after it
     assert changed == {"log-raw-data": "hit", "process-data": "hit", "train": "ran", "evaluate": "ran",
-                       "promote": "ran"}
+                       "promote": "ran", "check-volumes": "ran"}
 
 
 def test_wandb_runs_are_grouped_by_the_run_id_label_outside_the_cache_key(kubeflow, monkeypatch):
@@ -409,3 +410,49 @@ def test_a_pipeline_root_is_compiled_in_and_a_coco_run_without_one_is_warned_abo
     for target, root in (("kubeflow", "/data/artifacts"), ("kubeflow", "s3://"), ("vertex", "s3://b/p")):
         bad = captioning_cli("compile", "--target", target, "--pipeline-root", root, "--output", str(tmp_path / "r.yaml"))
         assert bad.returncode == 2 and f"--pipeline-root '{root}'" in bad.stderr, bad.stderr
+
+
+def pod(name, run, phase, claim, node="gpu-node-a"):
+    """A pod as the Kubernetes API lists it (the fields the check reads, in the API's camelCase)."""
+    return {"metadata": {"name": name, "labels": {"pipeline/runid": run} if run else {}},
+            "spec": {"nodeName": node, "volumes": [{"name": "kube-api-access", "projected": {"sources": []}},
+                                                   {"name": "ckpt", "persistentVolumeClaim": {"claimName": claim}}]},
+            "status": {"phase": phase}}
+
+
+def test_a_second_run_is_told_who_holds_the_checkpoint_volume_before_train_waits_for_it(kubeflow):
+    """Issue 25, point 6: the ReadWriteOnce checkpoint volume held by another run's train would leave this run's
+    train Pending (Multi-Attach) without a word; an uncached check before train names the holder."""
+    from pipeline import CHECKPOINT_PVC
+
+    from captioning.cluster_volumes import check_volume_free, volume_users
+    from captioning.errors import DataError
+
+    pods = [pod("captioning-abc-train-1", "run-1", "Running", CHECKPOINT_PVC),
+            pod("captioning-xyz-check-volumes", "run-2", "Running", "other-claim"),
+            pod("captioning-old-train", "run-0", "Succeeded", CHECKPOINT_PVC),
+            pod("captioning-xyz-train", "run-2", "Pending", CHECKPOINT_PVC, node="")]
+    assert [u["pod"] for u in volume_users(pods, CHECKPOINT_PVC, "run-2")] == ["captioning-abc-train-1"]
+    with pytest.raises(DataError, match=rf"the checkpoint volume {CHECKPOINT_PVC} \(ReadWriteOnce\) in namespace "
+                                        r"kubeflow is mounted by pod captioning-abc-train-1 \(run run-1, Running, "
+                                        r"node gpu-node-a\)"):
+        check_volume_free(CHECKPOINT_PVC, "run-2", pods, "kubeflow")
+    check_volume_free(CHECKPOINT_PVC, "run-2", pods[1:], "kubeflow")  # only its own pods and finished ones: free
+
+    _, docs, _ = kubeflow
+    ir = docs[0]
+    root = ir["root"]["dag"]["tasks"]
+    assert "check-volumes" in root["train"]["dependentTasks"]
+    assert not root["check-volumes"].get("cachingOptions", {}).get("enableCache")
+    assert root["check-volumes"]["inputs"]["parameters"]["checkpoint_pvc"]["runtimeValue"]["constant"] == CHECKPOINT_PVC
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-check-volumes"]
+    assert platform["fieldPathAsEnv"][0]["name"] == "KFP_RUN_ID"  # its own run, to tell itself from others
+    assert "pvcMount" not in platform  # it reads the API, never mounts the volume it checks
+
+
+def test_without_a_checkpoint_volume_there_is_nothing_to_check(tmp_path):
+    from pipeline import BuildOptions, compile_pipeline
+
+    for options in (BuildOptions(checkpoint_pvc=""), BuildOptions(target="vertex")):
+        ir = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", options).read_text()).__next__()
+        assert "check-volumes" not in ir["root"]["dag"]["tasks"]

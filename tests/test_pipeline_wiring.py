@@ -19,7 +19,7 @@ from captioning.parameters import PARAMETERS, PRESET_PARAMETER, parameters_from_
 
 from components.factory import UPSTREAM_REF
 
-NOT_SETTINGS = {UPSTREAM_REF}  # inputs that carry no configuration
+NOT_SETTINGS = {UPSTREAM_REF, "checkpoint_pvc"}  # inputs that carry no configuration (a build option)
 
 
 def compile_ir(tmp_path, **options) -> dict:

@@ -168,8 +168,9 @@ class BuildOptions:
                          "every pod waits in CreateContainerConfigError")
         if not self.pipeline_root and self.preset == "coco2014" and self.pipeline == "train":
             notes.append("no --pipeline-root: the artifacts go to the cluster's default store; a COCO run moves "
-                         f"about {COCO_ARTIFACT_GB} GB through it (README 'Data plane'), more than the SeaweedFS volume "
-                         "KFP 2.15-2.17 installs (20Gi): pass a bucket, or size the store (manifests/cluster/kfp-store)")
+                         f"about {COCO_ARTIFACT_GB} GB through it (about 33 GB when raw_data only references the "
+                         "raw-cache volume; README 'Data plane'), more than the 20Gi SeaweedFS volume KFP installs from "
+                         "2.15: pass a bucket, or size the store (manifests/cluster/kfp-store)")
         if self.security_context and not self.backend["security_context"]:
             notes.append(f"KFP {self.kfp_version}: no securityContext in the pod specs (it parses from 2.16): the "
                          f"pods run as the image's USER {IMAGE_UID}, but nothing in the spec says non-root, so a "
@@ -296,31 +297,34 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
 
     signature = pipeline_signature(options.preset)
 
-    def volume_check():
-        """Kubeflow with a checkpoint PVC: an uncached check before train (its dependency is not in train's cache
-        key) that another run's pod does not hold the ReadWriteOnce volume."""
+    def volume_check(claims: list[str]):
+        """Kubeflow with volumes: an uncached check after log_raw_data that no other run's pod holds them (the
+        dependency is not in the later tasks' cache keys). Not retried: a held volume stays held for hours."""
         from components.check_volumes import check_volumes
 
-        task = check_volumes(checkpoint_pvc=options.checkpoint_pvc).set_container_image(options.image)
+        task = check_volumes(claims=claims).set_container_image(options.image)
         _kubernetes_task(task, options, gpu=False)
         task.set_cpu_request("100m").set_cpu_limit("500m").set_memory_request("256Mi").set_memory_limit("512Mi")
         task.set_caching_options(False)
-        task.set_retry(options.retries, options.retry_backoff, 2, options.retry_window)
+        task.set_retry(0, options.retry_backoff, 2, options.retry_window)
         return task.set_display_name("check_volumes")
 
     def captioning_pipeline(*args):
         params = dict(zip(signature.parameters, args))
         tasks = {}
+        claims = [c for c in (options.raw_cache_pvc, options.checkpoint_pvc) if c] if options.target == "kubeflow" \
+            else []
+        check = None
         for name in STEPS:
-            if name == "train" and options.target == "kubeflow" and options.checkpoint_pvc:
-                check = volume_check()
-                add_step(name, params, tasks)
-                tasks[name].after(check)
-            elif name == "promote":
+            if name == "promote":
                 with dsl.If(tasks["evaluate"].outputs["Output"] > params["min_score"], name=GATE):
                     add_step(name, params, tasks)
             else:
                 add_step(name, params, tasks)
+            if check is not None and name in ("process_data", "train"):
+                tasks[name].after(check)
+            if name == "log_raw_data" and claims:
+                check = volume_check(claims).after(tasks[name])
 
     captioning_pipeline.__signature__ = signature
     captioning_pipeline.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}

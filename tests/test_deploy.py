@@ -354,6 +354,7 @@ def test_kserve_dry_run_prints_the_object_and_contacts_nothing(tmp_path):
         assert plan["object"]["spec"]["predictor"]["volumes"] == [
             {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
         assert KUBE_TOKEN not in printed(result)
+        assert "kubernetes.podspec-persistent-volume-claim" in result.stderr  # what Knative needs for the claim
         assert api.requests == []
 
 

@@ -420,39 +420,43 @@ def pod(name, run, phase, claim, node="gpu-node-a"):
             "status": {"phase": phase}}
 
 
-def test_a_second_run_is_told_who_holds_the_checkpoint_volume_before_train_waits_for_it(kubeflow):
-    """Issue 25, point 6: the ReadWriteOnce checkpoint volume held by another run's train would leave this run's
-    train Pending (Multi-Attach) without a word; an uncached check before train names the holder."""
-    from pipeline import CHECKPOINT_PVC
+def test_a_second_run_is_told_who_holds_its_volumes_before_a_step_waits_for_them(kubeflow):
+    """Issue 25, point 6: the ReadWriteOnce volumes held by another run's process_data (raw cache) or train
+    (checkpoints) would leave this run's step Pending (Multi-Attach) without a word; an uncached check after
+    log_raw_data names the holder."""
+    from pipeline import CHECKPOINT_PVC, RAW_CACHE_PVC
 
-    from captioning.cluster_volumes import check_volume_free, volume_users
+    from captioning.cluster_volumes import check_volumes_free, volume_users
     from captioning.errors import DataError
 
     pods = [pod("captioning-abc-train-1", "run-1", "Running", CHECKPOINT_PVC),
             pod("captioning-xyz-check-volumes", "run-2", "Running", "other-claim"),
-            pod("captioning-old-train", "run-0", "Succeeded", CHECKPOINT_PVC),
-            pod("captioning-xyz-train", "run-2", "Pending", CHECKPOINT_PVC, node="")]
+            pod("captioning-old-process-data", "run-0", "Succeeded", RAW_CACHE_PVC),
+            pod("captioning-xyz-log-raw-data", "run-2", "Pending", RAW_CACHE_PVC, node="")]
+    claims = [RAW_CACHE_PVC, CHECKPOINT_PVC]
     assert [u["pod"] for u in volume_users(pods, CHECKPOINT_PVC, "run-2")] == ["captioning-abc-train-1"]
-    with pytest.raises(DataError, match=rf"the checkpoint volume {CHECKPOINT_PVC} \(ReadWriteOnce\) in namespace "
-                                        r"kubeflow is mounted by pod captioning-abc-train-1 \(run run-1, Running, "
-                                        r"node gpu-node-a\)"):
-        check_volume_free(CHECKPOINT_PVC, "run-2", pods, "kubeflow")
-    check_volume_free(CHECKPOINT_PVC, "run-2", pods[1:], "kubeflow")  # only its own pods and finished ones: free
+    assert volume_users(pods, RAW_CACHE_PVC, "run-2") == []  # its own pod, and a finished one
+    with pytest.raises(DataError, match=rf"namespace kubeflow are mounted by another run: {CHECKPOINT_PVC} by pod "
+                                        r"captioning-abc-train-1 \(run run-1, Running, node gpu-node-a\)"):
+        check_volumes_free(claims, "run-2", pods, "kubeflow")
+    check_volumes_free(claims, "run-2", pods[1:], "kubeflow")  # only its own pods and finished ones: free
 
     _, docs, _ = kubeflow
     ir = docs[0]
     root = ir["root"]["dag"]["tasks"]
-    assert "check-volumes" in root["train"]["dependentTasks"]
+    assert root["check-volumes"]["dependentTasks"] == ["log-raw-data"]  # after it, before the steps that wait
+    assert "check-volumes" in root["process-data"]["dependentTasks"] and "check-volumes" in root["train"]["dependentTasks"]
     assert not root["check-volumes"].get("cachingOptions", {}).get("enableCache")
-    assert root["check-volumes"]["inputs"]["parameters"]["checkpoint_pvc"]["runtimeValue"]["constant"] == CHECKPOINT_PVC
+    assert "maxRetryCount" not in root["check-volumes"]["retryPolicy"]  # limit 0: a held volume stays held
+    assert root["check-volumes"]["inputs"]["parameters"]["claims"]["runtimeValue"]["constant"] == claims
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-check-volumes"]
     assert platform["fieldPathAsEnv"][0]["name"] == "KFP_RUN_ID"  # its own run, to tell itself from others
-    assert "pvcMount" not in platform  # it reads the API, never mounts the volume it checks
+    assert "pvcMount" not in platform  # it reads the API, never mounts the volumes it checks
 
 
-def test_without_a_checkpoint_volume_there_is_nothing_to_check(tmp_path):
+def test_without_volumes_there_is_nothing_to_check(tmp_path):
     from pipeline import BuildOptions, compile_pipeline
 
-    for options in (BuildOptions(checkpoint_pvc=""), BuildOptions(target="vertex")):
+    for options in (BuildOptions(checkpoint_pvc="", raw_cache_pvc=""), BuildOptions(target="vertex")):
         ir = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", options).read_text()).__next__()
         assert "check-volumes" not in ir["root"]["dag"]["tasks"]

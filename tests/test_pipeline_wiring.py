@@ -19,7 +19,7 @@ from captioning.parameters import PARAMETERS, PRESET_PARAMETER, parameters_from_
 
 from components.factory import UPSTREAM_REF
 
-NOT_SETTINGS = {UPSTREAM_REF, "checkpoint_pvc"}  # inputs that carry no configuration (a build option)
+NOT_SETTINGS = {UPSTREAM_REF, "claims"}  # inputs that carry no configuration (a build option)
 
 
 def compile_ir(tmp_path, **options) -> dict:
@@ -257,19 +257,37 @@ def test_each_step_reads_only_the_settings_it_declares(small_mirror, tmp_path, m
     assert "promote.metric" in seen["evaluate"] and "train.epochs" in seen["train"]  # the recorder sees reads
 
 
-def test_the_image_finds_every_step_component():
-    """kfp_config.ini (how kfp.dsl.executor_main finds a component in the image) names every step's module."""
+def test_the_image_finds_every_step_component(tmp_path):
+    """kfp_config.ini (how kfp.dsl.executor_main finds a component in the image) names the module of every
+    function any compiled pipeline executes, on both targets, and each loads there by that name."""
     import configparser
-    import importlib
+    import shutil
+    import subprocess
 
-    from captioning.workflow import STEPS
+    from pipeline import BuildOptions, compile_pipeline
     from pathlib import Path
 
+    root = Path(__file__).resolve().parents[1]
     ini = configparser.ConfigParser()
-    ini.read(Path(__file__).resolve().parents[1] / "components" / "kfp_config.ini")
-    caption_steps = ("resolve_model", "plan_captions", "caption_shard", "merge_captions")
-    assert dict(ini["Components"]) == {name: f"components/{name}.py" for name in (*STEPS, *caption_steps)}
-    for name in caption_steps:  # the batch captioning pipeline's components
-        assert getattr(importlib.import_module(f"components.{name}"), name).name == name.replace("_", "-")
-    for name in STEPS:
-        assert getattr(importlib.import_module(f"components.{name}"), name).name == name.replace("_", "-")
+    ini.read(root / "components" / "kfp_config.ini")
+    executed = set()
+    for options in (BuildOptions(), BuildOptions(pipeline="caption"), BuildOptions(target="vertex")):
+        ir = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", options).read_text()).__next__()
+        for executor in ir["deploymentSpec"]["executors"].values():
+            args = executor["container"]["args"]
+            assert "--component_module_path" not in args  # found through the ini
+            executed.add(args[args.index("--function_to_execute") + 1])
+    assert dict(ini["Components"]) == {name: f"components/{name}.py" for name in sorted(executed)}
+    # as in the image (/app holds kfp_config.ini and components/): executor_main's own lookup and loader
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(root / "components" / "kfp_config.ini", app / "kfp_config.ini")
+    (app / "components").symlink_to(root / "components")
+    code = ("import sys; from kfp.dsl import kfp_config, utils; "
+            "path = kfp_config.KFPConfig().get_components()[sys.argv[1]]; "
+            "module = utils.load_module(module_name=path.name[:-3], module_directory=str(path.parent)); "
+            "print(getattr(module, sys.argv[1]).name)")
+    for name in sorted(executed):
+        proc = subprocess.run([sys.executable, "-c", code, name], cwd=app, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+        assert proc.returncode == 0 and proc.stdout.strip() == name.replace("_", "-"), (name, proc.stderr[-1500:])

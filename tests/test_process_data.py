@@ -428,6 +428,27 @@ def test_process_data_reads_the_referenced_cache_and_names_an_archive_changed_or
     shutil.copy2(kept, val)
     assert open_raw(tmp_path / "raw")[0] == manifest
 
+    # What W&B records of it: references to the archives where they are (the cache's volume), not into the
+    # artifact, which no longer holds them (a recording stand-in for the tracker: the W&B server is not here)
+    from captioning.tracking.records import record_log_raw_data
+
+    logged = {}
+
+    class Tracker:
+        def summary(self, metrics):
+            pass
+
+        def table(self, *args):
+            pass
+
+        def log_artifact(self, name, kind, files, references, metadata):
+            logged.update(references)
+            return "ref"
+
+    record_log_raw_data(Tracker(), None, result, tmp_path / "raw", "minio://mlpipeline/run-1/raw_data")
+    assert logged and all(ref.startswith("file:///") for ref in logged.values())
+    assert all(Path(ref[len("file://"):]).is_file() for ref in logged.values())
+
 
 def test_an_image_id_in_both_caption_files_is_skipped_not_fatal(small_mirror, extractor, tmp_path):
     """Review of issue 14: one id in both files failed the whole step; like a duplicate within a file, it is a

@@ -1,10 +1,11 @@
-"""Kubeflow: is the checkpoint volume already held by another run's pod?
+"""Kubeflow: are the pipeline's volumes already held by another run's pods?
 
-The volume is ReadWriteOnce: while one run's train mounts it on a node, a second run's train on
-another node waits in Pending (Multi-Attach) and says nothing in the pipeline. An uncached task
-before train (pipeline.py: check_volumes) lists the namespace's pods and fails, naming the pod, its
-run and its node, when another run's pod mounts the claim. Two runs that start within the same
-minute can both pass; the check is for the usual case, a run started while another trains.
+Both are ReadWriteOnce: while one run's process_data holds the raw cache, or its train the
+checkpoints, on a node, a second run's pod on another node waits in Pending (Multi-Attach) and
+says nothing in the pipeline. An uncached task after log_raw_data (pipeline.py: check_volumes)
+lists the namespace's pods and fails, naming the pod, its run and its node, when another run's pod
+mounts one of the claims. Two runs that reach it within the same minute can both pass; a run that
+reaches it while another is still between its own check and its train can too.
 """
 
 from __future__ import annotations
@@ -35,15 +36,20 @@ def volume_users(pods: list[dict], claim: str, own_run: str) -> list[dict]:
     return users
 
 
-def check_volume_free(claim: str, own_run: str, pods: list[dict], namespace: str) -> None:
-    users = volume_users(pods, claim, own_run)
-    if users:
-        held = "; ".join(f"pod {u['pod']} ({'run ' + u['run'] if u['run'] else 'no pipeline run'}, {u['phase']}, "
-                         f"node {u['node']})" for u in users)
-        raise DataError(f"the checkpoint volume {claim} (ReadWriteOnce) in namespace {namespace} is mounted by {held}: "
-                        "this run's train would wait for it in Pending on another node. Wait for that run, or "
-                        "compile with another --checkpoint-pvc (or a gs:// checkpoint_dir)")
-    log.info("check_volumes: %s is not mounted by another run's pod", claim)
+def check_volumes_free(claims: list[str], own_run: str, pods: list[dict], namespace: str) -> None:
+    held = []
+    for claim in claims:
+        users = volume_users(pods, claim, own_run)
+        if users:
+            held.append(f"{claim} by " + "; ".join(
+                f"pod {u['pod']} ({'run ' + u['run'] if u['run'] else 'no pipeline run'}, {u['phase']}, "
+                f"node {u['node']})" for u in users))
+    if held:
+        raise DataError(f"ReadWriteOnce volumes in namespace {namespace} are mounted by another run: {' and '.join(held)}. "
+                        "This run's process_data (the raw cache) and train (the checkpoints) would wait for them in "
+                        "Pending on another node. Wait for that run, or compile with other --raw-cache-pvc / "
+                        "--checkpoint-pvc names")
+    log.info("check_volumes: %s not mounted by another run's pod", ", ".join(claims))
 
 
 def list_pods_in_cluster(namespace: str) -> list[dict]:
@@ -55,7 +61,7 @@ def list_pods_in_cluster(namespace: str) -> list[dict]:
     return json.loads(response.data)["items"]
 
 
-def check_in_cluster(claim: str) -> None:
+def check_in_cluster(claims: list[str]) -> None:
     """In a pipeline pod: its namespace and run from the pod's environment (pipeline.py passes the run id)."""
     from captioning.submit.kubeflow import POD_NAMESPACE_FILE
     from captioning.tracking import KFP_RUN_ID_ENV
@@ -64,6 +70,7 @@ def check_in_cluster(claim: str) -> None:
     try:
         pods = list_pods_in_cluster(namespace)
     except Exception as exc:  # noqa: BLE001 - RBAC or API trouble: the check is advice, not a gate
-        log.warning("check_volumes: could not list the pods of %s (%s); %s not checked", namespace, exc, claim)
+        log.warning("check_volumes: could not list the pods of %s (%s); %s not checked", namespace, exc,
+                    ", ".join(claims))
         return
-    check_volume_free(claim, os.environ.get(KFP_RUN_ID_ENV, ""), pods, namespace)
+    check_volumes_free(claims, os.environ.get(KFP_RUN_ID_ENV, ""), pods, namespace)

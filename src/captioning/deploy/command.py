@@ -74,8 +74,9 @@ def _kserve(image, model_uri, name, gpu, dry_run, wait, timeout_s, poll_s, names
     from captioning.deploy import kserve
 
     kserve.check_request(model_uri, name)
-    if note := kserve.restricted_note(model_uri):
-        typer.echo(f"note: {note}", err=True)
+    for note in (kserve.restricted_note(model_uri), kserve.serverless_note(model_uri)):
+        if note:
+            typer.echo(f"note: {note}", err=True)
     where = kserve.KServeTarget(namespace, str(kubeconfig) if kubeconfig else None, api_server, token)
     obj = kserve.inference_service(image, model_uri, name, gpu)
     if dry_run:

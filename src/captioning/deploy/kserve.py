@@ -105,6 +105,15 @@ def restricted_note(model_uri: str) -> str | None:
             "(read by the server) or pvc://CLAIM/PATH (mounted) there")
 
 
+def serverless_note(model_uri: str) -> str | None:
+    """What Knative (KServe's default Serverless mode) needs for the predictor, if anything."""
+    if model_uri.startswith("pvc://"):
+        return ("pvc://: in Serverless mode Knative admits a PersistentVolumeClaim volume only with "
+                "kubernetes.podspec-persistent-volume-claim: enabled in its config-features ConfigMap; or annotate "
+                "the InferenceService serving.kserve.io/deploymentMode: RawDeployment")
+    return None
+
+
 def check_request(model_uri: str, name: str) -> None:
     if not model_uri.startswith(STORAGE_SCHEMES) or not model_uri.split("://", 1)[1]:
         raise DeployError(f"--model-uri {model_uri!r}: KServe downloads the model from gs://, s3://, pvc://CLAIM/PATH, "

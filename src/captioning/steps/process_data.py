@@ -147,13 +147,14 @@ def _check_referenced(raw_dir: Path, manifest: dict) -> None:
 
 
 def open_raw(raw_dir: Path, limits: tuple[int, float] = (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO),
-             ) -> tuple[dict, ArchiveImages]:
-    """log_raw_data's manifest and a reader of its archives, each checked entry by entry first."""
+             verify_cache: bool = True) -> tuple[dict, ArchiveImages]:
+    """log_raw_data's manifest and a reader of its archives, each checked entry by entry first (and, when only
+    referenced in a download cache, against its recorded size and SHA-256 unless ``verify_cache`` is off)."""
     manifest = read_json(raw_dir / MANIFEST, "log_raw_data manifest")
     if manifest.get("format") != "coco-archives/1":
         raise DataError(f"{raw_dir / MANIFEST}: not a log_raw_data manifest of this version "
                         f"(format {manifest.get('format')!r}); run log_raw_data again")
-    if manifest.get("archive_root"):
+    if manifest.get("archive_root") and verify_cache:
         _check_referenced(raw_dir, manifest)
     for path in sorted(set(manifest["members"].values())):
         index_archive(archive_at(raw_dir, manifest, path), *limits)

@@ -32,7 +32,11 @@ def _numbers(metrics: dict) -> dict:
 def record_log_raw_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path, uri: str) -> str:
     """``uri``: where the raw-data artifact stays once the pod is gone (gs://, minio://, s3://, a file URI)."""
     manifest = json.loads((raw_dir / "manifest.json").read_text())
-    refs = {f["path"]: f"{reference_uri(uri).rstrip('/')}/{f['path']}" for f in manifest["files"].values()}
+    # The archives are in the artifact, or (with a download cache) only referenced there: then they stay on the
+    # cache's volume, which W&B can name but not reach from elsewhere; the checksums below identify them.
+    root = (Path(manifest["archive_root"]).resolve().as_uri() if manifest.get("archive_root")
+            else reference_uri(uri).rstrip("/"))
+    refs = {f["path"]: f"{root}/{f['path']}" for f in manifest["files"].values()}
     t.summary(result.metrics)
     t.table("raw_files", ["file", "source", "bytes", "sha256"],
             [[rel, f["source"], f["size"], f["sha256"]] for rel, f in manifest["files"].items()])
@@ -73,7 +77,7 @@ def record_process_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir
     t.table("skipped_files", ["file", "reason"], [[s["file"], s["reason"]] for s in skipped])
     train = ProcessedDataset.open(parts["train_data"])
     if t.run is not None:
-        _, images = open_raw(raw_dir)
+        _, images = open_raw(raw_dir, verify_cache=False)  # process_data verified the cached archives just now
         records = train.records("train")[:SAMPLE_IMAGES]
         feats = np.stack([f.numpy().astype(np.float32).mean(axis=0)
                           for f in train.features("train").take(len(records))]) if records else np.zeros((0, 2048))

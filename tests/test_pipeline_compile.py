@@ -460,3 +460,15 @@ def test_without_volumes_there_is_nothing_to_check(tmp_path):
     for options in (BuildOptions(checkpoint_pvc="", raw_cache_pvc=""), BuildOptions(target="vertex")):
         ir = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", options).read_text()).__next__()
         assert "check-volumes" not in ir["root"]["dag"]["tasks"]
+
+
+def test_the_volume_check_outside_a_pod_or_without_rights_warns_and_passes(monkeypatch, caplog):
+    """It advises: without a service account (or RBAC to list pods) it says what it did not check, and lets the
+    run go on rather than fail a run that may well be alone."""
+    from captioning import cluster_volumes
+    from captioning.submit import kubeflow
+
+    monkeypatch.setattr(kubeflow, "POD_NAMESPACE_FILE", "/nonexistent/namespace")
+    with caplog.at_level("WARNING"):
+        cluster_volumes.check_in_cluster(["captioning-checkpoints"])
+    assert "not in a pod with a service account" in caplog.text and "captioning-checkpoints not checked" in caplog.text

@@ -66,7 +66,11 @@ def check_in_cluster(claims: list[str]) -> None:
     from captioning.submit.kubeflow import POD_NAMESPACE_FILE
     from captioning.tracking import KFP_RUN_ID_ENV
 
-    namespace = Path(POD_NAMESPACE_FILE).read_text().strip()
+    try:
+        namespace = Path(POD_NAMESPACE_FILE).read_text().strip()
+    except OSError as exc:  # no service account token mounted: nothing to ask the API with
+        log.warning("check_volumes: not in a pod with a service account (%s); %s not checked", exc, ", ".join(claims))
+        return
     try:
         pods = list_pods_in_cluster(namespace)
     except Exception as exc:  # noqa: BLE001 - RBAC or API trouble: the check is advice, not a gate

@@ -271,6 +271,12 @@ def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = No
     return decorate
 
 
+def _print_left_out(build) -> None:
+    """What the compiled IR does without, for the backend it is for (BuildOptions.left_out)."""
+    for note in build.left_out():
+        typer.echo(f"note: {note}", err=True)
+
+
 @app.command("compile")
 @with_build_options()
 def compile_cmd(build, output: Path = typer.Option(Path("captioning_pipeline.yaml"), "--output", "-o")) -> None:
@@ -278,8 +284,7 @@ def compile_cmd(build, output: Path = typer.Option(Path("captioning_pipeline.yam
     from pipeline import compile_pipeline
 
     typer.echo(str(compile_pipeline(output, build)))
-    for note in build.left_out():
-        typer.echo(f"note: {note}", err=True)
+    _print_left_out(build)
     if not build.image_pinned:
         typer.echo(f"note: --image {build.image} is a tag: KFP's cache key holds the reference, not the content, "
                    "so a rebuilt image under the same tag is answered from the cache. Pass NAME@sha256:... "
@@ -364,8 +369,7 @@ def submit(
             stem = "captioning_batch" if build.pipeline == "caption" else "captioning_pipeline"
             package = compile_pipeline(Path(f"{stem}.{target}.yaml"), build)
             typer.echo(f"compiled: {package}", err=True)
-            for note in build.left_out():
-                typer.echo(f"note: {note}", err=True)
+            _print_left_out(build)
         check_package(read_package(package), target, parameters, build.pipeline)
         if target == "kubeflow":
             outcome = _submit_kubeflow(package, parameters, dry_run, wait, timeout_s, poll_s, where)

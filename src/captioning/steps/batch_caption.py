@@ -72,15 +72,13 @@ def resolve_model_step(cfg: Config) -> StepResult:
 
 def fetch_model_step(cfg: Config, model_ref: str, model_version: str, out_dir: Path) -> StepResult:
     """The model version resolve_model found, copied into ``out_dir``; refused if the reference now holds another."""
-    from captioning.bundle import load_bundle
     from captioning.model_source import resolve_model
 
     resolved = resolve_model(model_ref, cfg.promote.registry, cfg.promote.collection, setting="model_ref")
     if resolved.version != model_version:
         raise DataError(f"model_ref={model_ref}: now holds {resolved.version}, not {model_version} as resolve_model "
                         "found a moment ago (the folder or prefix was rewritten): run the pipeline again")
-    load_bundle(resolved.path)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir)  # the same version resolve_model loaded: not loaded again
     if out_dir.resolve() != resolved.path.resolve():
         shutil.rmtree(out_dir, ignore_errors=True)
         shutil.copytree(resolved.path, out_dir)
@@ -89,24 +87,26 @@ def fetch_model_step(cfg: Config, model_ref: str, model_version: str, out_dir: P
     return StepResult(metrics={"model_version": resolved.version}, outputs={"model": str(out_dir)})
 
 
-def list_images_step(cfg: Config) -> StepResult:
-    """The images under ``batch.source`` now, as a fingerprint (``listing``) plan_captions checks again."""
+def _images(cfg: Config) -> tuple[list[str], str]:
+    """``batch.source``'s image URIs and their fingerprint; none is an error."""
     from captioning.images import image_listing
 
     uris, fingerprint = image_listing(cfg.batch.source)
     if not uris:
         raise DataError(f"batch.source={cfg.batch.source}: no images there (.jpg, .jpeg, .png, .gif, .bmp)")
+    return uris, fingerprint
+
+
+def list_images_step(cfg: Config) -> StepResult:
+    """The images under ``batch.source`` now, as a fingerprint (``listing``) plan_captions checks again."""
+    uris, fingerprint = _images(cfg)
     log.info("list_images: %d images, listing %s", len(uris), fingerprint)
     return StepResult(metrics={"images": len(uris)}, returns={"listing": fingerprint, "images": len(uris)})
 
 
 def plan_captions(cfg: Config, out_dir: Path, listing: str = "") -> StepResult:
     """The images split into shards; with ``listing`` (list_images' fingerprint), refused if they changed since."""
-    from captioning.images import image_listing
-
-    uris, fingerprint = image_listing(cfg.batch.source)
-    if not uris:
-        raise DataError(f"batch.source={cfg.batch.source}: no images there (.jpg, .jpeg, .png, .gif, .bmp)")
+    uris, fingerprint = _images(cfg)
     if listing and listing != fingerprint:
         raise DataError(f"batch.source={cfg.batch.source}: the images changed since list_images looked "
                         f"({len(uris)} now, listing {fingerprint} against {listing}): run the pipeline again")

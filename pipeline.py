@@ -67,11 +67,14 @@ GATE = "score-above-floor"  # promote runs only when evaluate's score exceeds mi
 # What each Kubeflow Pipelines backend parses of an executor's Kubernetes config. Its Argo compiler
 # unmarshals the config strictly (backend/src/v2/compiler/argocompiler/container.go) and refuses the run
 # on a field it does not know; tests parse the IR with each release's published kfp-kubernetes proto.
+# store: where its launcher reaches minio:// artifacts (backend/src/v2/objectstore/config.go), which promote.deploy
+# hands the server.
 KFP_BACKENDS = {
-    "2.14": {"optional_secret": False, "security_context": False},
-    "2.15": {"optional_secret": True, "security_context": False},  # kubeflow/pipelines#12216
-    "2.16": {"optional_secret": True, "security_context": True},
-    "2.17": {"optional_secret": True, "security_context": True},
+    "2.14": {"optional_secret": False, "security_context": False, "store": "http://minio-service.kubeflow:9000"},
+    "2.15": {"optional_secret": True, "security_context": False,  # kubeflow/pipelines#12216
+             "store": "http://minio-service.kubeflow:9000"},
+    "2.16": {"optional_secret": True, "security_context": True, "store": "http://seaweedfs.kubeflow:9000"},
+    "2.17": {"optional_secret": True, "security_context": True, "store": "http://seaweedfs.kubeflow:9000"},
 }
 
 
@@ -289,9 +292,10 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         else:  # an explicit limit of 0: without one, the task takes the controller's default (2 on KFP 2.17)
             task.set_retry(0, options.retry_backoff, 2, options.retry_window)
         if name == "promote":  # promote.deploy serves the new model with the pipeline's own image
-            from captioning.deploy.after_promote import IMAGE_ENV
+            from captioning.deploy.after_promote import IMAGE_ENV, STORE_ENV
 
             task.set_env_variable(IMAGE_ENV, options.image)
+            task.set_env_variable(STORE_ENV, options.backend["store"])
         task.set_display_name(name)
         tasks[name] = task
 

@@ -67,6 +67,19 @@ def gcs_emulator(monkeypatch):
 
 
 @pytest.fixture
+def s3_server():
+    """An S3 server on loopback (moto's, as KFP's SeaweedFS or MinIO store would answer): its URL. It takes any
+    key pair; boto3 still needs one to sign with."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
 def small_volume():
     """Mount a tmpfs of a given size (a real file system that fills up): ``small_volume(path, bytes)``.
     Needs root, as CI has; elsewhere the test is skipped, saying why."""

@@ -23,7 +23,7 @@ from test_manifests import MANIFESTS, kustomize, validate
 
 from captioning import DEFAULT_IMAGE
 from captioning.deploy.command import deploy
-from captioning.deploy.kserve import inference_service
+from captioning.deploy.kserve import S3Access, inference_service
 
 SERVING = MANIFESTS / "serving"
 KUBE_TOKEN = "kube-token-that-must-never-be-printed-0123"
@@ -145,23 +145,38 @@ def test_the_predictor_pod_validates_under_the_restricted_profile(rendered, tmp_
     assert "tolerations" not in rendered["spec"]["predictor"]
 
 
-@pytest.mark.parametrize("uri", ["gs://b/models/production", "pvc://models/captioning/v7", "s3://b/model"])
-def test_the_predictor_kserve_makes_passes_pod_security_restricted_unless_its_storage_initializer_runs(uri):
-    """Issue 25, point 3: gs:// (the server reads it) and pvc:// (mounted) make a pod a restricted namespace admits;
-    s3:// still needs KServe's initializer, refused there, and deploy says so."""
+SERVING_VARIANTS = [("gs://b/models/production", S3Access()), ("pvc://models/captioning/v7", S3Access()),
+                    ("s3://mlpipeline/v2/artifacts/run/model", S3Access("http://seaweedfs.kubeflow:9000",
+                                                                        "mlpipeline-minio-artifact")),
+                    ("s3://b/model", S3Access())]
+
+
+@pytest.mark.parametrize("uri, s3", SERVING_VARIANTS)
+def test_every_predictor_deploy_makes_passes_pod_security_restricted(uri, s3):
+    """Issue 25, point 3: every URI kind deploy and promote.deploy hand out is read without KServe's storage
+    initializer (gs:// and s3:// by the server, pvc:// mounted), so the pod a restricted namespace gets has no
+    init container and passes the profile's checks."""
     from helpers.pod_security import violations
 
-    from captioning.deploy.kserve import restricted_note
-
     for gpu in (False, True):
-        pod = kserve_pod(inference_service(IMAGE, uri, gpu=gpu))
+        isvc = inference_service(IMAGE, uri, gpu=gpu, s3=s3)
+        pod = kserve_pod(isvc)
         validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod})
-        if uri.startswith("s3://"):
-            assert violations(pod) and all(v.startswith("init container storage-initializer") for v in violations(pod))
-            assert "restricted" in restricted_note(uri)
-        else:
-            assert violations(pod) == [] and restricted_note(uri) is None, violations(pod)
-            assert "initContainers" not in pod
+        assert violations(pod) == [] and "initContainers" not in pod, violations(pod)
+        (container,) = pod["containers"]
+        assert "STORAGE_URI" not in {e["name"] for e in container.get("env", [])}
+        if not uri.startswith("pvc://"):
+            assert storage_uri(isvc) == uri  # the server reads it
+
+
+def test_the_pod_security_checker_refuses_kserves_storage_initializer():
+    """The checker is not blind: the init container KServe injects for STORAGE_URI (v0.20, no securityContext)."""
+    from helpers.pod_security import violations
+
+    isvc = inference_service(IMAGE, MODEL_URI)
+    isvc["spec"]["predictor"]["containers"][0]["env"] = [{"name": "STORAGE_URI", "value": "https://h/model.zip"}]
+    pod = kserve_pod(isvc)
+    assert violations(pod) and all(v.startswith("init container storage-initializer") for v in violations(pod))
 
 
 def test_the_validator_catches_a_broken_predictor(rendered):
@@ -355,6 +370,18 @@ def test_kserve_dry_run_prints_the_object_and_contacts_nothing(tmp_path):
             {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
         assert KUBE_TOKEN not in printed(result)
         assert "kubernetes.podspec-persistent-volume-claim" in result.stderr  # what Knative needs for the claim
+
+        # s3:// from KFP's store: read by the server, with the endpoint and the Secret's keys in its environment
+        result = run_deploy("--target", "kserve", "--model-uri", "s3://mlpipeline/v2/artifacts/r/model",
+                            "--s3-endpoint", "http://seaweedfs.kubeflow:9000", "--s3-secret",
+                            "mlpipeline-minio-artifact", "--api-server", api.url, "--dry-run",
+                            env={"KUBE_TOKEN": KUBE_TOKEN})
+        assert result.exit_code == 0, printed(result)
+        container = json.loads(result.stdout)["object"]["spec"]["predictor"]["containers"][0]
+        assert container["args"][container["args"].index("--model") + 1] == "s3://mlpipeline/v2/artifacts/r/model"
+        assert {e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]} == {
+            "AWS_ENDPOINT_URL": "http://seaweedfs.kubeflow:9000", "AWS_ACCESS_KEY_ID": "accesskey",
+            "AWS_SECRET_ACCESS_KEY": "secretkey"}
         assert api.requests == []
 
 
@@ -428,6 +455,18 @@ def test_kserve_errors_are_one_line_each(tmp_path):
         assert "--model-uri '/home/me/model'" in line and "not reachable from the cluster" in line
         line = one_line_error(run_deploy(*base, "--name", "Captioner_1", "--kubeconfig", str(kubeconfig)))
         assert "--name 'Captioner_1'" in line
+        # what only KServe's storage initializer reads is refused (restricted namespaces refuse the initializer)
+        line = one_line_error(run_deploy("--target", "kserve", "--model-uri", "https://h/model.zip",
+                                         "--kubeconfig", str(kubeconfig)))
+        assert "--model-uri 'https://h/model.zip'" in line and "storage initializer" in line
+        s3 = ("--target", "kserve", "--model-uri", "s3://b/m", "--kubeconfig", str(kubeconfig))
+        line = one_line_error(run_deploy(*s3, "--s3-endpoint", "seaweedfs.kubeflow:9000"))
+        assert "--s3-endpoint 'seaweedfs.kubeflow:9000'" in line and "http(s)://HOST[:PORT]" in line
+        line = one_line_error(run_deploy(*s3, "--s3-secret", "KFP_Secret"))
+        assert "--s3-secret 'KFP_Secret'" in line
+        line = one_line_error(run_deploy(*base, "--s3-secret", "mlpipeline-minio-artifact",
+                                         "--kubeconfig", str(kubeconfig)))
+        assert "for an s3:// model" in line
         assert not api.objects
 
     with FakeKubeApi(installed=False) as api:
@@ -634,7 +673,14 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         (isvc,) = api.objects.values()
         container = isvc["spec"]["predictor"]["containers"][0]
         assert container["image"] == IMAGE
-        assert {"name": "STORAGE_URI", "value": "s3://mlpipeline/v2/artifacts/run-1/train/model"} in container["env"]
+        # the server reads it from KFP's store (the endpoint pipeline.py sets for 2.17) with KFP's own Secret
+        assert storage_uri(isvc) == "s3://mlpipeline/v2/artifacts/run-1/train/model"
+        assert container["env"] == [
+            {"name": "AWS_ENDPOINT_URL", "value": "http://seaweedfs.kubeflow:9000"},
+            {"name": "AWS_ACCESS_KEY_ID",
+             "valueFrom": {"secretKeyRef": {"name": "mlpipeline-minio-artifact", "key": "accesskey"}}},
+            {"name": "AWS_SECRET_ACCESS_KEY",
+             "valueFrom": {"secretKeyRef": {"name": "mlpipeline-minio-artifact", "key": "secretkey"}}}]
         writes = len(api.requests)
 
         # the same model again: the alias stays, nothing is deployed

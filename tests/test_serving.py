@@ -239,3 +239,57 @@ def test_serve_refuses_a_model_it_cannot_find(promoted_model, model, message):
     proc = captioning_cli("serve", "--model", model, "--registry", str(promoted_model["registry"]), timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_reads_an_s3_model_with_the_environment_the_inference_service_sets(promoted_model, images, expected,
+                                                                                 s3_server, tmp_path):
+    """Issue 25, point 3: promote.deploy hands KServe KFP's minio:// store as s3://; the server reads it itself
+    (no storage initializer), with the endpoint and KFP's Secret the InferenceService puts in its environment."""
+    import boto3
+
+    from captioning.deploy.kserve import S3Access, inference_service
+
+    keys = {"accesskey": "kfp-access", "secretkey": "kfp-secret-never-logged"}  # mlpipeline-minio-artifact's data
+    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=keys["accesskey"],
+                      aws_secret_access_key=keys["secretkey"], region_name="us-east-1")
+    s3.create_bucket(Bucket="mlpipeline")
+    model = Path(promoted_model["model"])
+    for path in model.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "mlpipeline", f"v2/artifacts/run-1/train/model/{path.relative_to(model)}")
+    uri = "s3://mlpipeline/v2/artifacts/run-1/train/model"
+
+    isvc = inference_service("img", uri, s3=S3Access(s3_server, "mlpipeline-minio-artifact"))
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    # The container's environment as the kubelet fills it in from the Secret.
+    env = {e["name"]: e.get("value") or keys[e["valueFrom"]["secretKeyRef"]["key"]] for e in container["env"]}
+    assert set(env) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    args = container["args"]
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    exe = Path(sys.executable).parent / "captioning"
+    proc = subprocess.Popen([str(exe), *args[:-2], "--port", str(port), "--host", "127.0.0.1"],
+                            env={**base, **env, "HOME": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        scene = images["scenes"][1]
+        resp = requests.post(f"{url}/v1/models/captioner:predict", json={"instances": [{"b64": b64(scene)}]})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["predictions"][0]["caption"] == expected[str(scene)]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert keys["secretkey"] not in proc.stderr.read()
+    finally:
+        proc.kill()
+
+    # Without the Secret's keys, or with a bucket that is not there: exit 2 naming the URI, before any port opens.
+    for extra, message in (({"AWS_ENDPOINT_URL": s3_server}, "Unable to locate credentials"),
+                           ({**env}, "NoSuchBucket")):
+        missing = uri.replace("mlpipeline", "elsewhere") if "AWS_ACCESS_KEY_ID" in extra else uri
+        proc = subprocess.run([str(exe), "serve", "--model", missing], env={**base, **extra, "HOME": str(tmp_path)},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert f"--model={missing}: cannot read the bucket" in proc.stderr and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -188,8 +188,8 @@ def caption(
 def serve(
     model: Optional[str] = typer.Option(
         None, "--model", "-m", envvar="AIP_STORAGE_URI", show_envvar=False,
-        help="A model folder, an alias in --registry (production), wandb:ALIAS (the W&B Registry) or gs://... "
-        "(default: AIP_STORAGE_URI, as Vertex AI sets it)."),
+        help="A model folder, an alias in --registry (production), wandb:ALIAS (the W&B Registry), gs://... or s3://... "
+        "(AWS_ENDPOINT_URL for an S3-compatible store; default: AIP_STORAGE_URI, as Vertex AI sets it)."),
     registry: Optional[Path] = typer.Option(None, help="The local registry folder promote wrote (for an alias)."),
     collection: str = typer.Option("captioning-model", help="The registry collection of the alias."),
     name: str = typer.Option("captioner", help="The model's name in the routes (/v1/models/NAME:predict)."),
@@ -215,7 +215,7 @@ def serve(
     try:
         if not model:
             raise CaptioningError("--model: none given and AIP_STORAGE_URI is not set; name a model folder, an "
-                                  "alias with --registry, wandb:ALIAS or gs://...")
+                                  "alias with --registry, wandb:ALIAS, gs://... or s3://...")
         resolved = resolve_model(model, str(registry or ""), collection)
         loaded = CaptionModel(resolved.path, decoder, beam_width, version=resolved.version)
     except CaptioningError as exc:

@@ -6,7 +6,9 @@ name their model one of these ways:
 - a model folder (the train step's ``model`` output, or ``<registry>/<collection>/versions/vN``);
 - an alias (``production``) or ``collection:alias`` in the local registry folder that promote wrote;
 - ``wandb:ALIAS`` or ``wandb:COLLECTION:ALIAS``: the W&B Registry promote linked the model into (online);
-- ``gs://bucket/prefix``: a model folder in a bucket (Vertex AI hands one over as ``AIP_STORAGE_URI``).
+- ``gs://bucket/prefix``: a model folder in a bucket (Vertex AI hands one over as ``AIP_STORAGE_URI``);
+- ``s3://bucket/prefix``: the same in S3 or an S3-compatible store (KFP's artifact store), read with boto3's
+  standard environment: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``.
 
 The version says which model answered: ``vN`` from a registry, else the model file's digest.
 """
@@ -19,6 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from captioning.bundle import MODEL_FILE
 from captioning.errors import ConfigError
@@ -55,9 +58,9 @@ def resolve_model(spec: str, registry: str = "", collection: str = "captioning-m
     """A local model folder for ``spec`` (see the module's doc); ``setting`` names the option in errors."""
     spec = spec.strip()
     if not spec:
-        raise ConfigError(f"{setting}: empty; name a model folder, an alias such as production, or gs://...")
-    if spec.startswith("gs://"):
-        folder = _download_gcs_folder(spec, cache, setting)
+        raise ConfigError(f"{setting}: empty; name a model folder, an alias such as production, gs://... or s3://...")
+    if spec.startswith(("gs://", "s3://")):
+        folder = _download_bucket_folder(spec, cache, setting)
         return ResolvedModel(folder, _folder_version(folder), spec)
     if spec.startswith("wandb:"):
         return _from_wandb_registry(spec, collection, cache, setting)
@@ -85,40 +88,70 @@ def resolve_model(spec: str, registry: str = "", collection: str = "captioning-m
     return ResolvedModel(local.root / "versions" / version, version, spec)
 
 
-def _download_gcs_folder(uri: str, cache: Path | None, setting: str) -> Path:
-    """Every object under the prefix into a local folder (a model is a handful of files)."""
-    import tempfile
-
-    from google.api_core import exceptions as gexc
-
+def _gcs_objects(uri: str, prefix: str) -> list[tuple[str, Callable[[str], None]]]:
     from captioning.gcs import split_uri, storage_client
 
-    bucket_name, prefix = split_uri(uri)
+    blobs = storage_client().list_blobs(split_uri(uri)[0], prefix=prefix)
+    return [(b.name, b.download_to_filename) for b in blobs]
+
+
+def _s3_objects(uri: str, prefix: str) -> list[tuple[str, Callable[[str], None]]]:
+    import boto3
+
+    from captioning.gcs import split_uri
+
+    bucket = split_uri(uri)[0]
+    s3 = boto3.client("s3")  # endpoint and credentials from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    return [(key, lambda path, key=key: s3.download_file(bucket, key, path)) for key in keys]
+
+
+def _bucket_errors() -> tuple[type[BaseException], ...]:
+    """What an unreadable bucket raises: a missing bucket, no permission, no credentials, no endpoint."""
+    from google.api_core import exceptions as gexc
+
+    errors: tuple[type[BaseException], ...] = (gexc.NotFound, gexc.Forbidden, gexc.Unauthorized)
+    try:
+        from botocore import exceptions as bexc
+    except ImportError:
+        return errors
+    return errors + (bexc.ClientError, bexc.BotoCoreError)  # no credentials, no endpoint, a bad CA bundle...
+
+
+def _download_bucket_folder(uri: str, cache: Path | None, setting: str) -> Path:
+    """Every object under the gs:// or s3:// prefix into a local folder (a model is a handful of files)."""
+    import tempfile
+
+    from captioning.gcs import split_uri
+
+    prefix = split_uri(uri)[1]
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     dest = Path(cache or tempfile.mkdtemp(prefix="model-")) / "model"
     staging = dest.with_name(".model.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        blobs = [b for b in storage_client().list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
-        for blob in blobs:
-            target = (staging / blob.name[len(prefix):].lstrip("/")).resolve()
+        lister = _gcs_objects if uri.startswith("gs://") else _s3_objects
+        objects = [(name, fetch) for name, fetch in lister(uri, prefix) if not name.endswith("/")]
+        for name, fetch in objects:
+            target = (staging / name[len(prefix):].lstrip("/")).resolve()
             if not target.is_relative_to(staging.resolve()):  # "..", or a name that is an absolute path
-                raise ConfigError(f"{setting}={uri}: the object {blob.name!r} would land outside the model folder")
+                raise ConfigError(f"{setting}={uri}: the object {name!r} would land outside the model folder")
             target.parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(target))
-    except (gexc.NotFound, gexc.Forbidden, gexc.Unauthorized) as exc:
+            fetch(str(target))
+    except _bucket_errors() as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ConfigError(f"{setting}={uri}: cannot read the bucket: {getattr(exc, 'message', exc)}") from None
+        raise ConfigError(f"{setting}={uri}: cannot read the bucket: {getattr(exc, 'message', None) or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not blobs:
+    if not objects:
         shutil.rmtree(staging, ignore_errors=True)
         raise ConfigError(f"{setting}={uri}: no objects under this prefix")
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
-    log.info("model: %d files from %s", len(blobs), uri)
+    log.info("model: %d files from %s", len(objects), uri)
     return dest
 
 

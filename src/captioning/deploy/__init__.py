@@ -12,7 +12,6 @@ DEFAULT_NAME = "captioner"  # the model's name in the serving routes (/v1/models
 DEFAULT_PORT = 8080
 LIVE_ROUTE, READY_ROUTE = "/v2/health/live", "/v2/health/ready"  # Open Inference v2: KServe's probes
 VERTEX_HEALTH_ROUTE, VERTEX_PREDICT_ROUTE = "/health", "/predict"  # AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE
-KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI's files
 
 
 class DeployError(CaptioningError):

@@ -21,11 +21,24 @@ from captioning.redact import redact
 log = logging.getLogger(__name__)
 
 IMAGE_ENV = "CAPTIONING_IMAGE"
+# KFP's artifact store as its launcher reaches minio:// URIs, set on the promote task by pipeline.py for the
+# backend release compiled for (KFP_BACKENDS: seaweedfs.kubeflow:9000 from 2.16, minio-service.kubeflow:9000 before).
+STORE_ENV = "CAPTIONING_KFP_STORE"
+KFP_STORE_SECRET = "mlpipeline-minio-artifact"  # KFP's Secret for that store, in each profile namespace
 
 
 def storage_uri(artifact_uri: str) -> str:
-    """Where KServe's storage initializer or Vertex AI can read the model: KFP's minio:// store is S3 to them."""
+    """Where the server or Vertex AI reads the model: KFP's minio:// store is S3 to them."""
     return "s3://" + artifact_uri[len("minio://"):] if artifact_uri.startswith("minio://") else artifact_uri
+
+
+def _s3_access(artifact_uri: str):
+    """KFP's store for a minio:// model (its endpoint and Secret); AWS as the pod's identity for s3://."""
+    from captioning.deploy.kserve import S3Access
+
+    if artifact_uri.startswith("minio://"):
+        return S3Access(os.environ.get(STORE_ENV) or "http://seaweedfs.kubeflow:9000", KFP_STORE_SECRET)
+    return S3Access()
 
 
 def _image() -> str:
@@ -46,7 +59,7 @@ def check_deployment(cfg: Config, model_uri: str) -> None:
         if p.deploy == "kserve":
             from captioning.deploy import kserve
 
-            kserve.check_request(uri, p.deploy_name)
+            kserve.check_request(uri, p.deploy_name, _s3_access(model_uri))
         else:
             from captioning.deploy import vertex
 
@@ -64,11 +77,10 @@ def deploy_promoted(cfg: Config, model_uri: str, version: str) -> dict:
         if p.deploy == "kserve":
             from captioning.deploy import kserve
 
-            if note := kserve.restricted_note(uri):
-                log.warning("promote.deploy=kserve: %s", note)
             target = kserve.KServeTarget(p.deploy_namespace or None, None, os.environ.get("KUBE_API_SERVER"),
                                          os.environ.get("KUBE_TOKEN"))
-            outcome = kserve.apply(kserve.inference_service(_image(), uri, p.deploy_name, p.deploy_gpu), target)
+            isvc = kserve.inference_service(_image(), uri, p.deploy_name, p.deploy_gpu, _s3_access(model_uri))
+            outcome = kserve.apply(isvc, target)
         else:
             from captioning.deploy.vertex import deploy_vertex
 

@@ -18,8 +18,8 @@ KSERVE, VERTEX = "KServe", "Vertex AI"
 
 def deploy(
     target: str = typer.Option(..., help="kserve (an InferenceService) or vertex (a Model on an Endpoint)."),
-    model_uri: str = typer.Option(..., help="The model folder: gs://, s3://, pvc://CLAIM/PATH (kserve); "
-                                  "gs:// (vertex)."),
+    model_uri: str = typer.Option(..., help="The model folder: gs://, s3://, pvc://CLAIM/PATH (kserve; the server "
+                                  "reads it, no storage initializer); gs:// (vertex)."),
     image: str = typer.Option(DEFAULT_IMAGE, envvar="CAPTIONING_IMAGE", help="The image running `captioning serve`."),
     name: str = typer.Option(DEFAULT_NAME, help="The InferenceService / Model name, and the model's name in the "
                              "routes."),
@@ -36,6 +36,12 @@ def deploy(
                                              "kubeconfig's).", rich_help_panel=KSERVE),
     token: Optional[str] = typer.Option(None, envvar="KUBE_TOKEN", show_default=False,
                                         help="Bearer token for the Kubernetes API.", rich_help_panel=KSERVE),
+    s3_endpoint: Optional[str] = typer.Option(None, help="s3://: an S3-compatible store's URL (KFP's: "
+                                              "http://seaweedfs.kubeflow:9000 from 2.16, http://minio-service."
+                                              "kubeflow:9000 before); default AWS S3.", rich_help_panel=KSERVE),
+    s3_secret: Optional[str] = typer.Option(None, help="s3://: a Secret with the keys accesskey and secretkey (KFP's "
+                                            "mlpipeline-minio-artifact has them); default the pod's own identity.",
+                                            rich_help_panel=KSERVE),
     project: Optional[str] = typer.Option(None, envvar="GOOGLE_CLOUD_PROJECT", rich_help_panel=VERTEX),
     region: str = typer.Option("us-central1", envvar="GOOGLE_CLOUD_REGION", rich_help_panel=VERTEX),
     machine_type: Optional[str] = typer.Option(None, help="Default: g2-standard-8 with one NVIDIA_L4 (--gpu), "
@@ -56,7 +62,7 @@ def deploy(
     try:
         if target == "kserve":
             _kserve(image, model_uri, name, gpu, dry_run, wait, timeout_s, poll_s, namespace, kubeconfig, api_server,
-                    token)
+                    token, s3_endpoint, s3_secret)
         elif target == "vertex":
             _vertex(image, model_uri, name, gpu, dry_run, project, region, machine_type, endpoint, api_endpoint,
                     access_token)
@@ -70,15 +76,16 @@ def _echo_state(state: str) -> None:
     typer.echo(f"state: {state}", err=True)
 
 
-def _kserve(image, model_uri, name, gpu, dry_run, wait, timeout_s, poll_s, namespace, kubeconfig, api_server, token):
+def _kserve(image, model_uri, name, gpu, dry_run, wait, timeout_s, poll_s, namespace, kubeconfig, api_server, token,
+            s3_endpoint, s3_secret):
     from captioning.deploy import kserve
 
-    kserve.check_request(model_uri, name)
-    for note in (kserve.restricted_note(model_uri), kserve.serverless_note(model_uri)):
-        if note:
-            typer.echo(f"note: {note}", err=True)
+    s3 = kserve.S3Access(s3_endpoint, s3_secret)
+    kserve.check_request(model_uri, name, s3)
+    if note := kserve.serverless_note(model_uri):
+        typer.echo(f"note: {note}", err=True)
     where = kserve.KServeTarget(namespace, str(kubeconfig) if kubeconfig else None, api_server, token)
-    obj = kserve.inference_service(image, model_uri, name, gpu)
+    obj = kserve.inference_service(image, model_uri, name, gpu, s3)
     if dry_run:
         typer.echo(json.dumps(redact_tree(kserve.dry_run_plan(obj, where)), indent=1))
         return

@@ -19,29 +19,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from captioning.deploy import (DEFAULT_NAME, DEFAULT_PORT, KSERVE_MODEL_DIR, LIVE_ROUTE, READY_ROUTE,
-                               DeployError)
+from captioning.deploy import DEFAULT_NAME, DEFAULT_PORT, LIVE_ROUTE, READY_ROUTE, DeployError
 from captioning.submit.kubeflow import POD_NAMESPACE_FILE, _reason
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 # The server's own identity (manifests/serving/service-account.yaml): no Kubernetes API token, no RBAC; what
-# reads the model from gs:// or s3:// is bound to it (Workload Identity, a KServe S3 Secret). Not the pipeline's
-# captioning-runner, which can read the namespace's Secrets: a network-facing pod must not hold that.
+# reads the model from gs:// or s3:// is bound to it (Workload Identity, IRSA) or given by --s3-secret. Not the
+# pipeline's captioning-runner, which can read the namespace's Secrets: a network-facing pod must not hold that.
 SERVICE_ACCOUNT = "captioning-serving"
 CONTAINER = "kserve-container"  # the container KServe routes to (and reads STORAGE_URI from, if set)
 IMAGE_UID = 1000  # docker/Dockerfile: USER 1000:1000 (pipeline.IMAGE_UID)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}  # pipeline.GPU_TOLERATION
 RESOURCES = {"cpu": "2", "memory": "8Gi"}  # TensorFlow, the backbone and a batch of images
-# What KServe's default storage initializer downloads (its ClusterStorageContainer), plus pvc://CLAIM/PATH.
-STORAGE_SCHEMES = ("gs://", "s3://", "pvc://", "hdfs://", "webhdfs://", "https://", "http://")
-# Fetched without KServe's storage initializer, which KServe injects for STORAGE_URI without any securityContext
-# (pkg/utils/storage.go): a namespace enforcing Pod Security "restricted" refuses such a pod. The server reads
-# gs:// itself; a pvc:// claim is mounted read-only.
-SERVER_FETCHED = ("gs://", "pvc://")
+# Where the server finds the model, each without KServe's storage initializer: KServe injects that init container
+# for STORAGE_URI without any securityContext (pkg/utils/storage.go), and a namespace enforcing Pod Security
+# "restricted" refuses such a pod. The server reads gs:// and s3:// itself; a pvc:// claim is mounted read-only.
+STORAGE_SCHEMES = ("gs://", "s3://", "pvc://")
+# KFP's own Secret for its artifact store (backend/src/v2/config/env.go: mlpipeline-minio-artifact, keys accesskey
+# and secretkey), present in each profile namespace; `--s3-secret` names one with the same keys.
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"}
 PVC_MOUNT = "/mnt/pvc"
 NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1035 label: it names Services and routes
+SECRET_NAME = re.compile(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?")  # a DNS-1123 subdomain
 TIMEOUT = (10, 60)  # connect, read seconds for each API call
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How the server reaches an s3:// model: an S3-compatible endpoint (KFP's store) and a Secret holding the keys
+    (``accesskey``, ``secretkey``); neither set: AWS S3 with the pod's own identity (IRSA)."""
+    endpoint: str | None = None
+    secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,15 @@ class KServeTarget:
     token: str | None = None
 
 
-def inference_service(image: str, model_uri: str, name: str = DEFAULT_NAME, gpu: bool = False) -> dict:
+def inference_service(image: str, model_uri: str, name: str = DEFAULT_NAME, gpu: bool = False,
+                      s3: S3Access = S3Access()) -> dict:
     """The InferenceService serving ``model_uri`` with ``image`` (manifests/serving/inferenceservice.yaml)."""
 
     def probe(path: str, initial: int, period: int, failures: int) -> dict:
         return {"httpGet": {"path": path, "port": DEFAULT_PORT}, "initialDelaySeconds": initial,
                 "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
 
-    model, extra, volumes = _model_source(model_uri)
+    model, extra, volumes = _model_source(model_uri, s3)
     container = {
         "name": CONTAINER, "image": image, "command": ["captioning"],
         "args": ["serve", "--model", model, "--name", name, "--port", str(DEFAULT_PORT)],
@@ -82,27 +92,19 @@ def inference_service(image: str, model_uri: str, name: str = DEFAULT_NAME, gpu:
             "spec": {"predictor": predictor}}
 
 
-def _model_source(model_uri: str) -> tuple[str, dict, list]:
+def _model_source(model_uri: str, s3: S3Access) -> tuple[str, dict, list]:
     """``serve --model``'s value, the container's extra fields (env or volume mounts) and the pod's volumes."""
-    if model_uri.startswith("gs://"):
-        return model_uri, {}, []  # the server downloads it (Workload Identity), as on Vertex AI
     if model_uri.startswith("pvc://"):
         claim, _, path = model_uri[len("pvc://"):].partition("/")
         mount = {"volumeMounts": [{"name": "model", "mountPath": PVC_MOUNT, "readOnly": True}]}
         volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         return f"{PVC_MOUNT}/{path}".rstrip("/"), mount, [volume]
-    # KServe's storage initializer downloads it into KSERVE_MODEL_DIR (not admitted under "restricted").
-    return KSERVE_MODEL_DIR, {"env": [{"name": "STORAGE_URI", "value": model_uri}]}, []
-
-
-def restricted_note(model_uri: str) -> str | None:
-    """Why a namespace enforcing Pod Security "restricted" would refuse the predictor, if it would."""
-    if model_uri.startswith(SERVER_FETCHED):
-        return None
-    scheme = model_uri.split("://", 1)[0]
-    return (f"{scheme}:// is downloaded by KServe's storage initializer, an init container KServe adds without a "
-            "securityContext: a namespace enforcing Pod Security \"restricted\" refuses the pod. Serve from gs:// "
-            "(read by the server) or pvc://CLAIM/PATH (mounted) there")
+    if model_uri.startswith("s3://") and (s3.endpoint or s3.secret):  # boto3's standard environment
+        env = [{"name": "AWS_ENDPOINT_URL", "value": s3.endpoint}] if s3.endpoint else []
+        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": s3.secret, "key": key}}}
+                for var, key in S3_KEYS.items() if s3.secret]
+        return model_uri, {"env": env}, []
+    return model_uri, {}, []  # gs:// (Workload Identity, as on Vertex AI) or s3:// as the pod's identity
 
 
 def serverless_note(model_uri: str) -> str | None:
@@ -114,10 +116,19 @@ def serverless_note(model_uri: str) -> str | None:
     return None
 
 
-def check_request(model_uri: str, name: str) -> None:
+def check_request(model_uri: str, name: str, s3: S3Access = S3Access()) -> None:
     if not model_uri.startswith(STORAGE_SCHEMES) or not model_uri.split("://", 1)[1]:
-        raise DeployError(f"--model-uri {model_uri!r}: KServe downloads the model from gs://, s3://, pvc://CLAIM/PATH, "
-                          "http(s):// or (web)hdfs://; a local folder is not reachable from the cluster")
+        raise DeployError(f"--model-uri {model_uri!r}: the server reads the model from gs://BUCKET/PATH, "
+                          "s3://BUCKET/PATH or pvc://CLAIM/PATH (http(s) and hdfs would need KServe's storage "
+                          "initializer, which Pod Security \"restricted\" refuses); a local folder is not reachable "
+                          "from the cluster")
+    if (s3.endpoint or s3.secret) and not model_uri.startswith("s3://"):
+        raise DeployError(f"--s3-endpoint and --s3-secret are for an s3:// model; --model-uri is {model_uri!r}")
+    if s3.endpoint and not re.fullmatch(r"https?://[^/\s]+/?", s3.endpoint):
+        raise DeployError(f"--s3-endpoint {s3.endpoint!r}: expected http(s)://HOST[:PORT], e.g. "
+                          "http://seaweedfs.kubeflow:9000")
+    if s3.secret and not SECRET_NAME.fullmatch(s3.secret):
+        raise DeployError(f"--s3-secret {s3.secret!r}: not a Secret name (lower-case letters, digits, '-' and '.')")
     if not NAME.fullmatch(name):
         raise DeployError(f"--name {name!r}: expected lower-case letters, digits and '-', starting with a letter "
                           "(at most 63)")

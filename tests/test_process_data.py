@@ -538,3 +538,84 @@ def test_a_random_split_size_beside_the_karpathy_split_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="data.val_images"):
         load_config(overrides=["data.split=karpathy", "data.val_images=10"])
+
+
+def test_a_bucket_download_cache_is_read_where_it_is_and_checked_by_crc32c(gcs_emulator, http_mirror, tmp_path,
+                                                                           monkeypatch):
+    """Issue 25, point 1, on Vertex AI: data.download_cache=gs://BUCKET/PREFIX (a GCS emulator on loopback here).
+    The first run uploads each checked archive once, the next downloads nothing and reads only central directories;
+    the artifact is the manifest; process_data reads the objects through Vertex AI's /gcs mount (a folder stands
+    in for it: Cloud Storage FUSE does not run here) or, without one, from a copy of the recorded generation; an
+    object changed or gone since is named."""
+    import zipfile
+
+    from captioning.data.bucket_cache import FUSE_ROOT_ENV
+    from captioning.gcs import storage_client
+    from captioning.steps.log_raw_data import log_raw_data
+    from captioning.steps.process_data import open_raw
+
+    bucket = storage_client().create_bucket("coco-cache")
+    cfg = load_config(overrides=[f"data.base_url={http_mirror.url}",
+                                 "data.download_cache=gs://coco-cache/coco2014/"]).data
+    assert cfg.download_cache == "gs://coco-cache/coco2014"
+    first = log_raw_data(cfg, tmp_path / "run1", tmp_path / "scratch1")
+    gets = sum(r.method == "GET" for r in http_mirror.state.requests)
+    second = log_raw_data(cfg, tmp_path / "run2", tmp_path / "scratch2")
+    assert first.metrics["bytes_downloaded"] == first.metrics["bytes"] > 0
+    assert second.metrics["bytes_downloaded"] == 0 and second.metrics == {**first.metrics, "bytes_downloaded": 0}
+    assert sum(r.method == "GET" for r in http_mirror.state.requests) == gets
+    manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
+    assert manifest == json.loads((tmp_path / "run1" / "manifest.json").read_text())
+    assert manifest["archive_root"] == "gs://coco-cache/coco2014"
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir() if p.name != "step.json") == ["manifest.json"]
+    assert not list((tmp_path / "scratch1").rglob("*.zip"))  # the staging copies are gone once uploaded
+    objects = {b.name: b for b in bucket.list_blobs(prefix="coco2014/")}
+    for rel, entry in manifest["files"].items():
+        blob = objects[f"coco2014/{entry['path']}"]
+        assert (blob.size, blob.crc32c, blob.generation) == (entry["size"], entry["crc32c"], entry["generation"])
+        assert blob.metadata["sha256"] == entry["sha256"]
+
+    # Off Vertex AI (no mount): a copy of the recorded generation in scratch, reused by the next reader.
+    monkeypatch.setenv(FUSE_ROOT_ENV, str(tmp_path / "no-mount"))
+    manifest_read, images = open_raw(tmp_path / "run2", scratch=tmp_path / "work")
+    copy = tmp_path / "work" / "download-cache" / "coco-cache" / "coco2014"
+    assert manifest_read["archive_root"] == str(copy)
+    with zipfile.ZipFile(copy / "zips" / "val2014.zip") as zf:
+        some = next(n for n in zf.namelist() if n.endswith(".jpg"))
+    assert images.read(some)[:2] == b"\xff\xd8"
+
+    # On Vertex AI: read through the mount, nothing copied.
+    mount = tmp_path / "gcs"
+    for name, blob in objects.items():
+        (mount / "coco-cache" / name).parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(mount / "coco-cache" / name))
+    monkeypatch.setenv(FUSE_ROOT_ENV, str(mount))
+    manifest_read, images = open_raw(tmp_path / "run2", scratch=tmp_path / "work2")
+    assert manifest_read["archive_root"] == str(mount / "coco-cache" / "coco2014")
+    assert images.read(some)[:2] == b"\xff\xd8" and not (tmp_path / "work2").exists()
+
+    # Changed since (other bytes, same size), then gone: named, with what to do.
+    val = objects["coco2014/zips/val2014.zip"]
+    data = bytearray(val.download_as_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bucket.blob(val.name).upload_from_string(bytes(data))
+    uri = "gs://coco-cache/coco2014/zips/val2014.zip"
+    with pytest.raises(DataError, match=rf"{uri}: changed in the download cache since log_raw_data verified it "
+                                        r"\(size or CRC32C"):
+        open_raw(tmp_path / "run2", scratch=tmp_path / "work3")
+    bucket.blob(val.name).delete()
+    with pytest.raises(DataError, match=rf"{uri}: the download cache no longer holds this archive"):
+        open_raw(tmp_path / "run2", scratch=tmp_path / "work3")
+    # log_raw_data downloads it again (an object it did not upload carries no SHA-256 and is not trusted)
+    bucket.blob(val.name).upload_from_string(bytes(data))
+    third = log_raw_data(cfg, tmp_path / "run3", tmp_path / "scratch3")
+    assert third.metrics["bytes_downloaded"] == manifest["files"]["zips/val2014.zip"]["size"]
+    assert bucket.get_blob(val.name).download_as_bytes() != bytes(data)
+
+
+@pytest.mark.parametrize("value", ["gs://", "gs://Bad_Bucket/x", "s3://b/coco"])
+def test_a_download_cache_url_must_name_a_bucket(value):
+    from captioning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.download_cache.*a folder, or a bucket as gs://BUCKET/PREFIX"):
+        load_config(overrides=[f"data.download_cache={value}"])

@@ -90,8 +90,17 @@ class DataConfig(Section):
     max_expansion_ratio: float = Field(200.0, ge=1, le=100_000, description=(
         "An archive with an entry (over 1 MiB) expanding more than this many times its compressed size is refused."))
     download_cache: str | None = Field(
-        None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC); the raw-data "
-        "artifact then only references them, and process_data reads them there. null: the archives are the artifact.")
+        None, description="Folder that keeps the verified archives across runs (on Kubeflow a PVC), or a bucket "
+        "gs://BUCKET/PREFIX (on Vertex AI, read through its Cloud Storage mount); the raw-data artifact then only "
+        "references them, and process_data reads them there. null: the archives are the artifact.")
+
+    @field_validator("download_cache")
+    @classmethod
+    def _bucket_names_a_bucket(cls, value: str | None) -> str | None:
+        if value and "://" in value and not re.fullmatch(r"gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9](/[^\s]*)?",
+                                                         value):
+            raise ValueError(f"{value!r}: a folder, or a bucket as gs://BUCKET/PREFIX")
+        return value.rstrip("/") if value and value.startswith("gs://") else value
 
     @field_validator("files")
     @classmethod

@@ -135,9 +135,9 @@ def _process_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.tracking.records import record_process_data
 
     parts = {name: io.outputs[name] for name in ("train_data", "test_data")}
-    result = process_data(cfg, io.inputs["raw_data"], parts["train_data"], parts["test_data"])
+    result = process_data(cfg, io.inputs["raw_data"], parts["train_data"], parts["test_data"], scratch=io.scratch)
     return _tracked(result, record_process_data(t, cfg, result, io.inputs["raw_data"], parts,
-                                                {name: io.uri(name) for name in parts}))
+                                                {name: io.uri(name) for name in parts}, io.scratch))
 
 
 def _train(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:

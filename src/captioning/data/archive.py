@@ -41,9 +41,10 @@ def _check_entry(archive: Path, info: zipfile.ZipInfo) -> None:
         raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; refusing the archive")
 
 
-def open_zip(archive: Path) -> zipfile.ZipFile:
+def open_zip(archive: str | Path, fileobj=None) -> zipfile.ZipFile:
+    """``archive`` names it in errors; ``fileobj`` (a seekable reader: a bucket object) is read instead when given."""
     try:
-        return zipfile.ZipFile(archive)
+        return zipfile.ZipFile(fileobj or archive)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:  # fuzzed directories
         raise DataError(f"{archive}: not a valid zip archive: {exc}") from None
 
@@ -68,11 +69,10 @@ def _check_expansion(archive: Path, infos: list[zipfile.ZipInfo], max_bytes: int
 
 
 def index_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
-                  max_ratio: float = MAX_EXPANSION_RATIO) -> dict[str, dict[str, int]]:
+                  max_ratio: float = MAX_EXPANSION_RATIO, fileobj=None) -> dict[str, dict[str, int]]:
     """Check every entry of ``archive`` (paths, links, expansion); returns its top-level folders with their
-    file and image counts."""
-    archive = Path(archive)
-    with open_zip(archive) as zf:
+    file and image counts. Only the central directory is read (through ``fileobj`` when given)."""
+    with open_zip(archive, fileobj) as zf:
         infos = zf.infolist()
     for info in infos:
         _check_entry(archive, info)
@@ -113,24 +113,26 @@ def _withdraw_verification(archive: Path, exc: BaseException) -> str:
     return f"{archive.name} is damaged; its verified mark is withdrawn, so the next log_raw_data downloads it again"
 
 
-def read_member(archive: str | Path, member: str, what: str = "file") -> bytes:
-    """One member's bytes; the error names the archive and the member."""
-    with open_zip(Path(archive)) as zf:
+def read_member(archive: str | Path, member: str, what: str = "file", fileobj=None) -> bytes:
+    """One member's bytes (through ``fileobj`` when given, see ``open_zip``); the error names the archive and
+    the member."""
+    with open_zip(archive, fileobj) as zf:
         try:
             return zf.read(member)
         except KeyError:
             raise DataError(f"{archive}: holds no {member} ({what})") from None
         except MEMBER_ERRORS as exc:
-            raise DataError(f"{archive}: cannot read {member} ({what}): {type(exc).__name__}: {exc}; "
-                            f"{_withdraw_verification(Path(archive), exc)}") from None
+            withdrawn = "" if fileobj else f"; {_withdraw_verification(Path(archive), exc)}"
+            raise DataError(f"{archive}: cannot read {member} ({what}): {type(exc).__name__}: {exc}"
+                            f"{withdrawn}") from None
 
 
-def read_json_member(archive: str | Path, member: str, what: str = "file"):
+def read_json_member(archive: str | Path, member: str, what: str = "file", fileobj=None):
     """One member parsed as JSON; every failure names the archive and the member."""
     import json
 
     try:
-        return json.loads(read_member(archive, member, what))
+        return json.loads(read_member(archive, member, what, fileobj))
     except ValueError as exc:  # not JSON, or not UTF-8
         raise DataError(f"{archive}:{member}: not valid JSON: {exc}") from None
     except RecursionError:

@@ -5,7 +5,8 @@ Output (a few large objects, whatever the number of images): ``manifest.json``
 the manifest) and ``archives/<path>``: the verified zips, each with its
 ``.verified.json`` record. process_data reads the images straight out of them.
 With a download cache (a PVC shared by runs) the archives are fetched into the
-cache once and linked or copied into the artifact.
+cache once and only referenced by the manifest; the cache may be a bucket
+(``gs://``, for Vertex AI: captioning.data.bucket_cache).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from captioning.config import DEMO_SOURCE, DataConfig
+from captioning.data import bucket_cache
 from captioning.data.archive import check_archive, index_archive, read_json_member
 from captioning.data.fetch import download, join_url, record_dict, sidecar, unverify
 from captioning.errors import CaptioningError, DataError
@@ -91,13 +93,13 @@ def _locked(path: Path, shared: bool):
         yield
 
 
-def _counts(root: Path, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:
+def _counts(read_json, members: dict[str, str], contents: dict[str, dict]) -> dict[str, int]:
+    """``read_json(archive path, member)``: the member parsed, and the archive's name for errors."""
     counts: dict[str, int] = {}
     for split, rel in ANNOTATION_FILES.items():
         if split in contents:
             counts[f"{split}_images"] = contents[split]["images"]
-        archive = root / members["annotations"]
-        data = read_json_member(archive, rel, "COCO caption file")
+        data, archive = read_json(members["annotations"], rel)
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
             raise DataError(f"{archive}:{rel}: not a COCO caption file (it needs lists 'images' and 'annotations')")
         counts[f"{split}_annotated_images"] = len(data["images"])
@@ -112,16 +114,45 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     base = cfg.base_url
     if base == DEMO_SOURCE:
         base = str(demo_mirror(scratch).resolve())
-    cache = check_writable(cfg.download_cache, "data.download_cache") if cfg.download_cache else None
+    in_bucket = bucket_cache.is_bucket(cfg.download_cache)
+    cache = (check_writable(cfg.download_cache, "data.download_cache") if cfg.download_cache and not in_bucket
+             else None)
     files: dict[str, dict] = {}
     members: dict[str, str] = {}  # top-level folder -> the archive holding it (relative to out_dir)
     contents: dict[str, dict] = {}
     downloaded = 0
     limits = (cfg.max_expanded_bytes, cfg.max_expansion_ratio)
+    in_bucket_objects: dict[str, bucket_cache.CachedObject] = {}
+
+    def fetch_into_bucket(url: str, rel: str, expected_sha256: str | None, hook) -> tuple[dict, dict, bool]:
+        """One archive in the bucket cache: found there (its central directory read in place), or downloaded
+        into scratch, checked and uploaded. The entry adds the object's generation and CRC32C."""
+        found = bucket_cache.lookup(cfg.download_cache, rel)
+        if found and found.sha256 and expected_sha256 in (None, found.sha256):
+            with bucket_cache.open_object(found) as reader:
+                held = index_archive(found.uri, *limits, fileobj=reader)
+            entry, fresh = {"source": redact(url), "size": found.size, "sha256": found.sha256}, False
+        else:
+            staging = scratch / "download-cache" / rel
+            record = download(
+                url, staging, expected_sha256=expected_sha256, retries=cfg.retries, backoff_s=cfg.retry_backoff_s,
+                timeout_s=cfg.timeout_s, transfer_timeout_s=cfg.transfer_timeout_s, progress=hook,
+                check=lambda path: check_archive(path, *limits),
+            )
+            held = index_archive(staging, *limits)
+            found = bucket_cache.upload(staging, cfg.download_cache, rel, record.sha256)
+            bucket_cache.remove_local(staging)
+            entry, fresh = redact_tree(record_dict(record)), True
+            entry.pop("downloaded", None)
+        entry.update(path=rel, contents=held, generation=found.generation, crc32c=found.crc32c)
+        in_bucket_objects[rel] = found
+        return entry, held, fresh
 
     def fetch(url: str, rel: str, expected_sha256: str | None, hook) -> tuple[dict, dict, bool]:
         """One archive into ARCHIVES/rel (through the cache when there is one): its manifest entry, what it
         holds, and whether it was downloaded now."""
+        if in_bucket:
+            return fetch_into_bucket(url, rel, expected_sha256, hook)
         dest = out_dir / ARCHIVES / rel
         fetched = cache / rel if cache else dest
         placed = fetched if cache else dest
@@ -168,7 +199,16 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         top = rel.split("/", 1)[0]
         if top not in members:
             raise DataError(f"{redact(base)}: the archives hold no {rel}; is data.base_url a COCO 2014 mirror?")
-    counts = _counts(cache or out_dir, members, contents)
+
+    def read_json(path: str, member: str):
+        if in_bucket:
+            found = in_bucket_objects[path]
+            with bucket_cache.open_object(found) as reader:
+                return read_json_member(found.uri, member, "COCO caption file", reader), found.uri
+        archive = (cache or out_dir) / path
+        return read_json_member(archive, member, "COCO caption file"), archive
+
+    counts = _counts(read_json, members, contents)
     manifest = {
         "format": "coco-archives/1",
         "base_url": redact(cfg.base_url),
@@ -183,8 +223,10 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         manifest["split_file"] = split_file
     if cache:  # process_data reads the archives in the cache (the same volume, mounted at the same path)
         manifest["archive_root"] = str(cache.resolve())
+    elif in_bucket:  # process_data reads them in the bucket (through Vertex AI's mount)
+        manifest["archive_root"] = cfg.download_cache.rstrip("/")
     write_json_atomic(out_dir / MANIFEST, manifest)
-    in_artifact = [] if cache else list(files.values())
+    in_artifact = [] if cache or in_bucket else list(files.values())
     _prune(out_dir, {MANIFEST, *(f["path"] for f in in_artifact), *(str(sidecar(Path(f["path"]))) for f in in_artifact)})
     metrics = {"bytes": sum(f["size"] for f in files.values()), "bytes_downloaded": downloaded, **counts}
     return StepResult(metrics=metrics, outputs={"raw_data": str(out_dir), "manifest": str(out_dir / MANIFEST)})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from captioning.config import ATTENTION_SAMPLE_LIMIT, MAX_CAPTION_WORDS, Config
+from captioning.data import bucket_cache
 from captioning.errors import DataError
 from captioning.features import CHANNELS, GRID, RECORD_BYTES, FeatureExtractor, extract_to_shards, plan_shards
 from captioning.io import atomic_path, read_json, save_weights_atomic, write_json_atomic
@@ -147,14 +149,22 @@ def _check_referenced(raw_dir: Path, manifest: dict) -> None:
 
 
 def open_raw(raw_dir: Path, limits: tuple[int, float] = (MAX_EXPANDED_BYTES, MAX_EXPANSION_RATIO),
-             verify_cache: bool = True) -> tuple[dict, ArchiveImages]:
+             verify_cache: bool = True, scratch: Path | None = None) -> tuple[dict, ArchiveImages]:
     """log_raw_data's manifest and a reader of its archives, each checked entry by entry first (and, when only
-    referenced in a download cache, against its recorded size and SHA-256 unless ``verify_cache`` is off)."""
+    referenced in a download cache, against its recorded size and SHA-256 (CRC32C in a bucket) unless
+    ``verify_cache`` is off). A bucket's archives are read through Vertex AI's mount, else copied into
+    ``scratch`` (default: a temporary folder)."""
     manifest = read_json(raw_dir / MANIFEST, "log_raw_data manifest")
     if manifest.get("format") != "coco-archives/1":
         raise DataError(f"{raw_dir / MANIFEST}: not a log_raw_data manifest of this version "
                         f"(format {manifest.get('format')!r}); run log_raw_data again")
-    if manifest.get("archive_root") and verify_cache:
+    if bucket_cache.is_bucket(manifest.get("archive_root")):
+        root = manifest["archive_root"]
+        if verify_cache:
+            bucket_cache.check_referenced(raw_dir / MANIFEST, root, manifest["files"])
+        scratch = Path(scratch) if scratch else Path(tempfile.mkdtemp(prefix="raw-data-"))
+        manifest = {**manifest, "archive_root": str(bucket_cache.local_root(root, manifest["files"], scratch))}
+    elif manifest.get("archive_root") and verify_cache:
         _check_referenced(raw_dir, manifest)
     for path in sorted(set(manifest["members"].values())):
         index_archive(archive_at(raw_dir, manifest, path), *limits)
@@ -241,12 +251,13 @@ def _json_member(raw_dir: Path, manifest: dict, rel: str):
 
 
 def process_data(cfg: Config, raw_dir: str | Path, train_dir: str | Path, test_dir: str | Path,
-                 extractor: FeatureExtractor | None = None) -> StepResult:
+                 extractor: FeatureExtractor | None = None, scratch: str | Path | None = None) -> StepResult:
     raw_dir, train_dir, test_dir = Path(raw_dir), Path(train_dir), Path(test_dir)
     outs = {"train_data": train_dir, "test_data": test_dir}
     for folder in outs.values():
         folder.mkdir(parents=True, exist_ok=True)
-    manifest, source_images = open_raw(raw_dir, (cfg.data.max_expanded_bytes, cfg.data.max_expansion_ratio))
+    manifest, source_images = open_raw(raw_dir, (cfg.data.max_expanded_bytes, cfg.data.max_expansion_ratio),
+                                       scratch=scratch)
 
     images: dict[int, dict] = {}
     pools: dict[str, list[int]] = {}

@@ -34,8 +34,7 @@ def record_log_raw_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir
     manifest = json.loads((raw_dir / "manifest.json").read_text())
     # The archives are in the artifact, or (with a download cache) only referenced there: then they stay on the
     # cache's volume, which W&B can name but not reach from elsewhere; the checksums below identify them.
-    root = (Path(manifest["archive_root"]).resolve().as_uri() if manifest.get("archive_root")
-            else reference_uri(uri).rstrip("/"))
+    root = reference_uri(manifest.get("archive_root") or uri).rstrip("/")
     refs = {f["path"]: f"{root}/{f['path']}" for f in manifest["files"].values()}
     t.summary(result.metrics)
     t.table("raw_files", ["file", "source", "bytes", "sha256"],
@@ -67,7 +66,7 @@ def _archive_picture(images, key: str):
 
 
 def record_process_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir: Path,
-                        parts: dict[str, Path], uris: dict[str, str]) -> str:
+                        parts: dict[str, Path], uris: dict[str, str], scratch: Path | None = None) -> str:
     """``parts``: process_data's artifacts (train_data, test_data); ``uris``: where they stay for good."""
     from captioning.dataset import ProcessedDataset
     from captioning.steps.process_data import open_raw
@@ -77,7 +76,8 @@ def record_process_data(t: StepTracker, cfg: Config, result: StepResult, raw_dir
     t.table("skipped_files", ["file", "reason"], [[s["file"], s["reason"]] for s in skipped])
     train = ProcessedDataset.open(parts["train_data"])
     if t.run is not None:
-        _, images = open_raw(raw_dir, verify_cache=False)  # process_data verified the cached archives just now
+        # process_data verified the cached archives just now (and copied a bucket's into scratch, off Vertex AI)
+        _, images = open_raw(raw_dir, verify_cache=False, scratch=scratch)
         records = train.records("train")[:SAMPLE_IMAGES]
         feats = np.stack([f.numpy().astype(np.float32).mean(axis=0)
                           for f in train.features("train").take(len(records))]) if records else np.zeros((0, 2048))

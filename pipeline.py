@@ -136,6 +136,8 @@ class BuildOptions:
     retry_window: str = _option("72h", "Retries must end this long after the first attempt began (Argo stops "
                                        "them there): room for several attempts of the longest step.")
     raw_cache_pvc: str = _option(RAW_CACHE_PVC, "Kubeflow: PVC keeping the COCO archives ('' for none).")
+    raw_cache_bucket: str = _option("", "Vertex AI: gs://BUCKET/PREFIX keeping the COCO archives across runs (raw_data "
+                                        "then only references them; '' for none).")
     checkpoint_pvc: str = _option(CHECKPOINT_PVC, "Kubeflow: PVC holding train's checkpoints when the "
                                                   "checkpoint_dir parameter is empty ('' for none).")
     gpu_node_selector: str = _option("", "Kubeflow: KEY=VALUE label of the GPU nodes, e.g. "
@@ -161,15 +163,18 @@ class BuildOptions:
 
     def left_out(self) -> list[str]:
         """What the IR does without, for the backend it is compiled for (``compile`` and ``submit`` print it)."""
+        coco_training = self.preset == "coco2014" and self.pipeline == "train"
         if self.target != "kubeflow":
-            return []
+            return ["no --raw-cache-bucket: a log_raw_data that runs (not answered from the cache) uploads the 20.4 "
+                    "GB of COCO archives as raw_data again; a gs://BUCKET/PREFIX keeps them once (README 'Data "
+                    "plane')"] if coco_training and not self.raw_cache_bucket else []
         notes = []
         if not self.backend["optional_secret"]:
             notes.append(f"KFP {self.kfp_version}: the Secret {WANDB_SECRET!r} is attached as required (optional "
                          "Secrets parse from 2.15): create it even for offline runs, with an empty key if need be "
                          f"(kubectl create secret generic {WANDB_SECRET} --from-literal={WANDB_SECRET_KEY}=), or "
                          "every pod waits in CreateContainerConfigError")
-        if not self.pipeline_root and self.preset == "coco2014" and self.pipeline == "train":
+        if not self.pipeline_root and coco_training:
             notes.append("no --pipeline-root: the artifacts go to the cluster's default store; a COCO run moves "
                          f"about {COCO_ARTIFACT_GB} GB through it (about 33 GB when raw_data only references the "
                          "raw-cache volume; README 'Data plane'), more than the 20Gi SeaweedFS volume KFP installs from "
@@ -210,6 +215,10 @@ class BuildOptions:
         if self.kfp_version not in KFP_BACKENDS:
             raise ValueError(f"--kfp-version {self.kfp_version!r}: choose one of {', '.join(KFP_BACKENDS)} (the "
                              "backend releases whose Kubernetes config this project checks)")
+        if self.raw_cache_bucket and (self.target != "vertex" or not re.fullmatch(
+                r"gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9](/[^\s]*)?", self.raw_cache_bucket)):
+            raise ValueError(f"--raw-cache-bucket {self.raw_cache_bucket!r}: a gs://BUCKET/PREFIX, for --target "
+                             "vertex (on Kubeflow the archives stay on --raw-cache-pvc)")
         if self.spot and self.target == "vertex":
             raise ValueError("--spot: Kubeflow only; Vertex AI Pipelines chooses the machines of its tasks itself")
         # kfp's own patterns, less the decimal "K" (kfp takes it, Kubernetes does not)
@@ -279,6 +288,8 @@ def build_pipeline(options: BuildOptions = BuildOptions()):
         task = step_component(name)(**arguments).set_container_image(options.image)
         if options.target == "kubeflow":
             kubernetes_settings(task, name)
+        elif name == "log_raw_data" and options.raw_cache_bucket:  # Vertex AI: no volume outlives a run, a bucket does
+            task.set_env_variable(DOWNLOAD_CACHE_ENV, options.raw_cache_bucket)
         if name in GPU_STEPS:
             task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.accelerator_count)
             cpu, memory = options.gpu_cpu, options.gpu_memory

@@ -77,12 +77,14 @@ def test_the_checker_refuses_what_an_older_backend_does_not_know(tmp_path):
 
 
 def test_what_each_release_gets_and_loses(tmp_path):
+    # promote.deploy hands the server the artifact store this release's launcher uses for minio:// URIs
     stores = {"2.14": "minio-service", "2.15": "minio-service", "2.16": "seaweedfs", "2.17": "seaweedfs"}
+    for minor, store in stores.items():
+        ir = next(yaml.safe_load_all(compiled(tmp_path, kfp_version=minor).read_text()))
+        promote_env = ir["deploymentSpec"]["executors"]["exec-promote"]["container"]["env"]
+        assert {"name": "CAPTIONING_KFP_STORE", "value": f"http://{store}.kubeflow:9000"} in promote_env
     for minor, optional, context in (("2.14", None, False), ("2.15", True, False), ("2.16", True, True)):
         ir = compiled(tmp_path, kfp_version=minor)
-        # promote.deploy hands the server the artifact store this release's launcher uses for minio:// URIs
-        promote_env = next(yaml.safe_load_all(ir.read_text()))["deploymentSpec"]["executors"]["exec-promote"]["container"]["env"]
-        assert {"name": "CAPTIONING_KFP_STORE", "value": f"http://{stores[minor]}.kubeflow:9000"} in promote_env
         for name, config in kubernetes_executors(ir).items():
             (secret,) = config["secretAsEnv"]
             assert secret.get("optional") is optional and secret["secretName"] == "wandb", (minor, name)

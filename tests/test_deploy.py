@@ -665,7 +665,9 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         result = promote_step(cfg(tmp_path / "r0"), model_dir, metrics, "gs://b/run-1/model")
         assert result.metrics["promoted"] and "deployed" not in result.extra and not api.requests
 
-        # asked, and the alias moves: the InferenceService serves the model from the pipeline's store
+        # asked, and the alias moves: the InferenceService serves the model from the pipeline's store, at the
+        # endpoint pipeline.py set for the release compiled for
+        monkeypatch.setenv("CAPTIONING_KFP_STORE", "http://minio-service.kubeflow:9000")
         asked = cfg(tmp_path / "r1", "promote.deploy=kserve")
         result = promote_step(asked, model_dir, metrics, "minio://mlpipeline/v2/artifacts/run-1/train/model")
         assert result.metrics["promoted"] and result.metrics["deployed"]
@@ -673,10 +675,10 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         (isvc,) = api.objects.values()
         container = isvc["spec"]["predictor"]["containers"][0]
         assert container["image"] == IMAGE
-        # the server reads it from KFP's store (the endpoint pipeline.py sets for 2.17) with KFP's own Secret
+        # the server reads it from KFP's store with KFP's own Secret
         assert storage_uri(isvc) == "s3://mlpipeline/v2/artifacts/run-1/train/model"
         assert container["env"] == [
-            {"name": "AWS_ENDPOINT_URL", "value": "http://seaweedfs.kubeflow:9000"},
+            {"name": "AWS_ENDPOINT_URL", "value": "http://minio-service.kubeflow:9000"},
             {"name": "AWS_ACCESS_KEY_ID",
              "valueFrom": {"secretKeyRef": {"name": "mlpipeline-minio-artifact", "key": "accesskey"}}},
             {"name": "AWS_SECRET_ACCESS_KEY",
@@ -694,8 +696,12 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         assert not (tmp_path / "r2" / "captioning-model" / "versions").exists() or \
             not any((tmp_path / "r2" / "captioning-model" / "versions").glob("v*"))
 
-        # a refused deployment says the alias moved and how to deploy by hand
+        # a refused deployment says the alias moved and how to deploy by hand (with the store's endpoint and Secret)
         api.verbs = {"team-a": {"get"}}
+        with pytest.raises(CaptioningError, match=r"deploy it with `captioning deploy --target kserve --model-uri "
+                                                  r"s3://mlpipeline/r4/model --s3-endpoint http://minio-service."
+                                                  r"kubeflow:9000 --s3-secret mlpipeline-minio-artifact`"):
+            promote_step(cfg(tmp_path / "r4", "promote.deploy=kserve"), model_dir, metrics, "minio://mlpipeline/r4/model")
         with pytest.raises(CaptioningError, match=r"the alias production moved to v1, but the deployment failed: "
                                                   r".*captioning deploy --target kserve --model-uri gs://b/run-3/model"):
             promote_step(cfg(tmp_path / "r3", "promote.deploy=kserve"), model_dir, metrics, "gs://b/run-3/model")

@@ -155,6 +155,29 @@ def test_kubeflow_gpu_steps_tolerate_the_gpu_taint_and_raw_data_keeps_a_cache_vo
     assert platform["exec-train"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
+def test_on_vertex_a_bucket_keeps_the_archives_across_runs(tmp_path, monkeypatch):
+    """Issue 25, point 1: no volume outlives a Vertex AI run; --raw-cache-bucket makes log_raw_data keep the
+    archives in a bucket (raw_data then references them), through the env the component reads."""
+    from conftest import captioning_cli
+
+    from components.factory import DOWNLOAD_CACHE_ENV
+
+    _, docs, _ = compile_in_subprocess(tmp_path, "--target", "vertex", "--raw-cache-bucket", "gs://my-cache/coco2014")
+    executors = docs[0]["deploymentSpec"]["executors"]
+    assert {"name": DOWNLOAD_CACHE_ENV, "value": "gs://my-cache/coco2014"} in executors["exec-log-raw-data"]["container"]["env"]
+    assert not any(DOWNLOAD_CACHE_ENV in str(e["container"].get("env")) for n, e in executors.items()
+                   if n != "exec-log-raw-data")
+    without = captioning_cli("compile", "--target", "vertex", "--output", str(tmp_path / "v.yaml"), cwd=tmp_path)
+    assert without.returncode == 0 and "no --raw-cache-bucket: a log_raw_data that runs" in without.stderr
+    demo = captioning_cli("compile", "--target", "vertex", "--preset", "demo", "--output", str(tmp_path / "d.yaml"),
+                          cwd=tmp_path)
+    assert demo.returncode == 0 and "raw-cache-bucket" not in demo.stderr
+    for bad in (["--raw-cache-bucket", "gs://my-cache/coco"],  # Kubeflow keeps them on its PVC
+                ["--target", "vertex", "--raw-cache-bucket", "/var/cache/coco"]):
+        proc = captioning_cli("compile", *bad, "--output", str(tmp_path / "x.yaml"), cwd=tmp_path)
+        assert proc.returncode == 2 and "--raw-cache-bucket" in proc.stderr, proc.stderr
+
+
 def test_the_description_names_the_target_and_parameters_include_wandb_mode_and_secret(kubeflow, tmp_path):
     _, docs, _ = kubeflow
     assert docs[0]["pipelineInfo"]["description"].endswith("[compiled for kubeflow]")

@@ -612,10 +612,31 @@ def test_a_bucket_download_cache_is_read_where_it_is_and_checked_by_crc32c(gcs_e
     assert third.metrics["bytes_downloaded"] == manifest["files"]["zips/val2014.zip"]["size"]
     assert bucket.get_blob(val.name).download_as_bytes() != bytes(data)
 
+    # Another mirror's archives under the same names are not this one's: downloaded from it (not reused)
+    from helpers.http_mirror import HttpMirror
 
-@pytest.mark.parametrize("value", ["gs://", "gs://Bad_Bucket/x", "s3://b/coco"])
+    with HttpMirror(http_mirror.state.root) as other:
+        elsewhere = load_config(overrides=[f"data.base_url={other.url}",
+                                           "data.download_cache=gs://coco-cache/coco2014"]).data
+        fourth = log_raw_data(elsewhere, tmp_path / "run4", tmp_path / "scratch4")
+    assert fourth.metrics["bytes_downloaded"] == fourth.metrics["bytes"]
+    assert bucket.get_blob(val.name).metadata["source"].startswith(other.url)
+
+    # A bucket that is not there: said before anything is downloaded, naming the setting
+    from captioning.errors import ConfigError
+
+    gets = sum(r.method == "GET" for r in http_mirror.state.requests)
+    missing = load_config(overrides=[f"data.base_url={http_mirror.url}",
+                                     "data.download_cache=gs://no-such-bucket/coco2014"]).data
+    with pytest.raises(ConfigError, match=r"data.download_cache=gs://no-such-bucket/coco2014: no bucket "
+                                          r"'no-such-bucket'"):
+        log_raw_data(missing, tmp_path / "run5", tmp_path / "scratch5")
+    assert sum(r.method == "GET" for r in http_mirror.state.requests) == gets
+
+
+@pytest.mark.parametrize("value", ["gs://", "gs://Bad_Bucket/x", "s3://b/coco", "gs://b/a/../c", "gs://bb//c"])
 def test_a_download_cache_url_must_name_a_bucket(value):
     from captioning.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data.download_cache.*a folder, or a bucket as gs://BUCKET/PREFIX"):
+    with pytest.raises(ConfigError, match=r"data.download_cache.*a folder, or a bucket as gs://BUCKET/PREFIX \(no"):
         load_config(overrides=[f"data.download_cache={value}"])

@@ -97,9 +97,10 @@ class DataConfig(Section):
     @field_validator("download_cache")
     @classmethod
     def _bucket_names_a_bucket(cls, value: str | None) -> str | None:
-        if value and "://" in value and not re.fullmatch(r"gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9](/[^\s]*)?",
-                                                         value):
-            raise ValueError(f"{value!r}: a folder, or a bucket as gs://BUCKET/PREFIX")
+        if value and "://" in value and (
+                not re.fullmatch(r"gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9](/[^\s]*)?", value)
+                or any(part in ("", ".", "..") for part in value.rstrip("/")[len("gs://"):].split("/")[1:])):
+            raise ValueError(f"{value!r}: a folder, or a bucket as gs://BUCKET/PREFIX (no empty, . or .. parts)")
         return value.rstrip("/") if value and value.startswith("gs://") else value
 
     @field_validator("files")

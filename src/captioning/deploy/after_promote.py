@@ -86,7 +86,10 @@ def deploy_promoted(cfg: Config, model_uri: str, version: str) -> dict:
 
             outcome = deploy_vertex(_image(), uri, p.deploy_name, _vertex_target(cfg))
     except DeployError as exc:
+        s3 = _s3_access(model_uri) if p.deploy == "kserve" else None
+        flags = "".join(f" --{flag} {value}" for flag, value in
+                        (("s3-endpoint", s3 and s3.endpoint), ("s3-secret", s3 and s3.secret)) if value)
         raise DeployError(f"promote.deploy={p.deploy}: the alias {p.alias} moved to {version or 'the new model'}, "
                           f"but the deployment failed: {exc}; deploy it with `captioning deploy --target {p.deploy} "
-                          f"--model-uri {redact(uri)}`") from None
+                          f"--model-uri {redact(uri)}{flags}`") from None
     return {"target": p.deploy, "model_uri": redact(uri), **outcome}

@@ -115,6 +115,8 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     if base == DEMO_SOURCE:
         base = str(demo_mirror(scratch).resolve())
     in_bucket = bucket_cache.is_bucket(cfg.download_cache)
+    if in_bucket:
+        bucket_cache.check_bucket(cfg.download_cache)
     cache = (check_writable(cfg.download_cache, "data.download_cache") if cfg.download_cache and not in_bucket
              else None)
     files: dict[str, dict] = {}
@@ -128,8 +130,8 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
         """One archive in the bucket cache: found there (its central directory read in place), or downloaded
         into scratch, checked and uploaded. The entry adds the object's generation and CRC32C."""
         found = bucket_cache.lookup(cfg.download_cache, rel)
-        if found and found.sha256 and expected_sha256 in (None, found.sha256):
-            with bucket_cache.open_object(found) as reader:
+        if bucket_cache.reusable(found, redact(url), expected_sha256):
+            with bucket_cache.open_object(cfg.download_cache, found) as reader:
                 held = index_archive(found.uri, *limits, fileobj=reader)
             entry, fresh = {"source": redact(url), "size": found.size, "sha256": found.sha256}, False
         else:
@@ -140,7 +142,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
                 check=lambda path: check_archive(path, *limits),
             )
             held = index_archive(staging, *limits)
-            found = bucket_cache.upload(staging, cfg.download_cache, rel, record.sha256)
+            found = bucket_cache.upload(staging, cfg.download_cache, rel, record.sha256, redact(url))
             bucket_cache.remove_local(staging)
             entry, fresh = redact_tree(record_dict(record)), True
             entry.pop("downloaded", None)
@@ -203,7 +205,7 @@ def log_raw_data(cfg: DataConfig, out_dir: str | Path, scratch: str | Path | Non
     def read_json(path: str, member: str):
         if in_bucket:
             found = in_bucket_objects[path]
-            with bucket_cache.open_object(found) as reader:
+            with bucket_cache.open_object(cfg.download_cache, found) as reader:
                 return read_json_member(found.uri, member, "COCO caption file", reader), found.uri
         archive = (cache or out_dir) / path
         return read_json_member(archive, member, "COCO caption file"), archive

@@ -139,7 +139,7 @@ def _check_referenced(raw_dir: Path, manifest: dict) -> None:
 
     for entry in manifest["files"].values():
         path = archive_at(raw_dir, manifest, entry["path"])
-        again = "run log_raw_data again (on Kubeflow: submit with its caching off)"
+        again = "run log_raw_data again (a pipeline run with caching off, enable_caching=False)"
         if not path.is_file():
             raise DataError(f"{path}: the download cache no longer holds this archive, which {raw_dir / MANIFEST} "
                             f"references; {again}")

@@ -72,15 +72,14 @@ def server(promoted_model, images):
     import uvicorn
 
     from captioning.caption import CaptionModel
-    from captioning.serving import Limits, create_app
+    from captioning.serving import Limits, create_app, server_config
 
     with HttpMirror(images["root"]) as mirror:
         model = CaptionModel(promoted_model["model"], version=promoted_model["version"])
         limits = Limits(max_request_bytes=2 << 20, max_image_bytes=1 << 20, max_instances=8, max_batch=8,
                         window_ms=200, allow_uri=(mirror.url + "/scenes/",))
         port = free_port()
-        uv = uvicorn.Server(uvicorn.Config(create_app(model, "captioner", limits), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+        uv = uvicorn.Server(server_config(create_app(model, "captioner", limits), "127.0.0.1", port))
         thread = threading.Thread(target=uv.run, daemon=True)
         thread.start()
         url = f"http://127.0.0.1:{port}"
@@ -205,6 +204,10 @@ def test_bench_serve_reports_both_modes_against_a_running_server(server):
     for mode in ("concurrent", "one_at_a_time"):
         assert result[mode]["captions_per_s"] > 0 and result[mode]["p95_ms"] >= result[mode]["p50_ms"] > 0
     assert sum(int(k) * v for k, v in result["batch_sizes"].items()) == 4 * 2  # one timed run of each mode
+    # what the remote server runs, as it says (the fixture's server: max_batch 8, window 200 ms), not the
+    # command's own defaults (32, 50 ms)
+    assert (result["model"], result["max_batch"], result["window_ms"]) == (
+        f"captioner {server['version']}", 8, 200.0)
 
 
 def test_serve_command_resolves_the_alias_and_stops_on_sigterm(promoted_model, images, expected, tmp_path):
@@ -293,3 +296,133 @@ def test_serve_reads_an_s3_model_with_the_environment_the_inference_service_sets
         assert proc.returncode == 2, proc.stderr
         assert f"--model={missing}: cannot read the bucket" in proc.stderr and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_stock_open_inference_clients_at_their_defaults_get_the_cli_captions(server, images, expected):
+    """Issue 26, points 1-2: tritonclient[http] and the kserve SDK as their users call them, with no setting
+    changed: raw image bytes as binary BYTES tensors (Inference-Header-Content-Length), binary answers where they
+    ask for them, and the routes each client walks."""
+    import asyncio
+
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    url, scenes = server["url"], images["scenes"]
+    want = [expected[str(p)] for p in scenes]
+    raw = np.array([p.read_bytes() for p in scenes], dtype=np.object_)
+
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("captioner")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    meta = client.get_model_metadata("captioner")
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {"caption": "BYTES", "score": "FP32"}
+    image = triton.InferInput("image", [len(scenes)], "BYTES")
+    image.set_data_from_numpy(raw)  # binary_data=True: the client's default
+    result = client.infer("captioner", [image])  # no outputs named: the client asks for all of them in binary
+    assert [c.decode() for c in result.as_numpy("caption")] == want
+    scores = result.as_numpy("score")
+    assert scores.dtype == np.float32 and all(-50 < s <= 0 for s in scores)
+    only = client.infer("captioner", [image], model_version=server["version"],
+                        outputs=[triton.InferRequestedOutput("caption", binary_data=False)])
+    assert list(only.as_numpy("caption")) == want and only.get_output("score") is None  # JSON: strings
+    for call, message in ((lambda: client.infer("captioner", [image], outputs=[triton.InferRequestedOutput("nope")]),
+                           "unknown output 'nope'"),
+                          (lambda: client.get_model_metadata("other"), "no model 'other'"),
+                          (lambda: client.infer("captioner", [image], model_version="v999"), "no version 'v999'")):
+        with pytest.raises(InferenceServerException, match=message):
+            call()
+    client.close()
+
+    async def kserve_calls():
+        v2 = InferenceRESTClient(RESTConfig(protocol="v2"))
+        assert await v2.is_server_live(url) and await v2.is_server_ready(url)
+        assert await v2.is_model_ready(url, "captioner")
+        tensor = InferInput("image", [len(scenes)], "BYTES")
+        tensor.set_data_from_numpy(raw)  # binary_data=True by default
+        plain = await v2.infer(url, InferRequest("captioner", [tensor]), model_name="captioner")
+        asked = await v2.infer(url, InferRequest("captioner", [tensor], parameters={"binary_data_output": True}),
+                               model_name="captioner")
+        await v2.close()
+        v1 = InferenceRESTClient(RESTConfig(protocol="v1"))
+        live = await v1.is_server_live(url)
+        ready = await v1.is_model_ready(url, "captioner")
+        v1_result = await v1.infer(url, {"instances": [{"b64": b64(p)} for p in scenes]}, model_name="captioner")
+        await v1.close()
+        return plain, asked, live, ready, v1_result
+
+    plain, asked, live, ready, v1_result = asyncio.run(kserve_calls())
+    for response in (plain, asked):
+        captions = {o.name: o for o in response.outputs}["caption"].as_numpy()
+        assert [c.decode() if isinstance(c, bytes) else c for c in captions] == want
+    assert live and ready and [p["caption"] for p in v1_result["predictions"]] == want
+
+
+@pytest.mark.parametrize("case", ["shape", "id", "unknown-input", "both-inputs", "header-length", "unclaimed",
+                                  "truncated", "binary-on-v1", "compressed"])
+def test_v2_requests_the_protocol_refuses_are_400_naming_the_field(server, images, case):
+    import struct
+
+    url, scene = server["url"], images["scenes"][0]
+    infer = f"{url}/v2/models/captioner/infer"
+    image = scene.read_bytes()
+    element = struct.pack("<I", len(image)) + image
+
+    def binary(head: dict, blob: bytes, length=None):
+        text = json.dumps(head).encode()
+        return requests.post(infer, data=text + blob,
+                             headers={"Inference-Header-Content-Length": str(length or len(text))})
+
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64(scene)]}
+    sent = {
+        "shape": lambda: requests.post(infer, json={"inputs": [{**tensor, "shape": [2]}]}),
+        "id": lambda: requests.post(infer, json={"id": {"a": 1}, "inputs": [tensor]}),
+        "unknown-input": lambda: requests.post(infer, json={"inputs": [{**tensor, "name": "pixels"}]}),
+        "both-inputs": lambda: requests.post(infer, json={"inputs": [tensor, {**tensor, "name": "uri"}]}),
+        "header-length": lambda: binary({"inputs": []}, b"", length=10**6),
+        "unclaimed": lambda: binary({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                 "parameters": {"binary_data_size": len(element)}}]}, element + b"xx"),
+        "truncated": lambda: binary({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                 "parameters": {"binary_data_size": len(element)}}]}, element[:-5]),
+        "binary-on-v1": lambda: requests.post(f"{url}/v1/models/captioner:predict", data=b"{}",
+                                              headers={"Inference-Header-Content-Length": "2"}),
+        "compressed": lambda: requests.post(infer, data=b"x", headers={"Content-Encoding": "gzip"}),
+    }[case]
+    want = {
+        "shape": (400, "input 'image': shape [2] holds 2 elements, the data 1"),
+        "id": (400, "id must be a string, not dict"),
+        "unknown-input": (400, "input 'pixels': this model takes 'image' or 'uri'"),
+        "both-inputs": (400, "not both"),
+        "header-length": (400, "Inference-Header-Content-Length: '1000000' is not a length within"),
+        "unclaimed": (400, "2 bytes of binary data no input claims"),
+        "truncated": (400, "binary_data_size"),
+        "binary-on-v1": (400, "binary tensor data is for the v2 infer route"),
+        "compressed": (415, "Content-Encoding 'gzip'"),
+    }[case]
+    resp = sent()
+    assert resp.status_code == want[0], resp.text
+    assert want[1] in resp.json()["error"], resp.json()
+
+
+def test_the_v2_and_v1_surface_a_client_walks(server, images):
+    url, scene = server["url"], images["scenes"][0]
+    assert requests.get(f"{url}/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert requests.get(f"{url}/").json() == {"status": "alive"}
+    version = server["version"]
+    assert requests.get(f"{url}/v2/models/captioner/versions/{version}").json()["versions"] == [version]
+    assert requests.get(f"{url}/v2/models/captioner/versions/{version}/ready").status_code == 200
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [[b64(scene)]]}  # nested, row-major
+    given = requests.post(f"{url}/v2/models/captioner/infer", json={"id": "req-7", "inputs": [tensor]}).json()
+    assert given["id"] == "req-7" and [o["name"] for o in given["outputs"]] == ["caption", "score"]
+    unnamed = requests.post(f"{url}/v2/models/captioner/infer", json={"inputs": [tensor],
+                                                                      "outputs": [{"name": "score"}]}).json()
+    assert isinstance(unnamed["id"], str) and [o["name"] for o in unnamed["outputs"]] == ["score"]
+    # a known route asked with the wrong method: 405 in the protocols' error shape; an unknown route: 404
+    for method, path in (("GET", "/v1/models/captioner:predict"), ("GET", "/v2/models/captioner/infer"),
+                         ("POST", "/v2/health/live"), ("DELETE", "/v2/models/captioner"), ("GET", "/predict")):
+        resp = requests.request(method, f"{url}{path}")
+        assert resp.status_code == 405 and path in resp.json()["error"], (method, path, resp.text)
+    resp = requests.get(f"{url}/v3/anything")
+    assert resp.status_code == 404 and "/v3/anything" in resp.json()["error"]

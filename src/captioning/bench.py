@@ -314,6 +314,8 @@ def bench_serve(requests: int = 64, concurrency: int = 16, repeats: int = 3, mod
             server, url = _start_server(model or str(bench_model(Path(tmp))), registry, max_batch, window_ms)
         base = url.rstrip("/")
         http.get(f"{base}/v1/models/{name}", timeout=30).raise_for_status()  # the model is there and named so
+        served = _served(base, name) if server is None else {
+            "model": model or "untrained, bench sizes", "max_batch": max_batch, "window_ms": window_ms}
         local = threading.local()
 
         def one(i: int) -> float:
@@ -352,10 +354,23 @@ def bench_serve(requests: int = 64, concurrency: int = 16, repeats: int = 3, mod
 
     concurrent, sequential = figures("concurrent"), figures("sequential")
     return {"bench": "serve", "requests": requests, "concurrency": concurrency, "repeats": repeats,
-            "max_batch": max_batch, "window_ms": window_ms, "model": model or "untrained, bench sizes",
+            **({"url": url} if server is None else {}), **served,
             "concurrent": concurrent, "one_at_a_time": sequential,
             "speedup": round(concurrent["captions_per_s"] / sequential["captions_per_s"], 2),
             "batch_sizes": dict(sorted(sizes.items(), key=lambda kv: int(kv[0])))}
+
+
+def _served(base: str, name: str) -> dict:
+    """What a remote server says of itself (its v2 model metadata): the model version and its batching; None for
+    what it does not say, never this command's own defaults."""
+    import requests as http
+
+    resp = http.get(f"{base}/v2/models/{name}", timeout=30)
+    meta = resp.json() if resp.ok and "json" in resp.headers.get("content-type", "") else {}
+    params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
+    versions = meta.get("versions") or []
+    return {"model": f"{name} {versions[-1]}" if versions else None, "max_batch": params.get("max_batch"),
+            "window_ms": params.get("window_ms")}
 
 
 def _batch_sizes(base: str, name: str) -> dict:
@@ -375,7 +390,7 @@ def _start_server(model: str, registry: str, max_batch: int, window_ms: float):
 
     from captioning.caption import CaptionModel
     from captioning.model_source import resolve_model
-    from captioning.serving import Limits, create_app
+    from captioning.serving import Limits, create_app, server_config
 
     resolved = resolve_model(model, registry)
     app = create_app(CaptionModel(resolved.path, version=resolved.version),
@@ -383,7 +398,7 @@ def _start_server(model: str, registry: str, max_batch: int, window_ms: float):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -3,8 +3,10 @@
 FastAPI on uvicorn, speaking what the platforms call:
 
 - KServe's v1 protocol: ``GET /v1/models/NAME``, ``POST /v1/models/NAME:predict``;
-- the Open Inference (v2) protocol: ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME``,
-  ``/v2/models/NAME/ready``, ``POST /v2/models/NAME/infer`` (input ``image``: base64 BYTES, or ``uri``);
+- KServe's v1 protocol: also ``GET /`` (liveness);
+- the Open Inference (v2) protocol: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/ready``,
+  ``/v2/models/NAME[/versions/V]``, ``.../ready``, ``POST .../infer`` (input ``image``: BYTES, raw with the
+  binary tensor extension or base64 in JSON; or ``uri``), codec in captioning.open_inference;
 - Vertex AI's custom-container contract: ``AIP_HEALTH_ROUTE`` and ``AIP_PREDICT_ROUTE`` (``AIP_HTTP_PORT``
   is the port), ``{"instances": [...]}`` -> ``{"predictions": [...]}``.
 
@@ -29,18 +31,21 @@ import logging
 import os
 import queue
 import threading
-import uuid
 from collections import Counter
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from captioning import __version__
 from captioning.caption import CaptionModel
 from captioning.errors import CaptioningError
+from captioning.open_inference import (EXTENSIONS, HEADER_LENGTH, INPUTS, OUTPUTS, ProtocolError, encode_response,
+                                       parse_request)
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +194,13 @@ def uri_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def _instance_image(index: int, instance: Any, limits: Limits) -> bytes:
-    """The bytes of one instance's image (decoded base64, or fetched from an allowed URI)."""
+    """The bytes of one instance's image (raw, decoded base64, or fetched from an allowed URI)."""
     b64 = None
+    if isinstance(instance, bytes):  # a v2 binary tensor element
+        if len(instance) > limits.max_image_bytes:
+            raise RequestError(413, f"instance {index}: the image is larger than the limit of "
+                                    f"{limits.max_image_bytes} bytes")
+        return instance
     if isinstance(instance, str):
         b64 = instance
     elif isinstance(instance, dict) and isinstance(instance.get("b64"), str):
@@ -263,6 +273,12 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     async def request_error(request: Request, exc: RequestError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, exc: StarletteHTTPException):
+        """A route not here (404) or a method a route does not take (405), in the protocols' error shape."""
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     def ready() -> bool:
         return "batcher" in state and state["batcher"].thread.is_alive()
 
@@ -270,8 +286,11 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
         if model_name != name:
             raise RequestError(404, f"no model {model_name!r} here; this server serves {name!r}")
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         """The body, refused once it passes the limit (declared or received: chunked bodies count too)."""
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            raise RequestError(415, f"Content-Encoding {request.headers['content-encoding']!r}: send the body "
+                                    "uncompressed (images do not compress)")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
             raise RequestError(413, f"request body of {declared} bytes, more than the limit of "
@@ -281,6 +300,13 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             body += chunk
             if len(body) > limits.max_request_bytes:
                 raise RequestError(413, f"request body larger than the limit of {limits.max_request_bytes} bytes")
+        return bytes(body)
+
+    async def read_json(request: Request) -> Any:
+        if request.headers.get(HEADER_LENGTH) is not None:
+            raise RequestError(400, f"{HEADER_LENGTH}: binary tensor data is for the v2 infer route "
+                                    f"(/v2/models/{name}/infer)")
+        body = await read_body(request)
         try:  # off the event loop: 32 MiB of JSON takes a while
             return await run_in_threadpool(json.loads, body)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -305,8 +331,14 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
         return {"predictions": await caption(body["instances"])}
 
     # -- KServe v1
+    @app.get("/")
+    async def v1_live():  # kserve's InferenceRESTClient.is_server_live (v1)
+        return {"status": "alive"}
+
     @app.get("/v1/models/{model_name}")
     async def v1_model(model_name: str):
+        if model_name.endswith(":predict"):  # the predict route, asked with GET
+            raise RequestError(405, f"GET /v1/models/{model_name}: use POST")
         check_name(model_name)
         return {"name": name, "ready": ready()}
 
@@ -325,18 +357,32 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     async def v2_ready():
         return JSONResponse({"ready": ready()}, status_code=200 if ready() else 503)
 
+    @app.get("/v2")
+    async def v2_server_metadata():
+        return {"name": "captioning", "version": __version__, "extensions": EXTENSIONS}
+
+    def check_version(version: str | None) -> None:
+        if version is not None and version != model.version:
+            raise RequestError(404, f"model {name!r} has no version {version!r} here; it serves "
+                                    f"{model.version or 'one unversioned model'}")
+
     @app.get("/v2/models/{model_name}")
-    async def v2_metadata(model_name: str):
+    @app.get("/v2/models/{model_name}/versions/{version}")
+    async def v2_metadata(model_name: str, version: str | None = None):
         check_name(model_name)
+        check_version(version)
         return {"name": name, "versions": [model.version] if model.version else [], "platform": "tensorflow",
-                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
-                           {"name": "uri", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": "caption", "datatype": "BYTES", "shape": [-1]},
-                            {"name": "score", "datatype": "FP32", "shape": [-1]}]}
+                "inputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in INPUTS.items()],
+                "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS.items()],
+                # what Open Inference leaves open, as an extension's fields would say it
+                "parameters": {"inputs": "one of them per request", "max_instances": limits.max_instances,
+                               "max_batch": limits.max_batch, "window_ms": limits.window_ms}}
 
     @app.get("/v2/models/{model_name}/ready")
-    async def v2_model_ready(model_name: str):
+    @app.get("/v2/models/{model_name}/versions/{version}/ready")
+    async def v2_model_ready(model_name: str, version: str | None = None):
         check_name(model_name)
+        check_version(version)
         return JSONResponse({"name": name, "ready": ready()}, status_code=200 if ready() else 503)
 
     @app.get("/v2/models/{model_name}/stats")
@@ -346,18 +392,19 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
         return {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
 
     @app.post("/v2/models/{model_name}/infer")
-    async def v2_infer(model_name: str, request: Request):
+    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def v2_infer(model_name: str, request: Request, version: str | None = None):
         check_name(model_name)
-        body = await read_json(request)
-        instances = _v2_instances(body)
-        predictions = await caption(instances)
-        count = len(predictions)
-        return {"model_name": name, "model_version": model.version,
-                "id": body.get("id") or str(uuid.uuid4()),
-                "outputs": [{"name": "caption", "datatype": "BYTES", "shape": [count],
-                             "data": [p["caption"] for p in predictions]},
-                            {"name": "score", "datatype": "FP32", "shape": [count],
-                             "data": [p["score"] for p in predictions]}]}
+        check_version(version)
+        body = await read_body(request)
+        try:  # off the event loop: 32 MiB of JSON takes a while
+            infer = await run_in_threadpool(parse_request, body, request.headers.get(HEADER_LENGTH))
+        except ProtocolError as exc:
+            raise RequestError(400, str(exc)) from None
+        predictions = await caption(infer.instances)
+        values = {"caption": [p["caption"] for p in predictions], "score": [p["score"] for p in predictions]}
+        content, headers = encode_response(infer, name, model.version, values)
+        return Response(content, headers=headers)
 
     # -- Vertex AI
     health_route = os.environ.get("AIP_HEALTH_ROUTE") or VERTEX_HEALTH_DEFAULT
@@ -374,27 +421,18 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     return app
 
 
-def _v2_instances(body: Any) -> list:
-    """The v2 request's ``image`` (base64 strings) or ``uri`` input as instances."""
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
-        raise RequestError(400, "expected {\"inputs\": [{\"name\": \"image\", \"datatype\": \"BYTES\", ...}]}")
-    for item in body["inputs"]:
-        if not isinstance(item, dict) or item.get("name") not in ("image", "uri"):
-            continue
-        if item.get("datatype") != "BYTES":
-            raise RequestError(400, f"input {item['name']!r}: datatype {item.get('datatype')!r}, expected BYTES")
-        data = item.get("data")
-        while isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
-            data = data[0]  # [[...]]: a batch dimension of one
-        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-            raise RequestError(400, f"input {item['name']!r}: data must be a list of strings")
-        return data if item["name"] == "image" else [{"uri": d} for d in data]
-    raise RequestError(400, "no input named 'image' (base64 BYTES) or 'uri' (BYTES)")
-
-
 def serve(model: CaptionModel, name: str, host: str, port: int, limits: Limits) -> None:
     """Run until stopped (SIGTERM: uvicorn finishes the requests in flight)."""
     import uvicorn
 
     log.info("serving %s (version %s) on %s:%d", name, model.version or "-", host, port)
-    uvicorn.run(create_app(model, name, limits), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(server_config(create_app(model, name, limits), host, port)).run()
+
+
+def server_config(app, host: str, port: int):
+    """uvicorn's settings for the app (``serve``, the bench and the tests): h11 and asyncio whatever else is
+    installed (uvicorn's "auto" takes httptools and uvloop where present), so it behaves the same everywhere."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="h11",
+                          loop="asyncio")

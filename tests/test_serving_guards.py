@@ -182,3 +182,48 @@ def test_a_lone_request_does_not_wait_out_the_window_but_one_being_decoded_is_wa
     assert first.result(timeout=10).caption == "cap-a" and second.result(timeout=10).caption == "cap-b"
     assert ["a", "b"] in model.calls  # one batch
     batcher.close()
+
+
+def test_an_image_sent_without_content_length_is_read_up_to_the_limit(tmp_path):
+    """Issue 26, point 5: a server answering in chunks (no Content-Length, to HEAD or GET) is read as a stream,
+    and refused once it passes the limit, without reading the rest."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = os.urandom(50_000)  # read_image returns bytes; the server decodes them later
+    sent = {"bytes": 0}
+
+    class Chunked(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+        def do_GET(self):
+            self.do_HEAD()
+            repeat = 200 if self.path == "/endless.jpg" else 1  # 10 MB where the limit is 1 MiB
+            try:
+                for _ in range(repeat):
+                    for at in range(0, len(body), 8192):
+                        piece = body[at:at + 8192]
+                        self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                        sent["bytes"] += len(piece)
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert read_image(f"{base}/a.jpg", 1 << 20, 5) == body
+        with pytest.raises(ImageUnavailable, match=f"more than the limit of {1 << 20} bytes"):
+            read_image(f"{base}/endless.jpg", 1 << 20, 5)
+        time.sleep(0.2)
+        assert sent["bytes"] < len(body) * 200  # it stopped reading, not the server
+    finally:
+        server.shutdown()

@@ -26,7 +26,8 @@ class ImageUnavailable(CaptioningError):
 def read_image(uri: str, max_bytes: int, timeout_s: float = 30.0, follow_redirects: bool = True) -> bytes:
     """The image's bytes, refused past ``max_bytes`` (declared or received). ``follow_redirects=False``:
     a server answering with a redirect is refused (the online endpoint must not be led elsewhere)."""
-    from captioning.data.fetch import HttpSource, LocalSource, TransferTooSlow, TransientError, open_source
+    from captioning.data.fetch import (HttpSource, LocalSource, SizeUnknown, TransferTooSlow, TransientError,
+                                       open_source)
 
     try:
         source = open_source(uri, timeout_s)
@@ -35,7 +36,10 @@ def read_image(uri: str, max_bytes: int, timeout_s: float = 30.0, follow_redirec
             raise ImageUnavailable("not a regular file")  # a FIFO or a device reads forever
         if isinstance(source, HttpSource) and not follow_redirects:
             source.session.max_redirects = 0
-        size = source.size()
+        try:
+            size = source.size()
+        except SizeUnknown:  # a chunked answer: read it, up to the limit
+            size = 0
         if size > max_bytes:
             raise ImageUnavailable(f"{size} bytes, more than the limit of {max_bytes}")
         data = bytearray()

@@ -96,7 +96,7 @@ class HttpSource(Source):
         self._check(resp)
         length = resp.headers.get("Content-Length")
         if length is None:
-            raise DownloadError(f"{self.shown}: the server sends no Content-Length, so the size cannot be verified")
+            raise SizeUnknown(f"{self.shown}: the server sends no Content-Length, so the size cannot be verified")
         self.validators = {key: resp.headers[header] for key, header in
                            (("etag", "ETag"), ("last_modified", "Last-Modified")) if header in resp.headers}
         return int(length)
@@ -136,6 +136,10 @@ MAX_BACKOFF_S = 600.0  # the doubling back-off stops growing at ten minutes
 
 class RangeIgnored(Exception):
     pass
+
+
+class SizeUnknown(DownloadError):
+    """No Content-Length: an archive cannot be verified by size, an image is read up to its limit instead."""
 
 
 class Oversized(Exception):

@@ -1,6 +1,7 @@
 """What guards the server and the batch pipeline, without a model: the batcher's failures, URI allowlists,
 hostile URIs and bucket object names."""
 
+import contextlib
 import os
 import threading
 import time
@@ -227,3 +228,117 @@ def test_an_image_sent_without_content_length_is_read_up_to_the_limit(tmp_path):
         assert sent["bytes"] < len(body) * 200  # it stopped reading, not the server
     finally:
         server.shutdown()
+
+
+class SlowDecodeModel(FakeModel):
+    """The app's model interface: ``prepare`` (decoding) takes ``decode_s`` per image and is counted."""
+
+    version = "v-test"
+
+    def __init__(self, decode_s: float = 0.0):
+        super().__init__()
+        self.decode_s, self.prepared = decode_s, 0
+
+    def prepare(self, data: bytes):
+        time.sleep(self.decode_s)
+        self.prepared += 1
+        return data.decode()
+
+
+@contextlib.contextmanager
+def running_app(model, **limits):
+    """The real app on uvicorn (serve's own settings and protocol) on a loopback port, in a thread."""
+    import socket
+
+    import uvicorn
+
+    from captioning.serving import Limits, create_app, server_config
+
+    settings = Limits(**limits)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(server_config(create_app(model, "captioner", settings), "127.0.0.1", port,
+                                          settings.header_timeout_s))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _predict_body(count: int) -> bytes:
+    import base64
+    import json
+
+    return json.dumps({"instances": [base64.b64encode(f"img{i}".encode()).decode() for i in range(count)]}).encode()
+
+
+def test_slow_clients_are_cut_off_and_others_are_still_answered():
+    """Issue 26, point 3: 40 clients trickling their headers and 10 trickling a body, for longer than the limits
+    (1 s here); each is closed (a body trickler after a 408), and a normal request meanwhile is answered at once."""
+    import socket
+
+    import requests
+
+    with running_app(SlowDecodeModel(), header_timeout_s=1.0, body_timeout_s=1.0) as (url, port):
+        header_tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        body_tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+        for sock in body_tricklers:
+            sock.sendall(b"POST /v1/models/captioner:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+        started = time.monotonic()
+        answered_within = None
+        closed: dict[int, bytes] = {}
+        while time.monotonic() - started < 4 and len(closed) < 50:
+            for n, sock in enumerate(header_tricklers + body_tricklers):
+                if n in closed:
+                    continue
+                try:
+                    sock.sendall(b"G" if n < 40 else b" ")  # a byte at a time
+                    sock.settimeout(0.001)
+                    got = sock.recv(4096)
+                    closed[n] = got or b"closed"
+                except (BlockingIOError, socket.timeout):
+                    pass
+                except OSError:  # reset: closed by the server
+                    closed[n] = b"closed"
+            if answered_within is None:
+                t0 = time.monotonic()
+                resp = requests.post(f"{url}/v1/models/captioner:predict", data=_predict_body(1), timeout=5)
+                assert resp.status_code == 200 and resp.json()["predictions"][0]["caption"] == "cap-img0"
+                answered_within = time.monotonic() - t0
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        for sock in header_tricklers + body_tricklers:
+            sock.close()
+    assert len(closed) == 50, f"{50 - len(closed)} slow connections still open after {elapsed:.1f} s"
+    assert elapsed < 3.5  # about the 1 s limits, not the test's 4 s
+    assert answered_within < 1.0
+    assert all(b"408" in closed[n] for n in range(40, 50)), {n: closed[n][:40] for n in range(40, 50)}
+
+
+def test_a_client_that_goes_away_is_not_decoded_or_captioned_and_is_one_info_line(caplog):
+    """Issue 26, point 3: the client sends 8 images (0.3 s of decoding each) and hangs up after 0.2 s; the
+    server stops decoding, captions none of them, and says so in one INFO line (no traceback, no ERROR)."""
+    import logging
+    import socket
+
+    model = SlowDecodeModel(decode_s=0.3)
+    with caplog.at_level(logging.INFO, logger="captioning.serving"), running_app(model) as (url, port):
+        body = _predict_body(8)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/models/captioner:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.2)
+        sock.close()
+        time.sleep(2.0)  # longer than the 8 decodes would take
+    assert model.prepared <= 2 and model.calls == [], (model.prepared, model.calls)
+    gone = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

@@ -201,6 +201,9 @@ def serve(
     max_request_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 above)."),
     max_image_mb: float = typer.Option(16.0, min=0.001, help="Largest image (413 above)."),
     max_instances: int = typer.Option(64, min=1, help="Most images per request (413 above)."),
+    header_timeout_s: float = typer.Option(10.0, min=0.1, help="A request's headers must arrive within this, or "
+                                           "the connection is closed (slow clients hold no slot)."),
+    body_timeout_s: float = typer.Option(60.0, min=0.1, help="A request's body must arrive within this (408)."),
     allow_uri: List[str] = typer.Option([], help="A URI prefix instances may name (gs://bucket/, https://host/); "
                                         "repeatable. Without one, {\"uri\": ...} instances are refused."),
     decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: what train chose on validation)."),
@@ -222,7 +225,8 @@ def serve(
         _fail(exc)
     mib = 1 << 20
     limits = Limits(max_request_bytes=int(max_request_mb * mib), max_image_bytes=int(max_image_mb * mib),
-                    max_instances=max_instances, max_batch=max_batch, window_ms=window_ms, allow_uri=tuple(allow_uri))
+                    max_instances=max_instances, max_batch=max_batch, window_ms=window_ms, allow_uri=tuple(allow_uri),
+                    header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s)
     run_server(loaded, name, host, port or DEFAULT_PORT, limits)
 
 

@@ -40,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from captioning import __version__
 from captioning.caption import CaptionModel
@@ -67,6 +68,8 @@ class Limits:
     allow_uri: tuple[str, ...] = ()  # URI prefixes an instance may name; none: URIs are refused
     uri_timeout_s: float = 30.0
     max_pending: int = 1024  # images waiting for the device; past it, 503 (the client retries elsewhere or later)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this, or the connection is closed
+    body_timeout_s: float = 60.0  # and its body within this (408)
 
 
 class RequestError(Exception):
@@ -240,8 +243,9 @@ def _fetch(index: int, uri: str, limits: Limits) -> bytes:
         raise RequestError(400, f"instance {index}: {redact(uri)}: {shown}") from None
 
 
-def _prepare(model: CaptionModel, instances: list, limits: Limits) -> list:
-    """Every instance checked and decoded before any is captioned: one bad image is the request's 4xx."""
+def _prepare(model: CaptionModel, instances: list, limits: Limits, gone: threading.Event | None = None) -> list:
+    """Every instance checked and decoded before any is captioned: one bad image is the request's 4xx. Stops
+    when ``gone`` is set (the client went away)."""
     if not isinstance(instances, list) or not instances:
         raise RequestError(400, "no instances: send {\"instances\": [...]} with at least one image")
     if len(instances) > limits.max_instances:
@@ -249,6 +253,8 @@ def _prepare(model: CaptionModel, instances: list, limits: Limits) -> list:
                                 "per request")
     prepared = []
     for index, instance in enumerate(instances):
+        if gone is not None and gone.is_set():
+            return []
         data = _instance_image(index, instance, limits)
         try:
             prepared.append(model.prepare(data))
@@ -271,7 +277,14 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        # 408 and 413 leave a body unread: the connection cannot carry another request
+        closing = {"Connection": "close"} if exc.status in (408, 413) else None
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=closing)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        log.info("%s %s: the client went away before the request was answered", request.method, request.url.path)
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed the request"
 
     @app.exception_handler(StarletteHTTPException)
     async def routing_error(request: Request, exc: StarletteHTTPException):
@@ -287,7 +300,8 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             raise RequestError(404, f"no model {model_name!r} here; this server serves {name!r}")
 
     async def read_body(request: Request) -> bytes:
-        """The body, refused once it passes the limit (declared or received: chunked bodies count too)."""
+        """The body, refused once it passes the limit (declared or received: chunked bodies count too) or the
+        time limit (a client trickling it holds no connection for long)."""
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise RequestError(415, f"Content-Encoding {request.headers['content-encoding']!r}: send the body "
                                     "uncompressed (images do not compress)")
@@ -296,11 +310,20 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             raise RequestError(413, f"request body of {declared} bytes, more than the limit of "
                                     f"{limits.max_request_bytes}")
         body = bytearray()
-        async for chunk in request.stream():
+        deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
+        chunks = request.stream()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks, None),
+                                               max(deadline - asyncio.get_running_loop().time(), 0))
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s")\
+                    from None
+            if chunk is None:
+                return bytes(body)
             body += chunk
             if len(body) > limits.max_request_bytes:
                 raise RequestError(413, f"request body larger than the limit of {limits.max_request_bytes} bytes")
-        return bytes(body)
 
     async def read_json(request: Request) -> Any:
         if request.headers.get(HEADER_LENGTH) is not None:
@@ -312,23 +335,42 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise RequestError(400, "the request body is not JSON (or nested too deeply)") from None
 
-    async def caption(instances: list) -> list[dict]:
+    async def caption(request: Request, instances: list) -> list[dict]:
+        """Decode, then caption with other requests' images; a client that goes away meanwhile stops both."""
         batcher = state["batcher"]
+        gone = threading.Event()  # _prepare looks at it between images
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
         try:
-            with batcher.expecting(len(instances) if isinstance(instances, list) else 0):
-                prepared = await run_in_threadpool(_prepare, model, instances, limits)
-                futures = [asyncio.wrap_future(batcher.submit(p)) for p in prepared]
-        except Busy:
-            raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry later")\
-                from None
-        results = await asyncio.gather(*futures)
-        return [{"caption": r.caption, "score": round(r.score, 6), "model_version": model.version} for r in results]
+            try:
+                with batcher.expecting(len(instances) if isinstance(instances, list) else 0):
+                    prepared = await run_in_threadpool(_prepare, model, instances, limits, gone)
+                    if gone.is_set():
+                        raise ClientDisconnect()
+                    futures = [asyncio.wrap_future(batcher.submit(p)) for p in prepared]
+            except Busy:
+                raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry "
+                                        "later") from None
+            results = asyncio.gather(*futures)
+            done, _ = await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if results not in done:
+                results.cancel()  # the batcher skips cancelled images
+                raise ClientDisconnect()
+        finally:
+            watcher.cancel()
+        return [{"caption": r.caption, "score": round(r.score, 6), "model_version": model.version}
+                for r in results.result()]
 
     async def predict(request: Request) -> dict:
         body = await read_json(request)
         if not isinstance(body, dict) or "instances" not in body:
             raise RequestError(400, "expected {\"instances\": [...]}")
-        return {"predictions": await caption(body["instances"])}
+        return {"predictions": await caption(request, body["instances"])}
 
     # -- KServe v1
     @app.get("/")
@@ -401,7 +443,7 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             infer = await run_in_threadpool(parse_request, body, request.headers.get(HEADER_LENGTH))
         except ProtocolError as exc:
             raise RequestError(400, str(exc)) from None
-        predictions = await caption(infer.instances)
+        predictions = await caption(request, infer.instances)
         values = {"caption": [p["caption"] for p in predictions], "score": [p["score"] for p in predictions]}
         content, headers = encode_response(infer, name, model.version, values)
         return Response(content, headers=headers)
@@ -426,13 +468,59 @@ def serve(model: CaptionModel, name: str, host: str, port: int, limits: Limits) 
     import uvicorn
 
     log.info("serving %s (version %s) on %s:%d", name, model.version or "-", host, port)
-    uvicorn.Server(server_config(create_app(model, name, limits), host, port)).run()
+    uvicorn.Server(server_config(create_app(model, name, limits), host, port, limits.header_timeout_s)).run()
 
 
-def server_config(app, host: str, port: int):
+def server_config(app, host: str, port: int, header_timeout_s: float = Limits.header_timeout_s):
     """uvicorn's settings for the app (``serve``, the bench and the tests): h11 and asyncio whatever else is
-    installed (uvicorn's "auto" takes httptools and uvloop where present), so it behaves the same everywhere."""
+    installed (uvicorn's "auto" takes httptools and uvloop where present), so it behaves the same everywhere,
+    with a time limit on each request's headers (uvicorn has none)."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="h11",
-                          loop="asyncio")
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          http=_timed_h11(header_timeout_s), loop="asyncio")
+
+
+def _timed_h11(header_timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived within the time
+    limit: on a new connection and between keep-alive requests (uvicorn's keep-alive timer stops at the first
+    byte, so a client sending one byte at a time would hold the connection forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            if not self.transport.is_closing():
+                log.info("closed a connection from %s: its request headers did not arrive within %g s",
+                         self.client[0] if self.client else "?", header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a request is being answered: its body has a timer of its own
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return TimedH11

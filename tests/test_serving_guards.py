@@ -342,3 +342,77 @@ def test_a_client_that_goes_away_is_not_decoded_or_captioned_and_is_one_info_lin
     gone = [r for r in caplog.records if "went away" in r.getMessage()]
     assert len(gone) == 1 and gone[0].levelno == logging.INFO
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+class DecodingModel(SlowDecodeModel):
+    """Decodes for real with PIL (the declared pixels are allocated), noting the most bytes decoded at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.most = 0
+        self._lock = threading.Lock()
+
+    def prepare(self, data: bytes):
+        from io import BytesIO
+
+        from PIL import Image
+
+        with Image.open(BytesIO(data)) as image:
+            cost = image.size[0] * image.size[1] * 4
+            with self._lock:
+                self.live += cost
+                self.most = max(self.most, self.live)
+            image.load()
+            time.sleep(0.2)
+        with self._lock:
+            self.live -= cost
+            self.prepared += 1
+        return "pixels"
+
+
+def test_decoding_memory_is_admitted_from_the_headers_before_any_decode():
+    """Issue 26, point 4: images declaring 2000x2000 (16 MB to decode each) against a 40 MB budget: 12 requests
+    at once decode at most two images at a time, the others are refused at once (503, nothing decoded), a
+    request that can never fit is 413, and overload by queue length is refused before decoding too."""
+    import base64
+    import io
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buffer, "PNG")  # 16 KB that decodes to 16 MB (by the estimate)
+    big = base64.b64encode(buffer.getvalue()).decode()
+    model = DecodingModel()
+    with running_app(model, decode_budget_bytes=40 << 20) as (url, _):
+        predict = f"{url}/v1/models/captioner:predict"
+
+        def one(_):
+            started = time.monotonic()
+            resp = requests.post(predict, data=json.dumps({"instances": [big]}), timeout=30)
+            return resp.status_code, time.monotonic() - started, resp.json()
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(one, range(12)))
+        codes = [code for code, _, _ in answers]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        assert all(seconds < 0.15 for code, seconds, _ in answers if code == 503)  # refused before decoding
+        assert all("MiB of decoding memory in use" in body["error"] for code, _, body in answers if code == 503)
+        assert model.most <= 40 << 20 and model.prepared == codes.count(200)
+        stats = requests.get(f"{url}/v2/models/captioner/stats").json()["decode_budget"]
+        assert stats["total_mib"] == 40 and stats["in_use_mib"] == 0 and 16 <= stats["peak_mib"] <= 40
+
+        three = requests.post(predict, data=json.dumps({"instances": [big] * 3}), timeout=30)
+        assert three.status_code == 413 and "need 45 MiB to decode, more than this server's decode budget of 40" \
+            in three.json()["error"]
+    with running_app(SlowDecodeModel(decode_s=0.5), max_pending=4, max_instances=8) as (url, _):
+        slow = ThreadPoolExecutor(1).submit(requests.post, f"{url}/v1/models/captioner:predict",
+                                            data=_predict_body(3), timeout=30)
+        time.sleep(0.2)  # 3 images being decoded: 2 more would pass 4
+        started = time.monotonic()
+        over = requests.post(f"{url}/v1/models/captioner:predict", data=_predict_body(2), timeout=30)
+        assert over.status_code == 503 and time.monotonic() - started < 0.3
+        assert "4 images are waiting" in over.json()["error"]
+        assert slow.result().status_code == 200

@@ -204,6 +204,8 @@ def serve(
     header_timeout_s: float = typer.Option(10.0, min=0.1, help="A request's headers must arrive within this, or "
                                            "the connection is closed (slow clients hold no slot)."),
     body_timeout_s: float = typer.Option(60.0, min=0.1, help="A request's body must arrive within this (408)."),
+    decode_budget_mb: float = typer.Option(4096.0, min=1, help="Memory all requests may decode into at once, "
+                                           "judged from the image headers before decoding (503 past it)."),
     allow_uri: List[str] = typer.Option([], help="A URI prefix instances may name (gs://bucket/, https://host/); "
                                         "repeatable. Without one, {\"uri\": ...} instances are refused."),
     decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: what train chose on validation)."),
@@ -226,7 +228,8 @@ def serve(
     mib = 1 << 20
     limits = Limits(max_request_bytes=int(max_request_mb * mib), max_image_bytes=int(max_image_mb * mib),
                     max_instances=max_instances, max_batch=max_batch, window_ms=window_ms, allow_uri=tuple(allow_uri),
-                    header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s)
+                    header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                    decode_budget_bytes=int(decode_budget_mb * mib))
     run_server(loaded, name, host, port or DEFAULT_PORT, limits)
 
 

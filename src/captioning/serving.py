@@ -45,6 +45,7 @@ from starlette.requests import ClientDisconnect
 from captioning import __version__
 from captioning.caption import CaptionModel
 from captioning.errors import CaptioningError
+from captioning.features import decode_cost
 from captioning.open_inference import (EXTENSIONS, HEADER_LENGTH, INPUTS, OUTPUTS, ProtocolError, encode_response,
                                        parse_request)
 
@@ -69,6 +70,9 @@ class Limits:
     uri_timeout_s: float = 30.0
     max_pending: int = 1024  # images waiting for the device; past it, 503 (the client retries elsewhere or later)
     header_timeout_s: float = 10.0  # a request's headers must arrive within this, or the connection is closed
+    # Memory all requests may decode into at once, by what their headers declare (features.decode_cost): the
+    # InferenceService's 8 GiB less TensorFlow and the model (about 2 GiB) and a margin.
+    decode_budget_bytes: int = 4096 * MIB
     body_timeout_s: float = 60.0  # and its body within this (408)
 
 
@@ -243,24 +247,59 @@ def _fetch(index: int, uri: str, limits: Limits) -> bytes:
         raise RequestError(400, f"instance {index}: {redact(uri)}: {shown}") from None
 
 
-def _prepare(model: CaptionModel, instances: list, limits: Limits, gone: threading.Event | None = None) -> list:
-    """Every instance checked and decoded before any is captioned: one bad image is the request's 4xx. Stops
-    when ``gone`` is set (the client went away)."""
+def _gather(instances: list, limits: Limits, gone: threading.Event) -> list[bytes]:
+    """Every instance's bytes (decoded base64, or fetched), nothing decoded yet. Stops when the client goes."""
     if not isinstance(instances, list) or not instances:
         raise RequestError(400, "no instances: send {\"instances\": [...]} with at least one image")
     if len(instances) > limits.max_instances:
         raise RequestError(413, f"{len(instances)} instances, more than the limit of {limits.max_instances} "
                                 "per request")
-    prepared = []
+    gathered = []
     for index, instance in enumerate(instances):
-        if gone is not None and gone.is_set():
+        if gone.is_set():
             return []
-        data = _instance_image(index, instance, limits)
+        gathered.append(_instance_image(index, instance, limits))
+    return gathered
+
+
+def _decode(model: CaptionModel, images: list[bytes], gone: threading.Event) -> list:
+    """Every image checked and decoded before any is captioned: one bad image is the request's 4xx."""
+    prepared = []
+    for index, data in enumerate(images):
+        if gone.is_set():
+            return []
         try:
             prepared.append(model.prepare(data))
         except CaptioningError as exc:
             raise RequestError(400, f"instance {index}: cannot caption it: {exc}") from None
     return prepared
+
+
+class DecodeBudget:
+    """Memory for decoding, taken by a request before it decodes (from its images' headers) and given back
+    after: a request that does not fit now is refused at once (503), one that never fits is 413."""
+
+    def __init__(self, total: int):
+        self.total, self.in_use, self.peak = total, 0, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def taken(self, cost: int):
+        if cost > self.total:
+            raise RequestError(413, f"the images need {cost >> 20} MiB to decode, more than this server's decode "
+                                    f"budget of {self.total >> 20} MiB (--decode-budget-mb); send them apart or "
+                                    "smaller")
+        with self._lock:
+            if self.in_use + cost > self.total:
+                raise RequestError(503, f"busy: {self.in_use >> 20} of {self.total >> 20} MiB of decoding memory "
+                                        f"in use, this request needs {cost >> 20}; retry later")
+            self.in_use += cost
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= cost
 
 
 def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = Limits()):
@@ -270,6 +309,7 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["batcher"] = Batcher(model, limits.max_batch, limits.window_ms, limits.max_pending)
+        state["budget"] = DecodeBudget(limits.decode_budget_bytes)
         yield
         state["batcher"].close()
 
@@ -338,7 +378,7 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     async def caption(request: Request, instances: list) -> list[dict]:
         """Decode, then caption with other requests' images; a client that goes away meanwhile stops both."""
         batcher = state["batcher"]
-        gone = threading.Event()  # _prepare looks at it between images
+        gone = threading.Event()  # _gather and _decode look at it between images
 
         async def watch() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -347,9 +387,14 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
 
         watcher = asyncio.create_task(watch())
         try:
+            images = await run_in_threadpool(_gather, instances, limits, gone)
+            # Overload is found out before any decoding: the queue's room, then the memory the decodes take.
+            if batcher.queue.qsize() + batcher.preparing + len(images) > limits.max_pending:
+                raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry later")
+            cost = sum(decode_cost(data) for data in images)
             try:
-                with batcher.expecting(len(instances) if isinstance(instances, list) else 0):
-                    prepared = await run_in_threadpool(_prepare, model, instances, limits, gone)
+                with state["budget"].taken(cost), batcher.expecting(len(images)):
+                    prepared = await run_in_threadpool(_decode, model, images, gone)
                     if gone.is_set():
                         raise ClientDisconnect()
                     futures = [asyncio.wrap_future(batcher.submit(p)) for p in prepared]
@@ -431,7 +476,10 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     async def v2_stats(model_name: str):
         check_name(model_name)
         sizes = state["batcher"].batch_sizes if "batcher" in state else {}
-        return {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
+        budget = state.get("budget")
+        memory = {"total_mib": budget.total >> 20, "in_use_mib": budget.in_use >> 20,
+                  "peak_mib": budget.peak >> 20} if budget else {}
+        return {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}, "decode_budget": memory}
 
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{version}/infer")

@@ -135,3 +135,16 @@ def test_archives_that_expand_too_far_are_refused_naming_them(tmp_path):
     with pytest.raises(UnsafeArchiveError, match=r"val2014.zip: its entries expand to 8000 bytes, over "
                        r"data.max_expanded_bytes=5000; refusing the archive"):
         index_archive(plain, max_bytes=5000)
+
+
+def test_duplicate_member_names_refuse_the_archive_by_name(tmp_path):
+    """Issue 27, case 8: a second member under the same name won silently (zipfile reads the later one), so a
+    caption file or an image could be replaced unseen and the counts were wrong."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name" warning: that is the point
+        archive = make_zip(tmp_path / "dup.zip", [("train2014/a.jpg", b"real"), ("train2014/b.jpg", b"b"),
+                                                  ("train2014/a.jpg", b"hijacked")])
+    with pytest.raises(UnsafeArchiveError, match=r"dup.zip: entry 'train2014/a.jpg' appears more than once"):
+        index_archive(archive)

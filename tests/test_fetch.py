@@ -327,3 +327,54 @@ def test_the_transfer_time_limit_counts_the_retries_and_their_waits(http_mirror,
         download(f"{http_mirror.url}/{ZIP}", tmp_path / "train2014.zip", retries=10, backoff_s=5,
                  transfer_timeout_s=2)
     assert time.monotonic() - started < 4
+
+
+def test_a_416_on_resume_discards_the_partial_copy_and_starts_over_once(http_mirror, small_mirror, tmp_path):
+    """Issue 27, case 7: a server refusing the resume's range (416) used to fail every rerun with the .part kept."""
+    size = (Path(small_mirror["root"]) / ZIP).stat().st_size
+    dest = tmp_path / "train2014.zip"
+    http_mirror.fault(f"/{ZIP}", ("cut", size // 3))
+    with pytest.raises(DownloadError):
+        download(f"{http_mirror.url}/{ZIP}", dest, retries=0)
+    assert dest.with_name(dest.name + ".part").exists()
+    http_mirror.fault(f"/{ZIP}", ("status", 416))
+    before = len(http_mirror.requests)
+    record = download(f"{http_mirror.url}/{ZIP}", dest, retries=0)
+    assert record.sha256 == sha(Path(small_mirror["root"]) / ZIP)
+    gets = [r for r in http_mirror.requests[before:] if r.method == "GET"]
+    assert [(g.status, g.range is None) for g in gets] == [(416, False), (200, True)]
+
+
+def test_a_malformed_content_length_is_a_named_and_retried_error(tmp_path):
+    """Issue 27, case 6: "12.5" or "abc" as Content-Length raised ValueError without the URL, never retried."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = b"x" * 1000
+    lengths = ["12.5", "abc"]  # the first two HEADs; then the true length
+
+    class Server(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", lengths.pop(0) if lengths else str(len(body)))
+            self.end_headers()
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/f.bin"
+    try:
+        assert download(url, tmp_path / "f.bin", retries=2, backoff_s=0).size == 1000
+        lengths.extend(["-1", "1e3", "9 9"])
+        with pytest.raises(DownloadError, match=rf"{url}: giving up after 2 retries: .*malformed Content-Length"):
+            download(url, tmp_path / "g.bin", retries=2, backoff_s=0)
+    finally:
+        server.shutdown()

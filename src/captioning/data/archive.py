@@ -76,6 +76,11 @@ def index_archive(archive: str | Path, max_bytes: int = MAX_EXPANDED_BYTES,
         infos = zf.infolist()
     for info in infos:
         _check_entry(archive, info)
+    twice = sorted(name for name, n in Counter(i.filename for i in infos).items() if n > 1)
+    if twice:  # zipfile reads the later copy: a member could be replaced unseen
+        raise UnsafeArchiveError(f"{archive}: entry {twice[0]!r} appears more than once"
+                                 f"{f' (and {len(twice) - 1} more names)' if len(twice) > 1 else ''}; "
+                                 "refusing the archive")
     _check_expansion(archive, infos, max_bytes, max_ratio)
     files, images = Counter(), Counter()
     for info in infos:

@@ -97,6 +97,8 @@ class HttpSource(Source):
         length = resp.headers.get("Content-Length")
         if length is None:
             raise SizeUnknown(f"{self.shown}: the server sends no Content-Length, so the size cannot be verified")
+        if not length.strip().isdigit():  # "12.5", "-1", "abc": a broken proxy or server, worth another try
+            raise TransientError(f"{self.shown}: the server sends a malformed Content-Length {length!r}")
         self.validators = {key: resp.headers[header] for key, header in
                            (("etag", "ETag"), ("last_modified", "Last-Modified")) if header in resp.headers}
         return int(length)
@@ -116,6 +118,8 @@ class HttpSource(Source):
         except requests.RequestException as exc:
             raise TransientError(f"{self.shown}: {redact(str(exc))}") from exc
         with resp:
+            if offset and resp.status_code == 416:  # the range is not satisfiable: the partial copy is no use
+                raise RangeIgnored()
             self._check(resp)
             if offset and resp.status_code != 206:
                 # The server ignored Range, or the file changed (If-Range): the caller must start over.
@@ -405,7 +409,8 @@ def _transfer(source: Source, part: Path, total: int, name: str, progress: Progr
     except Oversized:
         _discard(part)
         raise DownloadError(f"{source.shown}: sends more than the {total} bytes it declared; nothing kept") from None
-    except RangeIgnored:
+    except RangeIgnored:  # the server ignored the range (200) or refused it (416): start over, once
+        log.info("%s: the server does not continue the partial copy from byte %d; starting over", name, offset)
         part.unlink()
         _transfer(source, part, total, name, progress, deadline)
         return

@@ -88,3 +88,45 @@ def test_score_equals_coco_caption_on_coco_format_files(tmp_path, monkeypatch):
     for ours_name, theirs in names.items():
         assert ours[ours_name] == pytest.approx(evaluation.eval[theirs], abs=1e-9), ours_name
     assert 0 < ours["CIDEr"] and ours["BLEU-1"] > ours["BLEU-4"]
+
+
+@pytest.mark.parametrize("breaker", ["\r", "\u2028", "\u2029", "\x0b", "\x0c", "\x85", "\r\n"])
+def test_a_line_break_inside_a_reference_shifts_no_score(breaker):
+    """Issue 27, case 1: Java's tokenizer ends lines at these too; one such reference used to move every later
+    reference onto the wrong image (BLEU-1 0.155 -> 0.017, exit 0). The scores must equal those of the same
+    text with a space."""
+    from captioning.metrics import score, tokenize
+
+    refs = {1: [f"a red square{breaker}on the left", "a red square"], 2: ["a blue circle", "a blue ring"],
+            3: ["a green triangle", "green triangle on top"]}
+    plain = {k: [c.replace(breaker, " ") for c in v] for k, v in refs.items()}
+    assert tokenize(refs) == tokenize(plain)
+    if breaker == "\r":  # the whole scoring once (METEOR's Java is slow to start)
+        predictions = {1: "a red square", 2: "a blue circle", 3: "a green triangle"}
+        assert score(refs, predictions) == score(plain, predictions)
+
+
+def test_text_that_cannot_be_encoded_is_replaced_not_a_crash():
+    """Issue 27, case 2: a lone surrogate ("\\ud800", legal JSON) is replaced, and the caption keeps its line."""
+    from captioning.metrics import tokenize
+
+    assert tokenize({1: ["a dog \ud800 runs"], 2: ["a cat"]}) == {1: ["a dog runs"], 2: ["a cat"]}  # U+FFFD dropped
+
+
+def test_a_tokenizer_that_returns_another_number_of_lines_fails_naming_the_images(monkeypatch):
+    """The guard behind the normalisation: a shifted output is an error, never scores."""
+    import subprocess as sp
+
+    from captioning.errors import CaptioningError
+    from captioning.metrics import tokenize
+
+    real = sp.run
+
+    def one_line_short(cmd, **kwargs):  # the Java tokenizer, then one line lost, as a shift would do
+        proc = real(cmd, **kwargs)
+        proc.stdout = proc.stdout.split(b"\n", 1)[1]
+        return proc
+
+    monkeypatch.setattr(sp, "run", one_line_short)
+    with pytest.raises(CaptioningError, match=r"PTB tokenizer: 2 lines back for 3 captions of images 4..9"):
+        tokenize({4: ["a cat", "a dog"], 9: ["a bird"]})

@@ -640,3 +640,19 @@ def test_a_download_cache_url_must_name_a_bucket(value):
 
     with pytest.raises(ConfigError, match=r"data.download_cache.*a folder, or a bucket as gs://BUCKET/PREFIX \(no"):
         load_config(overrides=[f"data.download_cache={value}"])
+
+
+def test_a_caption_that_cannot_be_encoded_is_replaced_and_reported_not_a_failed_step():
+    """Issue 27, case 2: one caption holding a lone surrogate ("\\ud800" is legal JSON) killed process_data after
+    feature extraction (UnicodeEncodeError writing the dataset), naming nothing."""
+    from captioning.steps.process_data import load_coco_captions
+
+    where = "annotations.zip:annotations/captions_train2014.json"
+    data = json.loads('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": ['
+                      '{"image_id": 1, "caption": "a dog \\ud800 runs"}, {"image_id": 1, "caption": "a dog"}]}')
+    images, _, skipped, _ = load_coco_captions(data, where, "train2014", "train2014")
+    assert images[1]["references"] == ["a dog ? runs", "a dog"]
+    json.dumps(images, ensure_ascii=False).encode("utf-8")  # what the step writes: it must encode
+    assert skipped == [{"file": f"{where} annotations[0] (image 1)",
+                        "reason": "caption holds text that is not valid Unicode (a lone surrogate); kept with '?' "
+                                  "in its place"}]

@@ -21,6 +21,19 @@ def _require_java() -> None:
                               "(e.g. apt-get install default-jre-headless)")
 
 
+def one_line(text: str) -> str:
+    """A caption the tokenizer reads as exactly one line: every control character and Unicode line or paragraph
+    separator (Java's tokenizer also ends lines at \\r, VT, FF, U+0085, U+2028, U+2029) becomes a space, and
+    text that cannot be encoded (a lone surrogate) becomes U+FFFD."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        kind = unicodedata.category(ch)
+        out.append(" " if kind in ("Cc", "Zl", "Zp") else "\ufffd" if kind == "Cs" else ch)
+    return "".join(out)
+
+
 def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
     """pycocoevalcap's PTB tokenization (the same Java command and the same punctuation removal as
     ``PTBTokenizer.tokenize``), with its temporary file in the temp folder: pycocoevalcap writes it
@@ -33,7 +46,7 @@ def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
 
     _require_java()
     keys = [k for k, v in captions.items() for _ in v]
-    sentences = "\n".join(c.replace("\n", " ") for v in captions.values() for c in v)
+    sentences = "\n".join(one_line(c) for v in captions.values() for c in v)
     jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
     with tempfile.TemporaryDirectory(prefix="ptb-") as tmp:
         source = os.path.join(tmp, "sentences.txt")
@@ -43,8 +56,14 @@ def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
                                "-lowerCase", source], cwd=tmp, capture_output=True, check=False)
     if proc.returncode != 0:
         raise CaptioningError(f"PTB tokenizer ({jar}) failed: {proc.stderr.decode(errors='replace')[-500:]}")
+    lines = proc.stdout.decode("utf-8", errors="replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) != len(keys):  # a shifted line would score every later caption against another image's
+        raise CaptioningError(f"PTB tokenizer: {len(lines)} lines back for {len(keys)} captions of images "
+                              f"{min(keys)}..{max(keys)}; no score is computed from shifted lines")
     tokenized: dict[int, list[str]] = {}
-    for key, line in zip(keys, proc.stdout.decode().split("\n")):
+    for key, line in zip(keys, lines):
         words = [w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS]
         tokenized.setdefault(key, []).append(" ".join(words))
     return tokenized

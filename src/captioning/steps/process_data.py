@@ -104,6 +104,12 @@ def load_coco_captions(data, where: str, image_dir: str, source: str, max_words:
         if not isinstance(caption, str):
             bad(f"annotations[{n}] (image {image_id})", f"caption {caption!r} is not a string")
             continue
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" is legal JSON): no file could hold it
+            caption = caption.encode("utf-8", errors="replace").decode("utf-8")
+            bad(f"annotations[{n}] (image {image_id})", "caption holds text that is not valid Unicode (a lone "
+                "surrogate); kept with '?' in its place")
         words = clean_caption(caption).split()
         if len(words) > max_words:
             words, truncated = words[:max_words], truncated + 1

@@ -130,3 +130,43 @@ def test_a_tokenizer_that_returns_another_number_of_lines_fails_naming_the_image
     monkeypatch.setattr(sp, "run", one_line_short)
     with pytest.raises(CaptioningError, match=r"PTB tokenizer: 2 lines back for 3 captions of images 4..9"):
         tokenize({4: ["a cat", "a dog"], 9: ["a bird"]})
+
+
+def test_meteor_fails_cleanly_and_in_time_instead_of_hanging():
+    """Issue 27, case 3: with nothing to score METEOR answers "Error: specify Meteor stats", pycocoevalcap's
+    compute_score raises holding its lock, and Meteor.__del__ then waited on it for ever (evaluate hung, holding
+    the work-dir lock). Run in a child process so a hang fails the test instead of stalling it."""
+    code = ("import gc\n"
+            "from captioning.errors import CaptioningError\n"
+            "from captioning.metrics import meteor_score, score\n"
+            "for call in (lambda: score({}, {}), lambda: meteor_score({}, {}, timeout_s=60)):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except CaptioningError as exc:\n"
+            "        print('refused:', exc)\n"
+            "gc.collect()\n"
+            "print('done')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "refused: no caption to score: the split holds no image that could be captioned"
+    assert lines[1].startswith("refused: METEOR failed:") and lines[-1] == "done", proc.stdout
+
+
+def test_meteor_that_does_not_answer_is_stopped_at_its_time_limit(monkeypatch):
+    import time
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from captioning.errors import CaptioningError
+    from captioning.metrics import meteor_score
+
+    def stuck(self, gts, res):
+        self.lock.acquire()
+        time.sleep(30)
+
+    monkeypatch.setattr(Meteor, "compute_score", stuck)
+    started = time.monotonic()
+    with pytest.raises(CaptioningError, match="METEOR did not answer within 1 s; stopped"):
+        meteor_score({1: ["a cat"]}, {1: ["a cat"]}, timeout_s=1)
+    assert time.monotonic() - started < 10

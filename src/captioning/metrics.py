@@ -52,8 +52,13 @@ def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
         source = os.path.join(tmp, "sentences.txt")
         with open(source, "w", encoding="utf-8") as fh:
             fh.write(sentences)
-        proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                               "-lowerCase", source], cwd=tmp, capture_output=True, check=False)
+        try:
+            proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                                   "-lowerCase", source], cwd=tmp, capture_output=True, check=False,
+                                  timeout=SCORER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise CaptioningError(f"PTB tokenizer did not finish within {SCORER_TIMEOUT_S:g} s "
+                                  f"({len(keys)} captions)") from None
     if proc.returncode != 0:
         raise CaptioningError(f"PTB tokenizer ({jar}) failed: {proc.stderr.decode(errors='replace')[-500:]}")
     lines = proc.stdout.decode("utf-8", errors="replace").split("\n")
@@ -77,6 +82,8 @@ def score(references: dict[int, list[str]], predictions: dict[int, str]) -> tupl
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids = sorted(predictions)
+    if not ids:  # METEOR answers nothing to nothing (and pycocoevalcap then waits forever)
+        raise CaptioningError("no caption to score: the split holds no image that could be captioned")
     gts = tokenize({i: references[i] for i in ids})
     res = tokenize({i: [predictions[i]] for i in ids})
     metrics: dict[str, float] = {}
@@ -85,16 +92,52 @@ def score(references: dict[int, list[str]], predictions: dict[int, str]) -> tupl
     for n in range(4):
         metrics[f"BLEU-{n + 1}"] = float(bleu[n])
     per_image["BLEU-4"] = dict(zip(ids, map(float, bleu_each[3])))
-    meteor = Meteor()  # a Java subprocess, stopped when the object is collected
-    try:
-        metrics["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    finally:
-        del meteor
+    metrics["METEOR"] = meteor_score(gts, res)
     metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     cider, cider_each = Cider().compute_score(gts, res)
     metrics["CIDEr"] = float(cider)
     per_image["CIDEr"] = dict(zip(ids, map(float, cider_each)))
     return metrics, per_image
+
+
+# The Java scorers' time limit: COCO's 5,000 test images take about two minutes.
+SCORER_TIMEOUT_S = 1800.0
+
+
+def meteor_score(gts: dict, res: dict, timeout_s: float = SCORER_TIMEOUT_S) -> float:
+    """pycocoevalcap's METEOR with a time limit and a clean error. Its ``compute_score`` holds a lock when it
+    raises, and the object's ``__del__`` then waits on that lock for ever; here the Java process is stopped and
+    the lock freed on every path."""
+    import threading
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()  # a Java subprocess
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["score"] = float(meteor.compute_score(gts, res)[0])
+        except Exception as exc:  # noqa: BLE001 - reported below with what Java said
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="meteor", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    try:
+        if worker.is_alive():
+            raise CaptioningError(f"METEOR did not answer within {timeout_s:g} s; stopped")
+        if "error" in outcome:
+            meteor.meteor_p.kill()
+            said = meteor.meteor_p.stderr.read().decode(errors="replace").strip()[-300:]
+            raise CaptioningError(f"METEOR failed: {type(outcome['error']).__name__}: {outcome['error']}"
+                                  + (f" (Java: {said})" if said else ""))
+        return outcome["score"]
+    finally:
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        if meteor.lock.locked():  # left held by a compute_score that raised: __del__ would wait on it
+            meteor.lock.release()
 
 
 def metric_on(references_tok: dict[int, list[str]], predictions: dict[int, str], name: str) -> float:

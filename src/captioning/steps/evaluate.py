@@ -15,6 +15,7 @@ from captioning.bundle import load_bundle
 from captioning.config import Config
 from captioning.data.demo import scene_accuracy
 from captioning.dataset import ProcessedDataset
+from captioning.errors import DataError
 from captioning.decode import Decoder, chosen_decoding, decode_all
 from captioning.io import write_json_atomic
 from captioning.metrics import caption_cider, score
@@ -43,6 +44,9 @@ def evaluate(cfg: Config, model_dir: str | Path, dataset_dir: str | Path, out_di
     decoder = Decoder(bundle.model, vocab.start_id, vocab.end_id, bundle.max_length, decoding["decoder"],
                       decoding["beam_width"], banned=vocab.non_words, length_penalty=decoding["length_penalty"])
     records = data.records("test")
+    if not records:
+        raise DataError(f"{dataset_dir}: the test split holds no image (process_data skipped every test image: "
+                        "see its skipped_files); nothing to evaluate")
     captions, attention, steps = caption_split(decoder, data, "test", cfg.evaluate.batch_size, vocab)
     refs = {r["image_id"]: r["references"] for r in records}  # raw COCO captions, PTB-tokenized by score()
     predictions = {r["image_id"]: c for r, c in zip(records, captions)}

@@ -1,6 +1,8 @@
 """The console command as a user runs it."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -105,5 +107,24 @@ def test_a_workdir_that_is_a_file_or_a_summary_path_that_is_a_folder_is_refused_
     folder = tmp_path / "summary-here"
     folder.mkdir()
     proc = captioning_cli("run", "--workdir", str(tmp_path / "work"), "--summary-json", str(folder))
-    assert proc.returncode == 2 and f"--summary-json {folder}: a directory; name a file" in proc.stderr
+    assert proc.returncode == 2 and f"--summary-json {folder}: a directory; name a regular file" in proc.stderr
     assert not (tmp_path / "work").exists()
+    # Issue 27, case 5: a device node (here a FIFO, which needs no root) is refused, not replaced by a file
+    fifo = tmp_path / "summary.fifo"
+    os.mkfifo(fifo)
+    proc = captioning_cli("run", "--workdir", str(tmp_path / "work"), "--summary-json", str(fifo))
+    assert proc.returncode == 2 and f"--summary-json {fifo}: a FIFO; name a regular file" in proc.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and not (tmp_path / "work").exists()
+
+
+def test_no_output_replaces_what_is_not_a_regular_file(tmp_path):
+    from captioning.errors import CaptioningError
+    from captioning.io import write_json_atomic
+
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    with pytest.raises(CaptioningError, match=rf"{fifo}: a FIFO; refusing to replace it with a file"):
+        write_json_atomic(fifo, {"a": 1})
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    write_json_atomic(tmp_path / "plain.json", {"a": 1})
+    write_json_atomic(tmp_path / "plain.json", {"a": 2})  # a regular file is replaced as before

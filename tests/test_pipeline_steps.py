@@ -537,3 +537,42 @@ def test_promotes_sharing_a_registry_take_turns(tmp_path):
         thread.join()
     assert not errors and sorted(versions) == ["v1", "v2"]
     assert sorted(p.name for p in (tmp_path / "registry" / "captioner" / "versions").iterdir()) == ["v1", "v2"]
+
+
+def test_two_promotes_started_together_always_leave_the_better_model(tmp_path):
+    """Issue 27, case 4: holder() and decide() ran outside the registry's lock, so two promotes started together
+    (CIDEr 0.9 and 0.1) both saw no production model, and in 2 of 5 rounds the alias ended on the 0.1 one."""
+    import threading
+
+    from captioning.config import load_config
+    from captioning.steps.promote import LocalRegistry, promote
+
+    cfg = load_config(overrides=["promote.metric=CIDEr", "promote.margin=0", "wandb.mode=disabled"])
+    runs = {}
+    for name, cider in (("good", 0.9), ("poor", 0.1)):
+        model = tmp_path / name / "model"
+        model.mkdir(parents=True)
+        (model / "captioner.keras").write_bytes(name.encode() * 100_000)  # a copy long enough to overlap
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"metrics": {"CIDEr": cider}}))
+        runs[name] = model
+    for round_ in range(12):
+        registry = tmp_path / f"registry{round_}"
+        start = threading.Barrier(2)
+        errors = []
+
+        def one(name):
+            try:
+                start.wait()
+                promote(cfg, runs[name], tmp_path / name / "metrics.json", registry, tmp_path / name / f"out{round_}")
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in ("poor", "good")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        local = LocalRegistry(registry, cfg.promote.collection)
+        holder = local.holder(cfg.promote.alias)
+        assert holder[1]["metrics"]["CIDEr"] == 0.9, (round_, holder)

@@ -122,13 +122,13 @@ def run(
     if pipeline not in ("train", "caption"):
         _fail(CaptioningError(f"--pipeline {pipeline!r}: choose train or caption"))
     from captioning.errors import ConfigError
-    from captioning.io import check_writable, exclusive_workdir
+    from captioning.io import check_writable, exclusive_workdir, not_a_file
 
     summary_path = summary_json or Path(workdir) / "summary.json"
     try:
         cfg = load_config(config, set_, preset)
-        if summary_path.is_dir():  # refused before the work, not after it
-            raise ConfigError(f"--summary-json {summary_path}: a directory; name a file")
+        if summary_path.exists() and not summary_path.is_file():  # refused before the work, not after it
+            raise ConfigError(f"--summary-json {summary_path}: {not_a_file(summary_path)}; name a regular file")
         with exclusive_workdir(workdir):
             check_writable(summary_path.parent, "--summary-json")
             if runner == "docker":

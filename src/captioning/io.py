@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,13 @@ def require_free_space(folder: str | Path, needed: int, what: str) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | Path, tmp_name: str = ""):
     """A temporary path beside ``path``, renamed onto it when the block succeeds and removed when it fails:
-    no half-written file under either name, a full disk included (then a DiskFullError naming ``path``)."""
+    no half-written file under either name, a full disk included (then a DiskFullError naming ``path``).
+    Only a regular file is replaced: the rename would put a file in place of a device, a FIFO or a folder."""
+    from captioning.errors import CaptioningError
+
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CaptioningError(f"{path}: {not_a_file(path)}; refusing to replace it with a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(tmp_name or f".{path.name}.tmp")
     try:
@@ -110,6 +116,14 @@ def atomic_path(path: str | Path, tmp_name: str = ""):
         if is_disk_full(exc):
             raise disk_full_error(path) from None
         raise
+
+
+def not_a_file(path: Path) -> str:
+    """What a path that exists but is no regular file is, for errors."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ The local registry (for in-process and offline runs) is a folder:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,13 +50,21 @@ class LocalRegistry:
             return None
         return version, read_json(self.root / "versions" / version / "metrics.json", "registered metrics")
 
-    def register(self, model_dir: Path, metrics: dict, alias: str) -> str:
+    @contextlib.contextmanager
+    def transaction(self):
+        """versions.lock: promotes sharing a registry take turns for the whole read-decide-write, so two
+        promotes started together cannot both decide against the same production model."""
         versions = self.root / "versions"
         versions.mkdir(parents=True, exist_ok=True)
-        with file_lock(versions):  # versions.lock: promotes sharing a registry take turns (numbers, aliases)
-            return self._register(versions, model_dir, metrics, alias)
+        with file_lock(versions):
+            yield
 
-    def _register(self, versions: Path, model_dir: Path, metrics: dict, alias: str) -> str:
+    def register(self, model_dir: Path, metrics: dict, alias: str) -> str:
+        with self.transaction():
+            return self.register_in_transaction(model_dir, metrics, alias)
+
+    def register_in_transaction(self, model_dir: Path, metrics: dict, alias: str) -> str:
+        versions = self.root / "versions"
         number = 1 + max((int(p.name[1:]) for p in versions.glob("v*") if p.name[1:].isdigit()), default=0)
         version = f"v{number}"
         staging = versions / f".{version}.staging"
@@ -88,21 +97,23 @@ def promote(cfg: Config, model_dir: str | Path, metrics_file: str | Path, regist
     candidate = metrics[name]
     if not isinstance(candidate, (int, float)) or not math.isfinite(candidate):
         raise DataError(f"{metrics_file}: {name} is {candidate!r}, not a finite number; refusing to promote")
-    holder = registry.holder(cfg.promote.alias)
-    production = float(holder[1]["metrics"][name]) if holder and name in holder[1].get("metrics", {}) else None
     model_digest = _digest(model_dir / "captioner.keras")
-    same_model = bool(holder) and holder[1].get("model_sha256") == model_digest
-    promoted = not same_model and decide(candidate, production, cfg.promote.margin)
-    version = holder[0] if same_model else None
-    if promoted:
-        version = registry.register(model_dir, {"metrics": metrics, "model_sha256": model_digest}, cfg.promote.alias)
-    decision = {
-        "promoted": promoted, "metric": name, "candidate": candidate, "production": production,
-        "margin": cfg.promote.margin, "alias": cfg.promote.alias, "version": version,
-        "previous_version": holder[0] if holder else None, "already_production": same_model,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    registry.log_decision(decision)
+    with registry.transaction():  # what is read and what is written, as one: another promote waits
+        holder = registry.holder(cfg.promote.alias)
+        production = float(holder[1]["metrics"][name]) if holder and name in holder[1].get("metrics", {}) else None
+        same_model = bool(holder) and holder[1].get("model_sha256") == model_digest
+        promoted = not same_model and decide(candidate, production, cfg.promote.margin)
+        version = holder[0] if same_model else None
+        if promoted:
+            version = registry.register_in_transaction(model_dir, {"metrics": metrics, "model_sha256": model_digest},
+                                                       cfg.promote.alias)
+        decision = {
+            "promoted": promoted, "metric": name, "candidate": candidate, "production": production,
+            "margin": cfg.promote.margin, "alias": cfg.promote.alias, "version": version,
+            "previous_version": holder[0] if holder else None, "already_production": same_model,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        registry.log_decision(decision)
     write_json_atomic(out_dir / "decision.json", decision)
     if same_model:
         why = "this model already holds the alias"

@@ -223,6 +223,22 @@ def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
     assert all(line.split("\t")[1].strip() for line in lines)
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == ["blue.attention.png", "red.attention.png"]
 
+    # Issue 27, cases 13-14: a file name cannot forge an output line, and a huge file is refused unread
+    forged = tmp_path / "x.png\tthe caption you want\nother.png"
+    forged.write_bytes(png.read_bytes())
+    proc = captioning_cli("caption", "--model", model_dir, str(forged), str(png))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().split("\n")
+    assert len(lines) == 2 and lines[0].split("\t")[0] == str(forged).replace("\t", "\\t").replace("\n", "\\n")
+    proc = captioning_cli("caption", "--model", model_dir, "--json", str(forged), str(png))
+    assert [json.loads(line)["path"] for line in proc.stdout.strip().split("\n")] == [str(forged), str(png)]
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as fh:  # sparse: 3 GB that take no disk
+        fh.truncate(3 << 30)
+    proc = captioning_cli("caption", "--model", model_dir, str(huge))
+    assert proc.returncode == 2 and f"{huge}: {3 << 30} bytes, more than the limit of {16 << 20} (--max-image-mb)" \
+        in proc.stderr
+
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "att2"

@@ -25,11 +25,18 @@ class Captioned:
     score: float = 0.0  # mean log-probability per token of the caption (teacher-forced), <= 0
 
 
-def read_image_file(path: Path) -> bytes:
-    """A local image's bytes; one line naming the file if it is not one."""
+MAX_IMAGE_BYTES = 16 << 20  # as `serve --max-image-mb`: no real photo comes near it
+
+
+def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """A local image's bytes; one line naming the file if it is not one, or is larger than ``max_bytes`` (said
+    before a byte is read: a 3 GB file is not loaded to learn it is no image)."""
     if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device reads forever
         raise CaptioningError(f"{path}: not a regular file")
     try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CaptioningError(f"{path}: {size} bytes, more than the limit of {max_bytes} (--max-image-mb)")
         return path.read_bytes()
     except IsADirectoryError:
         raise CaptioningError(f"{path}: a directory, not an image file") from None
@@ -127,12 +134,13 @@ class _Bytes:
 
 
 def caption_images(model_path: str | Path, images: list[str | Path], method: str | None = None,
-                   beam_width: int | None = None, batch_size: int = 16) -> list[Captioned]:
+                   beam_width: int | None = None, batch_size: int = 16,
+                   max_bytes: int = MAX_IMAGE_BYTES) -> list[Captioned]:
     paths = [Path(p) for p in images]
     model = CaptionModel(model_path, method, beam_width)
     pixels = []
     for path in paths:  # every image is checked before any work is done
-        data = read_image_file(path)
+        data = read_image_file(path, max_bytes)
         try:
             pixels.append(model.prepare(data))
         except UndecodableImage as exc:

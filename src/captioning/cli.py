@@ -157,6 +157,23 @@ def _check_decoder(decoder: str | None) -> None:
         _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
 
 
+def escape_field(text: str) -> str:
+    """A tab-separated field that stays one field on one line: backslash, tab, line breaks and every other control
+    character escaped (\\\\, \\t, \\n, \\r, \\xNN, \\uNNNN)."""
+    import unicodedata
+
+    named = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+    out = []
+    for ch in text:
+        if ch in named:
+            out.append(named[ch])
+        elif unicodedata.category(ch) in ("Cc", "Zl", "Zp", "Cs"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 @app.command()
 def caption(
     images: List[Path] = typer.Argument(..., help="JPEG or PNG files."),
@@ -164,17 +181,24 @@ def caption(
     attention_png: Optional[Path] = typer.Option(None, help="Also write one attention figure per image here."),
     decoder: Optional[str] = typer.Option(None, help="greedy or beam (default: what train chose on validation)."),
     beam_width: Optional[int] = typer.Option(None, min=1, max=20),
+    max_image_mb: float = typer.Option(16.0, min=0.001, help="A larger file is refused before it is read."),
+    json_lines: bool = typer.Option(False, "--json", help="One JSON object per image (path, caption, score)."),
 ) -> None:
-    """Print one caption per image: PATH<TAB>CAPTION."""
+    """Print one caption per image: PATH<TAB>CAPTION, the path escaped (\\t, \\n, \\\\, \\xNN for control
+    characters) so that a file name cannot forge a line; or JSON lines with --json."""
     from captioning.caption import caption_images
 
     _check_decoder(decoder)
     try:
-        results = caption_images(model, images, decoder, beam_width)
+        results = caption_images(model, images, decoder, beam_width, max_bytes=int(max_image_mb * (1 << 20)))
     except CaptioningError as exc:
         _fail(exc)
     for item in results:
-        typer.echo(f"{item.path}\t{item.caption}")
+        if json_lines:
+            # ASCII: a path that is not valid UTF-8 (a lone surrogate from the file system) still prints
+            typer.echo(json.dumps({"path": str(item.path), "caption": item.caption, "score": round(item.score, 6)}))
+        else:
+            typer.echo(f"{escape_field(str(item.path))}\t{item.caption}")
     if attention_png:
         from captioning.attention import plot_attention, read_rgb
 

@@ -61,9 +61,7 @@ def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
                                   f"({len(keys)} captions)") from None
     if proc.returncode != 0:
         raise CaptioningError(f"PTB tokenizer ({jar}) failed: {proc.stderr.decode(errors='replace')[-500:]}")
-    lines = proc.stdout.decode("utf-8", errors="replace").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines = proc.stdout.decode("utf-8", errors="replace").split("\n")  # one per caption, none after the last
     if len(lines) != len(keys):  # a shifted line would score every later caption against another image's
         raise CaptioningError(f"PTB tokenizer: {len(lines)} lines back for {len(keys)} captions of images "
                               f"{min(keys)}..{max(keys)}; no score is computed from shifted lines")

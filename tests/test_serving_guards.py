@@ -400,13 +400,20 @@ def test_decoding_memory_is_admitted_from_the_headers_before_any_decode():
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
         assert all(seconds < 0.15 for code, seconds, _ in answers if code == 503)  # refused before decoding
         assert all("MiB of decoding memory in use" in body["error"] for code, _, body in answers if code == 503)
+        assert model.most <= 40 << 20  # never more decoded at once than the budget
         assert model.most <= 40 << 20 and model.prepared == codes.count(200)
         stats = requests.get(f"{url}/v2/models/captioner/stats").json()["decode_budget"]
         assert stats["total_mib"] == 40 and stats["in_use_mib"] == 0 and 16 <= stats["peak_mib"] <= 40
 
+        # several images decode one after another: the largest counts, and the decoded ones kept till captioned
         three = requests.post(predict, data=json.dumps({"instances": [big] * 3}), timeout=30)
-        assert three.status_code == 413 and "need 45 MiB to decode, more than this server's decode budget of 40" \
-            in three.json()["error"]
+        assert three.status_code == 200, three.text
+        buffer = io.BytesIO()
+        Image.new("L", (3500, 3500)).save(buffer, "PNG")  # 49 MB to decode: never fits in 40
+        huge = requests.post(predict, data=json.dumps({"instances": [base64.b64encode(buffer.getvalue()).decode()]}),
+                             timeout=30)
+        assert huge.status_code == 413 and "need 47 MiB to decode, more than this server's decode budget of 40" \
+            in huge.json()["error"]
     with running_app(SlowDecodeModel(decode_s=0.5), max_pending=4, max_instances=8) as (url, _):
         slow = ThreadPoolExecutor(1).submit(requests.post, f"{url}/v1/models/captioner:predict",
                                             data=_predict_body(3), timeout=30)
@@ -416,3 +423,89 @@ def test_decoding_memory_is_admitted_from_the_headers_before_any_decode():
         assert over.status_code == 503 and time.monotonic() - started < 0.3
         assert "4 images are waiting" in over.json()["error"]
         assert slow.result().status_code == 200
+
+
+def test_a_progressive_jpeg_and_a_gif_are_costed_as_they_decode():
+    """Review of issue 26: a progressive JPEG keeps every coefficient until its last scan (2 bytes per component
+    sample beside the image); a GIF is one canvas and each frame's pixels, not frames x canvas."""
+    import io
+
+    from PIL import Image
+
+    from captioning.features import decode_cost
+
+    def saved(image, fmt, **options):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    rgb = Image.new("RGB", (1000, 800))
+    assert decode_cost(saved(rgb, "JPEG")) == 1000 * 800 * 4
+    assert decode_cost(saved(rgb, "JPEG", progressive=True)) == 1000 * 800 * (4 + 2 * 3)
+    assert decode_cost(saved(Image.new("L", (1000, 800)), "JPEG", progressive=True)) == 1000 * 800 * (4 + 2)
+    from captioning.features import gif_frames
+
+    frames = [Image.new("L", (1000, 800), color=n) for n in range(20)]
+    gif = saved(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    count, pixels, width, height = gif_frames(gif)
+    assert count == 20 and (width, height) == (1000, 800)
+    assert decode_cost(gif) == width * height * 4 + pixels < count * width * height * 4
+
+
+@pytest.mark.parametrize("case", ["input-parameters", "request-parameters", "output-parameters", "header-digit",
+                                  "too-many"])
+def test_malformed_v2_fields_are_a_400_or_413_not_a_500(case):
+    import base64
+    import json
+
+    import requests
+
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(b"img").decode()]}
+    bodies = {
+        "input-parameters": {"inputs": [{**tensor, "parameters": "x"}]},
+        "request-parameters": {"inputs": [tensor], "parameters": [1]},
+        "output-parameters": {"inputs": [tensor], "outputs": [{"name": "caption", "parameters": 5}]},
+        "header-digit": {"inputs": [tensor]},
+        "too-many": {"inputs": [{**tensor, "shape": [10**9], "data": []}]},
+    }
+    want = {"input-parameters": (400, "input 'image': parameters must be an object, not str"),
+            "request-parameters": (400, "the request: parameters must be an object, not list"),
+            "output-parameters": (400, "output 'caption': parameters must be an object, not int"),
+            "header-digit": (400, "Inference-Header-Content-Length"),
+            "too-many": (413, "holds 1000000000 images, more than the limit of 64")}[case]
+    headers = {"Inference-Header-Content-Length": "\u00b2".encode().decode("latin-1")} if case == "header-digit" else {}
+    with running_app(SlowDecodeModel()) as (url, _):
+        resp = requests.post(f"{url}/v2/models/captioner/infer", data=json.dumps(bodies[case]).encode(),
+                             headers=headers, timeout=10)
+    assert resp.status_code == want[0], resp.text
+    assert want[1] in resp.json()["error"]
+
+
+def test_a_client_that_goes_away_while_its_images_wait_is_not_captioned_and_logs_no_error(caplog):
+    """Review of issue 26: the images already decoded wait behind another request's batch; the client leaves; they
+    are dropped from the queue, and the only line is the INFO one (no asyncio ERROR about a cancelled future)."""
+    import gc
+    import logging
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    model = SlowDecodeModel()
+    model.delay = 1.0  # each batch holds the device for a second
+    with caplog.at_level(logging.INFO), running_app(model, max_batch=1) as (url, port):
+        first = ThreadPoolExecutor(1).submit(requests.post, f"{url}/v1/models/captioner:predict",
+                                             data=_predict_body(1), timeout=30)
+        time.sleep(0.3)  # the device is busy with it
+        body = _predict_body(2)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/models/captioner:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.3)  # decoded, waiting in the queue
+        sock.close()
+        assert first.result().status_code == 200
+        time.sleep(2.5)
+        gc.collect()
+    assert [c for call in model.calls for c in call] == ["img0"], model.calls  # only the first request's image
+    assert len([r for r in caplog.records if "went away" in r.getMessage()]) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

@@ -173,8 +173,10 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
 
 
 # What decoding costs at its peak, per declared pixel: TensorFlow's RGB image (3 bytes) and the decoder's own
-# buffers; measured at 3.5 to 3.9 for a 7000x7000 PNG (170-190 MiB).
+# buffers; measured at 3.5 to 3.9 for a 7000x7000 PNG (170-190 MiB). A progressive JPEG also keeps every
+# coefficient of the whole image (2 bytes per component sample) until its last scan.
 DECODE_BYTES_PER_PIXEL = 4
+COEFFICIENT_BYTES = 2
 
 
 def decode_cost(data: bytes) -> int:
@@ -190,11 +192,15 @@ def decode_cost(data: bytes) -> int:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(BytesIO(data)) as image:  # the header only
                 fmt, (width, height) = image.format, image.size
+                progressive = fmt == "JPEG" and bool(image.info.get("progressive") or image.info.get("progression"))
+                components = len(image.getbands())
     except Exception:  # noqa: BLE001 - not an image: image_problem says why
         return 0
-    if fmt == "GIF":  # TensorFlow decodes every frame onto a canvas of the widest by the tallest frame
-        frames, _, width, height = gif_frames(data)
-        return max(frames, 1) * width * height * DECODE_BYTES_PER_PIXEL
+    if fmt == "GIF":  # one canvas of the widest by the tallest frame, and each frame's own pixels
+        _, pixels, width, height = gif_frames(data)
+        return width * height * DECODE_BYTES_PER_PIXEL + pixels
+    if progressive:
+        return width * height * (DECODE_BYTES_PER_PIXEL + COEFFICIENT_BYTES * components)
     return width * height * DECODE_BYTES_PER_PIXEL
 
 

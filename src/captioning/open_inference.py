@@ -29,6 +29,19 @@ class ProtocolError(ValueError):
     """A request the protocol refuses (400), with what is wrong in it."""
 
 
+class TooLarge(ProtocolError):
+    """More elements than the server takes in one request (413), said before the data is parsed."""
+
+
+def _parameters(holder: dict, what: str) -> dict:
+    value = holder.get("parameters")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what}: parameters must be an object, not {type(value).__name__}")
+    return value
+
+
 @dataclass
 class InferRequest:
     instances: list  # bytes (binary), base64 strings (JSON) or {"uri": ...}
@@ -69,12 +82,13 @@ def _flatten(data: Any, name: str) -> list:
     return flat
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """The infer request in ``body`` (``header_length``: the ``Inference-Header-Content-Length`` header, if any)."""
+def parse_request(body: bytes, header_length: str | None, max_elements: int | None = None) -> InferRequest:
+    """The infer request in ``body`` (``header_length``: the ``Inference-Header-Content-Length`` header, if any);
+    an input whose shape holds more than ``max_elements`` is refused before its data is read."""
     if header_length is None:
         header, binary = body, b""
     else:
-        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or not 0 < int(header_length) <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH}: {header_length!r} is not a length within the {len(body)}-byte body")
         header, binary = body[:int(header_length)], body[int(header_length):]
     try:
@@ -103,7 +117,10 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, not {shape!r}")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if max_elements is not None and math.prod(shape) > max_elements:
+            raise TooLarge(f"input {name!r}: shape {shape} holds {math.prod(shape)} images, more than the limit of "
+                           f"{max_elements} per request")
+        size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if "data" in tensor:
                 raise ProtocolError(f"input {name!r}: both data and binary_data_size")
@@ -133,7 +150,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     (name, elements), = given.items()
     instances = [{"uri": e} for e in elements] if name == "uri" else elements
 
-    binary_all = bool((request.get("parameters") or {}).get("binary_data_output"))
+    binary_all = bool(_parameters(request, "the request").get("binary_data_output"))
     outputs, binary_outputs = list(OUTPUTS), set(OUTPUTS) if binary_all else set()
     if request.get("outputs") is not None:
         wanted = request["outputs"]
@@ -146,7 +163,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                                 f"{' and '.join(map(repr, OUTPUTS))}")
         outputs = list(dict.fromkeys(o["name"] for o in wanted))
         binary_outputs = {o["name"] for o in wanted
-                          if (o.get("parameters") or {}).get("binary_data", binary_all)}
+                          if _parameters(o, f"output {o['name']!r}").get("binary_data", binary_all)}
     return InferRequest(instances, outputs, binary_outputs & set(outputs), request.get("id"))
 
 

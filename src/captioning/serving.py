@@ -46,8 +46,8 @@ from captioning import __version__
 from captioning.caption import CaptionModel
 from captioning.errors import CaptioningError
 from captioning.features import decode_cost
-from captioning.open_inference import (EXTENSIONS, HEADER_LENGTH, INPUTS, OUTPUTS, ProtocolError, encode_response,
-                                       parse_request)
+from captioning.open_inference import (EXTENSIONS, HEADER_LENGTH, INPUTS, OUTPUTS, ProtocolError, TooLarge,
+                                       encode_response, parse_request)
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,17 @@ class Limits:
     max_pending: int = 1024  # images waiting for the device; past it, 503 (the client retries elsewhere or later)
     header_timeout_s: float = 10.0  # a request's headers must arrive within this, or the connection is closed
     # Memory all requests may decode into at once, by what their headers declare (features.decode_cost): the
-    # InferenceService's 8 GiB less TensorFlow and the model (about 2 GiB) and a margin.
+    # InferenceService's 8 GiB less TensorFlow and the model (about 0.8 GiB at the bench sizes) and a margin.
     decode_budget_bytes: int = 4096 * MIB
     body_timeout_s: float = 60.0  # and its body within this (408)
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    """``close``: the body was left unread, so the connection cannot carry another request."""
+
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
-        self.status = status
+        self.status, self.close = status, close
 
 
 class Busy(Exception):
@@ -247,19 +249,36 @@ def _fetch(index: int, uri: str, limits: Limits) -> bytes:
         raise RequestError(400, f"instance {index}: {redact(uri)}: {shown}") from None
 
 
-def _gather(instances: list, limits: Limits, gone: threading.Event) -> list[bytes]:
-    """Every instance's bytes (decoded base64, or fetched), nothing decoded yet. Stops when the client goes."""
+def _check_count(instances: Any, limits: Limits) -> None:
     if not isinstance(instances, list) or not instances:
         raise RequestError(400, "no instances: send {\"instances\": [...]} with at least one image")
     if len(instances) > limits.max_instances:
         raise RequestError(413, f"{len(instances)} instances, more than the limit of {limits.max_instances} "
                                 "per request")
-    gathered = []
+
+
+# What a decoded image weighs until it is captioned: 299x299x3 float32.
+PREPARED_BYTES = 299 * 299 * 3 * 4
+
+
+def _gather(model: CaptionModel, instances: list, limits: Limits, gone: threading.Event) -> tuple[list[bytes], int]:
+    """Every instance's bytes (decoded base64, or fetched), each header checked (a bomb is the request's 400
+    here), and the memory decoding them will take: they are decoded one after another, so the largest
+    decode plus the decoded images kept until they are captioned. Nothing is decoded yet. Runs off the
+    event loop (header parsing costs time on crafted files); stops when the client goes."""
+    from captioning.features import image_problem
+
+    max_pixels = getattr(model, "max_pixels", None)
+    gathered, largest = [], 0
     for index, instance in enumerate(instances):
         if gone.is_set():
-            return []
-        gathered.append(_instance_image(index, instance, limits))
-    return gathered
+            return [], 0
+        data = _instance_image(index, instance, limits)
+        if max_pixels and (problem := image_problem(data, max_pixels)):
+            raise RequestError(400, f"instance {index}: cannot caption it: {problem}")
+        largest = max(largest, decode_cost(data))
+        gathered.append(data)
+    return gathered, largest + len(gathered) * PREPARED_BYTES
 
 
 def _decode(model: CaptionModel, images: list[bytes], gone: threading.Event) -> list:
@@ -317,9 +336,10 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        # 408 and 413 leave a body unread: the connection cannot carry another request
-        closing = {"Connection": "close"} if exc.status in (408, 413) else None
-        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=closing)
+        headers = {"Connection": "close"} if exc.close else {}
+        if exc.status == 503:
+            headers["Retry-After"] = "1"
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers or None)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect):
@@ -348,7 +368,7 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
             raise RequestError(413, f"request body of {declared} bytes, more than the limit of "
-                                    f"{limits.max_request_bytes}")
+                                    f"{limits.max_request_bytes}", close=True)
         body = bytearray()
         deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
         chunks = request.stream()
@@ -357,13 +377,14 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
                 chunk = await asyncio.wait_for(anext(chunks, None),
                                                max(deadline - asyncio.get_running_loop().time(), 0))
             except asyncio.TimeoutError:
-                raise RequestError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s")\
-                    from None
+                raise RequestError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                                   close=True) from None
             if chunk is None:
                 return bytes(body)
             body += chunk
             if len(body) > limits.max_request_bytes:
-                raise RequestError(413, f"request body larger than the limit of {limits.max_request_bytes} bytes")
+                raise RequestError(413, f"request body larger than the limit of {limits.max_request_bytes} bytes",
+                                   close=True)
 
     async def read_json(request: Request) -> Any:
         if request.headers.get(HEADER_LENGTH) is not None:
@@ -385,13 +406,13 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
                 pass
             gone.set()
 
+        _check_count(instances, limits)
+        # Overload is found out before any work: the queue's room, then (from the headers) the decoding memory.
+        if batcher.queue.qsize() + batcher.preparing + len(instances) > limits.max_pending:
+            raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry later")
         watcher = asyncio.create_task(watch())
         try:
-            images = await run_in_threadpool(_gather, instances, limits, gone)
-            # Overload is found out before any decoding: the queue's room, then the memory the decodes take.
-            if batcher.queue.qsize() + batcher.preparing + len(images) > limits.max_pending:
-                raise RequestError(503, f"busy: {limits.max_pending} images are waiting for the device; retry later")
-            cost = sum(decode_cost(data) for data in images)
+            images, cost = await run_in_threadpool(_gather, model, instances, limits, gone)
             try:
                 with state["budget"].taken(cost), batcher.expecting(len(images)):
                     prepared = await run_in_threadpool(_decode, model, images, gone)
@@ -404,7 +425,10 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
             results = asyncio.gather(*futures)
             done, _ = await asyncio.wait({results, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if results not in done:
-                results.cancel()  # the batcher skips cancelled images
+                for future in futures:
+                    future.cancel()  # the batcher skips cancelled images
+                # retrieved, so that asyncio does not log the cancellation as an error nobody saw
+                results.add_done_callback(lambda f: f.cancelled() or f.exception())
                 raise ClientDisconnect()
         finally:
             watcher.cancel()
@@ -425,7 +449,8 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
     @app.get("/v1/models/{model_name}")
     async def v1_model(model_name: str):
         if model_name.endswith(":predict"):  # the predict route, asked with GET
-            raise RequestError(405, f"GET /v1/models/{model_name}: use POST")
+            return JSONResponse({"error": f"GET /v1/models/{model_name}: use POST"}, status_code=405,
+                                headers={"Allow": "POST"})
         check_name(model_name)
         return {"name": name, "ready": ready()}
 
@@ -488,9 +513,10 @@ def create_app(model: CaptionModel, name: str = DEFAULT_NAME, limits: Limits = L
         check_version(version)
         body = await read_body(request)
         try:  # off the event loop: 32 MiB of JSON takes a while
-            infer = await run_in_threadpool(parse_request, body, request.headers.get(HEADER_LENGTH))
+            infer = await run_in_threadpool(parse_request, body, request.headers.get(HEADER_LENGTH),
+                                            limits.max_instances)
         except ProtocolError as exc:
-            raise RequestError(400, str(exc)) from None
+            raise RequestError(413 if isinstance(exc, TooLarge) else 400, str(exc)) from None
         predictions = await caption(request, infer.instances)
         values = {"caption": [p["caption"] for p in predictions], "score": [p["score"] for p in predictions]}
         content, headers = encode_response(infer, name, model.version, values)

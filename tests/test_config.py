@@ -204,3 +204,17 @@ def test_a_device_is_refused_and_a_pipe_is_read_with_a_bound(tmp_path):
         else:
             assert load_config(fifo).train.epochs == 3
         writer.join(5)
+
+
+@pytest.mark.parametrize("setting, value, why", [
+    ("promote.alias", "prod/../../x", "String should match pattern"),
+    ("promote.alias", "a" * 129, "at most 128 characters"),
+    ("promote.collection", "c" * 300, "at most 128 characters"),
+])
+def test_settings_that_name_registry_files_are_refused_up_front(setting, value, why):
+    """Issue 27, case 11: a 300-character collection trained and evaluated, then failed with 'File name too
+    long'; an alias serve cannot read back was accepted. Both are exit 2 before anything runs."""
+    from conftest import captioning_cli
+
+    proc = captioning_cli("run", "--workdir", "/nonexistent/never-created", "--set", f"{setting}={value}", timeout=120)
+    assert proc.returncode == 2 and f"{setting}: " in proc.stderr and why in proc.stderr, proc.stderr

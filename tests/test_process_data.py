@@ -656,3 +656,17 @@ def test_a_caption_that_cannot_be_encoded_is_replaced_and_reported_not_a_failed_
     assert skipped == [{"file": f"{where} annotations[0] (image 1)",
                         "reason": "caption holds text that is not valid Unicode (a lone surrogate); kept with '?' "
                                   "in its place"}]
+
+
+def test_a_huge_reference_is_cut_for_scoring_and_reported():
+    """Issue 27, case 9: a 20 MB caption made evaluate take 240 s and 4.2 GB; references now have a length limit
+    far above real captions."""
+    from captioning.steps.process_data import MAX_REFERENCE_CHARS, load_coco_captions
+
+    where = "annotations.zip:annotations/captions_val2014.json"
+    data = {"images": [{"id": 5, "file_name": "a.jpg"}],
+            "annotations": [{"image_id": 5, "caption": "a cat " * 1_000_000}, {"image_id": 5, "caption": "a cat"}]}
+    images, _, skipped, _ = load_coco_captions(data, where, "val2014", "val2014")
+    assert [len(r) for r in images[5]["references"]] == [MAX_REFERENCE_CHARS, 5]
+    assert skipped == [{"file": f"{where} annotations[0] (image 5)",
+                        "reason": f"caption of 6000000 characters; its first {MAX_REFERENCE_CHARS} are kept"}]

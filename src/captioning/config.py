@@ -286,8 +286,11 @@ class EvaluateConfig(Section):
 class PromoteConfig(Section):
     metric: str = Field("CIDEr", description="The evaluate metric that decides: BLEU-1..4, METEOR, ROUGE-L or CIDEr.")
     margin: float = Field(0.0, ge=0, le=1000, description="Promote only when candidate > production + margin.")
-    alias: str = "production"
-    collection: str = Field("captioning-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    # Both name files (registry/<collection>/...) and are read back by `serve --model [COLLECTION:]ALIAS`: the
+    # pattern serve's alias takes, and a length any file system holds (checked before anything runs).
+    alias: str = Field("production", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
+                       description="The registry alias promote moves (letters, digits, _ . -).")
+    collection: str = Field("captioning-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
                             description="Registry collection the model is linked into.")
     registry: str = Field("", description="Local registry folder; empty: <workdir>/registry.")
     min_metric: float = Field(0.0, description="The pipeline's gate: evaluate's metric must exceed this.")

@@ -60,6 +60,11 @@ def _confined(image_dir: str, name) -> str | None:
     return f"{image_dir}/{path}"
 
 
+# Far above any real caption (COCO's are single sentences of a few dozen words), so scoring equals COCOEvalCap's
+# on real data; a longer one is cut there, and reported.
+MAX_REFERENCE_CHARS = 10_000
+
+
 def load_coco_captions(data, where: str, image_dir: str, source: str, max_words: int = MAX_CAPTION_WORDS):
     """{image_id: {"file": key, "captions": [clean...], "references": [raw...]}}, the count of dropped blank
     captions, the skipped images and bad entries (each ``{"file", "reason"}``) and the count of captions
@@ -104,6 +109,10 @@ def load_coco_captions(data, where: str, image_dir: str, source: str, max_words:
         if not isinstance(caption, str):
             bad(f"annotations[{n}] (image {image_id})", f"caption {caption!r} is not a string")
             continue
+        if len(caption) > MAX_REFERENCE_CHARS:  # scoring one of 20 MB took minutes and gigabytes
+            bad(f"annotations[{n}] (image {image_id})", f"caption of {len(caption)} characters; its first "
+                f"{MAX_REFERENCE_CHARS} are kept")
+            caption = caption[:MAX_REFERENCE_CHARS]
         try:
             caption.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate ("\ud800" is legal JSON): no file could hold it

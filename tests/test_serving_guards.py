@@ -509,3 +509,36 @@ def test_a_client_that_goes_away_while_its_images_wait_is_not_captioned_and_logs
     assert [c for call in model.calls for c in call] == ["img0"], model.calls  # only the first request's image
     assert len([r for r in caplog.records if "went away" in r.getMessage()]) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_a_jpeg_scan_bomb_is_refused_from_its_markers_before_decoding():
+    """Issue 27, case 10: a small progressive JPEG with thousands of scans passed the pixel check and took
+    minutes to decode (each scan covers the whole image). The scans are counted from the bytes first, in the
+    check process_data, caption, batch and serve all run (features.image_problem)."""
+    import base64
+    import io
+    import json
+
+    import requests
+    from PIL import Image
+
+    from captioning.features import MAX_JPEG_SCANS, image_problem
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, "JPEG", progressive=True)
+    real = buffer.getvalue()
+    assert image_problem(real) is None and 1 < real.count(b"\xff\xda") <= 12  # an encoder's own few scans
+    last_scan = real[real.rindex(b"\xff\xda"):-2]  # repeated refinement scans, as a bomb carries them
+    bomb = real[:-2] + last_scan * 2000 + b"\xff\xd9"
+    assert len(bomb) < 200_000
+    problem, scans = image_problem(bomb), bomb.count(b"\xff\xda")
+    assert problem.startswith(f"a JPEG of {scans} scans (a scan bomb") and f"at most {MAX_JPEG_SCANS} are read" \
+        in problem
+
+    model = SlowDecodeModel()
+    model.max_pixels = 50_000_000
+    with running_app(model) as (url, _):
+        resp = requests.post(f"{url}/v1/models/captioner:predict",
+                             data=json.dumps({"instances": [base64.b64encode(bomb).decode()]}), timeout=10)
+    assert resp.status_code == 400 and "instance 0: cannot caption it: a JPEG of" in resp.json()["error"]
+    assert model.prepared == 0  # refused before the decoder saw it

@@ -166,11 +166,20 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
     if width * height > max_pixels:
         return (f"decompression bomb: declares {width}x{height} pixels, more than "
                 f"features.max_image_pixels={max_pixels}")
+    if fmt == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        return (f"a JPEG of {scans} scans (a scan bomb: each scan is decoded over the whole image); at most "
+                f"{MAX_JPEG_SCANS} are read")
     if pixels > max_pixels:
         return (f"decompression bomb: {frames} frames of {pixels} pixels in all, more than "
                 f"features.max_image_pixels={max_pixels}")
     return None
 
+
+# A progressive JPEG is decoded scan by scan, each over the whole image: encoders write about 10 (libjpeg's
+# default script), and thousands make one small file take minutes. Counted as the SOS markers in the bytes:
+# entropy-coded data never holds 0xFFDA (a 0xFF there is followed by 0x00 or a restart marker), and an EXIF
+# thumbnail adds one.
+MAX_JPEG_SCANS = 100
 
 # What decoding costs at its peak, per declared pixel: TensorFlow's RGB image (3 bytes) and the decoder's own
 # buffers; measured at 3.5 to 3.9 for a 7000x7000 PNG (170-190 MiB). A progressive JPEG also keeps every

@@ -592,3 +592,53 @@ def test_two_promotes_started_together_always_leave_the_better_model(tmp_path):
         local = LocalRegistry(registry, cfg.promote.collection)
         holder = local.holder(cfg.promote.alias)
         assert holder[1]["metrics"]["CIDEr"] == 0.9, (round_, holder)
+
+
+def test_a_training_interrupted_mid_epoch_resumes_to_the_same_weights(pipeline_run, tmp_path):
+    """Issue 27, case 12: the resumed run is the run it replaces. Interrupted in the middle of epoch 2 (SIGINT
+    as a KeyboardInterrupt) and resumed from the epoch-1 checkpoint, it ends with the weights of the run that
+    was never interrupted: the data order is keyed by (seed, epoch) and dropout's generator state is restored
+    with the checkpoint."""
+    import keras
+    import numpy as np
+
+    from captioning.steps.train import train
+
+    work, cfg = pipeline_run["work"], pipeline_run["cfg"]
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "epochs": 3, "patience": 50, "deterministic": "on", "dropout": 0.3, "checkpoint_dir": ""})})
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.params and getattr(self, "_epoch", 0) == 1 and batch == 1:
+                raise KeyboardInterrupt()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+
+    straight = train(cfg, work / "processed" / "train", tmp_path / "straight", model_dir=tmp_path / "m1")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, work / "processed" / "train", tmp_path / "resumed", model_dir=tmp_path / "m2",
+              callbacks=[Interrupt()])
+    resumed = train(cfg, work / "processed" / "train", tmp_path / "resumed", model_dir=tmp_path / "m2")
+    assert resumed.metrics["resumed_epochs"] == 1 and straight.metrics["epochs"] == resumed.metrics["epochs"] == 3
+    a = keras.saving.load_model(tmp_path / "m1" / "captioner.keras", compile=False, safe_mode=True)
+    b = keras.saving.load_model(tmp_path / "m2" / "captioner.keras", compile=False, safe_mode=True)
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_an_empty_test_split_fails_naming_it_instead_of_hanging(pipeline_run, tmp_path, monkeypatch):
+    """Issue 27, case 3: every test image skipped (undecodable) left METEOR nothing to score, and evaluate hung
+    for ever holding the work-dir lock. It now fails at once, naming the split."""
+    from captioning.dataset import ProcessedDataset
+    from captioning.errors import DataError
+    from captioning.steps.evaluate import evaluate
+
+    summary, cfg = pipeline_run["summary"], pipeline_run["cfg"]
+    model = summary["steps"]["train"]["outputs"]["model"]
+    test_data = summary["steps"]["process_data"]["outputs"]["test_data"]
+    real = ProcessedDataset.records
+    monkeypatch.setattr(ProcessedDataset, "records", lambda self, split: [] if split == "test" else real(self, split))
+    with pytest.raises(DataError, match=r"the test split holds no image \(process_data skipped every test image"):
+        evaluate(cfg, model, test_data, tmp_path / "eval")

@@ -145,10 +145,30 @@ def _backup_and_restore(folder: Path):
     import keras
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        """Also keeps the random generators' states (dropout's), which the weights file does not hold, so that a
+        resumed epoch draws the masks the uninterrupted run drew (the data order is keyed by seed and epoch)."""
+
+        def _seed_states(self) -> list:
+            return [v for v in self.model.variables if v.path.split("/")[-1] == "seed_generator_state"]
+
         def _save_model(self):
             save_weights_atomic(self.model, self._weights_path)
-            write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch,
-                                                             "batch": self._last_batch_seen})
+            # In the model's order: their names carry a per-process counter (seed_generator_3...)
+            write_json_atomic(self._training_metadata_path, {
+                "epoch": self._current_epoch, "batch": self._last_batch_seen,
+                "seed_states": [[int(x) for x in v.numpy().ravel()] for v in self._seed_states()]})
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            meta = Path(self._training_metadata_path)
+            saved = read_json(meta).get("seed_states") if meta.exists() else None
+            states = self._seed_states()
+            if saved is not None and len(saved) == len(states):
+                for variable, state in zip(states, saved):
+                    variable.assign(keras.ops.convert_to_tensor(state, dtype=variable.dtype))
+            elif meta.exists() and states:
+                log.warning("train: the checkpoint holds no random-generator state for this model; the resumed "
+                            "epochs draw other dropout masks than an uninterrupted run would")
 
     return AtomicBackupAndRestore(str(folder), save_freq="epoch", delete_checkpoint=False)
 

@@ -210,6 +210,11 @@ def test_a_device_is_refused_and_a_pipe_is_read_with_a_bound(tmp_path):
     ("promote.alias", "prod/../../x", "String should match pattern"),
     ("promote.alias", "a" * 129, "at most 128 characters"),
     ("promote.collection", "c" * 300, "at most 128 characters"),
+    ("promote.alias", "v3", "W&B manages latest and vN itself"),
+    ("promote.alias", "latest", "W&B manages latest and vN itself"),
+    ("promote.registry", "/tmp/" + "r" * 300 + "/reg", "a path component of 300 bytes"),
+    ("train.checkpoint_dir", "/tmp/" + "c" * 256, "a path component of 256 bytes"),
+    ("data.download_cache", "gs://bucket/" + "p" * 300, "a path component of 300 bytes"),
 ])
 def test_settings_that_name_registry_files_are_refused_up_front(setting, value, why):
     """Issue 27, case 11: a 300-character collection trained and evaluated, then failed with 'File name too
@@ -218,3 +223,12 @@ def test_settings_that_name_registry_files_are_refused_up_front(setting, value, 
 
     proc = captioning_cli("run", "--workdir", "/nonexistent/never-created", "--set", f"{setting}={value}", timeout=120)
     assert proc.returncode == 2 and f"{setting}: " in proc.stderr and why in proc.stderr, proc.stderr
+
+
+def test_a_summary_path_the_file_system_cannot_hold_is_exit_2(tmp_path):
+    from conftest import captioning_cli
+
+    long_name = tmp_path / ("s" * 300 + ".json")
+    proc = captioning_cli("run", "--workdir", str(tmp_path / "work"), "--summary-json", str(long_name), timeout=120)
+    assert proc.returncode == 2 and "--summary-json" in proc.stderr and "File name too long" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "work").exists()

@@ -373,7 +373,7 @@ def test_a_malformed_content_length_is_a_named_and_retried_error(tmp_path):
     url = f"http://127.0.0.1:{server.server_port}/f.bin"
     try:
         assert download(url, tmp_path / "f.bin", retries=2, backoff_s=0).size == 1000
-        lengths.extend(["-1", "1e3", "9 9"])
+        lengths.extend(["-1", "\u00b2", "9 9"])  # "²" passes str.isdigit() but not int()
         with pytest.raises(DownloadError, match=rf"{url}: giving up after 2 retries: .*malformed Content-Length"):
             download(url, tmp_path / "g.bin", retries=2, backoff_s=0)
     finally:

@@ -113,7 +113,7 @@ def test_text_that_cannot_be_encoded_is_replaced_not_a_crash():
     assert tokenize({1: ["a dog \ud800 runs"], 2: ["a cat"]}) == {1: ["a dog runs"], 2: ["a cat"]}  # U+FFFD dropped
 
 
-def test_a_tokenizer_that_returns_another_number_of_lines_fails_naming_the_images(monkeypatch):
+def test_a_tokenizer_that_returns_another_number_of_lines_fails_naming_the_image(monkeypatch):
     """The guard behind the normalisation: a shifted output is an error, never scores."""
     import subprocess as sp
 
@@ -122,14 +122,15 @@ def test_a_tokenizer_that_returns_another_number_of_lines_fails_naming_the_image
 
     real = sp.run
 
-    def one_line_short(cmd, **kwargs):  # the Java tokenizer, then one line lost, as a shift would do
+    def shifting(cmd, **kwargs):  # the caption holding "BREAK" comes back as two lines, as a missed break would
         proc = real(cmd, **kwargs)
-        proc.stdout = proc.stdout.split(b"\n", 1)[1]
+        proc.stdout = proc.stdout.replace(b"break", b"\nbreak")
         return proc
 
-    monkeypatch.setattr(sp, "run", one_line_short)
-    with pytest.raises(CaptioningError, match=r"PTB tokenizer: 2 lines back for 3 captions of images 4..9"):
-        tokenize({4: ["a cat", "a dog"], 9: ["a bird"]})
+    monkeypatch.setattr(sp, "run", shifting)
+    with pytest.raises(CaptioningError, match=r"PTB tokenizer: 4 lines back for 3 captions; a caption of image 9 "
+                                              r"does not stay one line"):
+        tokenize({4: ["a cat", "a dog"], 9: ["a BREAK bird"]})
 
 
 def test_meteor_fails_cleanly_and_in_time_instead_of_hanging():

@@ -642,3 +642,105 @@ def test_an_empty_test_split_fails_naming_it_instead_of_hanging(pipeline_run, tm
     monkeypatch.setattr(ProcessedDataset, "records", lambda self, split: [] if split == "test" else real(self, split))
     with pytest.raises(DataError, match=r"the test split holds no image \(process_data skipped every test image"):
         evaluate(cfg, model, test_data, tmp_path / "eval")
+
+
+def test_the_online_promote_compares_test_metrics_with_a_w_and_b_stand_in(monkeypatch):
+    """Review of issue 27: online, production's score was read from the model artifact's metadata under the
+    evaluate metric's name, which that metadata (train's) never holds, so every model was promoted. The metric
+    promote decided on is now written into the linked model's metadata and read back from there. W&B's server
+    cannot run here: wandb.Api and the run are stand-ins at the edge."""
+    import wandb
+
+    from captioning.config import load_config
+    from captioning.errors import CaptioningError
+    from captioning.tracking.records import promote_in_wandb_registry
+
+    registry: dict = {}
+
+    class Artifact:
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+        def save(self):
+            pass
+
+    class Api:
+        def artifact(self, name):
+            if name in registry:
+                return registry[name]
+            raise wandb.errors.CommError(f"artifact '{name}' not found in 'wandb-registry-model'")
+
+    class Run:
+        def use_artifact(self, ref):
+            return Artifact({"val_CIDEr": 0.7, "loss": 2.0})  # train's metadata
+
+        def link_artifact(self, artifact, target, aliases):
+            for alias in aliases:
+                registry[f"{target}:{alias}"] = artifact
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    cfg = load_config(overrides=["promote.metric=CIDEr", "promote.margin=0.05"])
+    tracker = type("Tracker", (), {"run": Run()})()
+    first = promote_in_wandb_registry(tracker, cfg, {"CIDEr": 0.9, "BLEU-4": 0.3}, "e/p/captioner:v1")
+    assert first["promoted"] and first["production"] is None
+    worse = promote_in_wandb_registry(tracker, cfg, {"CIDEr": 0.5}, "e/p/captioner:v2")
+    assert not worse["promoted"] and worse["production"] == 0.9
+    within_margin = promote_in_wandb_registry(tracker, cfg, {"CIDEr": 0.93}, "e/p/captioner:v3")
+    assert not within_margin["promoted"]
+    better = promote_in_wandb_registry(tracker, cfg, {"CIDEr": 1.0}, "e/p/captioner:v4")
+    assert better["promoted"] and better["production"] == 0.9
+
+    def unreachable(self, name):
+        raise wandb.errors.CommError("Connection refused")
+
+    monkeypatch.setattr(Api, "artifact", unreachable)
+    with pytest.raises(CaptioningError, match="W&B Registry: cannot read .* to compare with it: Connection refused"):
+        promote_in_wandb_registry(tracker, cfg, {"CIDEr": 2.0}, "e/p/captioner:v5")
+
+
+def test_the_registry_log_and_attention_figures_never_write_through_a_link_or_onto_a_fifo(tmp_path):
+    """Review of issue 27: decisions.jsonl as a FIFO blocked every promote holding the registry lock; an
+    attention figure written through a symbolic link overwrote its target."""
+    import os
+
+    import numpy as np
+
+    from captioning.attention import plot_attention
+    from captioning.errors import CaptioningError, DataError
+    from captioning.steps.promote import LocalRegistry
+
+    registry = LocalRegistry(tmp_path / "registry", "captioner")
+    registry.root.mkdir(parents=True)
+    os.mkfifo(registry.root / "decisions.jsonl")
+    with pytest.raises(DataError, match="decisions.jsonl: cannot append the decision"):
+        registry.log_decision({"promoted": False})
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").symlink_to(target)
+    plot_attention(np.zeros((32, 32, 3), np.uint8), ["a"], np.ones((1, 64)), tmp_path / "figures" / "a.png")
+    assert target.read_text() == "keep me" and not (tmp_path / "figures" / "a.png").is_symlink()
+    os.mkfifo(tmp_path / "figures" / "b.png")
+    with pytest.raises(CaptioningError, match="a FIFO; refusing to replace it"):
+        plot_attention(np.zeros((32, 32, 3), np.uint8), ["a"], np.ones((1, 64)), tmp_path / "figures" / "b.png")
+
+
+def test_a_promote_deploys_only_while_the_alias_still_names_its_version(tmp_path):
+    """Review of issue 27: deploying came after the registry's critical section, so of two promote+deploy runs the
+    one finishing last served, whichever model held the alias. Before deploying, promote checks it still does."""
+    from captioning.config import load_config
+    from captioning.steps.promote import LocalRegistry
+    from captioning.steps.result import StepResult
+    from captioning.workflow import _still_holds
+
+    cfg = load_config(overrides=[f"promote.registry={tmp_path / 'registry'}"])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "captioner.keras").write_bytes(b"m")
+    registry = LocalRegistry(tmp_path / "registry", cfg.promote.collection)
+    first = registry.register(model, {"metrics": {"CIDEr": 0.5}}, cfg.promote.alias)
+    mine = StepResult(metrics={"promoted": True}, extra={"version": first})
+    assert _still_holds(cfg, mine)
+    registry.register(model, {"metrics": {"CIDEr": 0.9}}, cfg.promote.alias)  # a better one, meanwhile
+    assert not _still_holds(cfg, mine)

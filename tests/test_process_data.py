@@ -650,8 +650,12 @@ def test_a_caption_that_cannot_be_encoded_is_replaced_and_reported_not_a_failed_
     where = "annotations.zip:annotations/captions_train2014.json"
     data = json.loads('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": ['
                       '{"image_id": 1, "caption": "a dog \\ud800 runs"}, {"image_id": 1, "caption": "a dog"}]}')
+    data["images"].append({"id": 2, "file_name": "COCO_\ud800.jpg"})  # and in a file name (review)
+    data["annotations"].append({"image_id": 2, "caption": "a cat"})
     images, _, skipped, _ = load_coco_captions(data, where, "train2014", "train2014")
-    assert images[1]["references"] == ["a dog ? runs", "a dog"]
+    assert images[1]["references"] == ["a dog ? runs", "a dog"] and 2 not in images
+    json.dumps(skipped, ensure_ascii=False).encode("utf-8")  # the report, too
+    assert skipped.pop(0)["file"] == f"{where} image 2"
     json.dumps(images, ensure_ascii=False).encode("utf-8")  # what the step writes: it must encode
     assert skipped == [{"file": f"{where} annotations[0] (image 1)",
                         "reason": "caption holds text that is not valid Unicode (a lone surrogate); kept with '?' "

@@ -31,10 +31,14 @@ def plot_attention(image, words: list[str], alphas: np.ndarray, out_png: str | P
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    from captioning.io import atomic_path
+
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
+    try:
+        with atomic_path(out_png) as tmp:  # never through a symlink or onto a FIFO: a new file, renamed
+            fig.savefig(tmp, dpi=80, format="png")
+    finally:
+        plt.close(fig)
     return out_png
 
 

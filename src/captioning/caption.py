@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +32,17 @@ MAX_IMAGE_BYTES = 16 << 20  # as `serve --max-image-mb`: no real photo comes nea
 def read_image_file(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """A local image's bytes; one line naming the file if it is not one, or is larger than ``max_bytes`` (said
     before a byte is read: a 3 GB file is not loaded to learn it is no image)."""
-    if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device reads forever
-        raise CaptioningError(f"{path}: not a regular file")
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise CaptioningError(f"{path}: {size} bytes, more than the limit of {max_bytes} (--max-image-mb)")
-        return path.read_bytes()
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device reads forever
+            raise CaptioningError(f"{path}: not a regular file")
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise CaptioningError(f"{path}: {size} bytes, more than the limit of {max_bytes} (--max-image-mb)")
+            data = fh.read(max_bytes + 1)  # a file that grows meanwhile is still bounded
+        if len(data) > max_bytes:
+            raise CaptioningError(f"{path}: more than the limit of {max_bytes} bytes (--max-image-mb)")
+        return data
     except IsADirectoryError:
         raise CaptioningError(f"{path}: a directory, not an image file") from None
     except FileNotFoundError:

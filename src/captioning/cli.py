@@ -127,8 +127,11 @@ def run(
     summary_path = summary_json or Path(workdir) / "summary.json"
     try:
         cfg = load_config(config, set_, preset)
-        if summary_path.exists() and not summary_path.is_file():  # refused before the work, not after it
-            raise ConfigError(f"--summary-json {summary_path}: {not_a_file(summary_path)}; name a regular file")
+        try:
+            if summary_path.exists() and not summary_path.is_file():  # refused before the work, not after it
+                raise ConfigError(f"--summary-json {summary_path}: {not_a_file(summary_path)}; name a regular file")
+        except OSError as exc:  # a name too long, a component that is a file
+            raise ConfigError(f"--summary-json {summary_path}: {exc.strerror or exc}") from None
         with exclusive_workdir(workdir):
             check_writable(summary_path.parent, "--summary-json")
             if runner == "docker":

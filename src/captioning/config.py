@@ -37,6 +37,24 @@ def Seed(description: str):  # noqa: N802 - a Field factory, read like a type
     return Field(0, ge=0, le=MAX_SEED, description=description)
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes, for one path component and a whole path
+
+
+def fits_file_system(value: str | None) -> str | None:
+    """A folder setting the file system can hold, said when the settings are read (exit 2), not as "File name
+    too long" after hours of work; a gs:// URI's object names have the same 1,024-byte bound on the whole."""
+    if not value:
+        return value
+    encoded = value.encode("utf-8", errors="surrogateescape")
+    longest = max(value.split("/"), key=lambda part: len(part.encode("utf-8", errors="surrogateescape")))
+    if len(longest.encode("utf-8", errors="surrogateescape")) > NAME_MAX:
+        raise ValueError(f"a path component of {len(longest.encode('utf-8', errors='surrogateescape'))} bytes "
+                         f"({longest[:40]}...); a file system takes at most {NAME_MAX}")
+    if len(encoded) > PATH_MAX:
+        raise ValueError(f"a path of {len(encoded)} bytes; at most {PATH_MAX}")
+    return value
+
+
 class Section(BaseModel):
     # Finite numbers only: an inf learning rate or a NaN margin validates nowhere.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -101,7 +119,7 @@ class DataConfig(Section):
                 not re.fullmatch(r"gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9](/[^\s]*)?", value)
                 or any(part in ("", ".", "..") for part in value.rstrip("/")[len("gs://"):].split("/")[1:])):
             raise ValueError(f"{value!r}: a folder, or a bucket as gs://BUCKET/PREFIX (no empty, . or .. parts)")
-        return value.rstrip("/") if value and value.startswith("gs://") else value
+        return fits_file_system(value.rstrip("/") if value and value.startswith("gs://") else value)
 
     @field_validator("files")
     @classmethod
@@ -252,6 +270,11 @@ class TrainConfig(Section):
         "", description="Checkpoints and history (the unit of resume); on a cluster, a mounted volume. "
         "Empty: <workdir>/train in-process, a temporary folder in a pod.")
 
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _checkpoints_fit(cls, value: str) -> str:
+        return fits_file_system(value)
+
     @model_validator(mode="after")
     def _whole_images(self):
         if self.scst_epochs and self.scst_baseline == "mean" and self.scst_samples < 2:
@@ -289,10 +312,24 @@ class PromoteConfig(Section):
     # Both name files (registry/<collection>/...) and are read back by `serve --model [COLLECTION:]ALIAS`: the
     # pattern serve's alias takes, and a length any file system holds (checked before anything runs).
     alias: str = Field("production", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
-                       description="The registry alias promote moves (letters, digits, _ . -).")
+                       description="The registry alias promote moves (letters, digits, _ . -; not latest or vN, "
+                       "which W&B keeps for itself).")
     collection: str = Field("captioning-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
                             description="Registry collection the model is linked into.")
     registry: str = Field("", description="Local registry folder; empty: <workdir>/registry.")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_fits(cls, value: str) -> str:
+        return fits_file_system(value)
+
+    @field_validator("alias")
+    @classmethod
+    def _not_a_wandb_alias(cls, value: str) -> str:
+        if value == "latest" or re.fullmatch(r"v\d+", value):
+            raise ValueError(f"{value!r}: W&B manages latest and vN itself (a version), so the registry alias "
+                             "would not move; choose another name")
+        return value
     min_metric: float = Field(0.0, description="The pipeline's gate: evaluate's metric must exceed this.")
     deploy: Literal["", "kserve", "vertex"] = Field("", description="After a promote that moves the alias, serve "
                                                    "the new model: kserve (an InferenceService) or vertex (an "

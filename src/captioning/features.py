@@ -166,7 +166,7 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
     if width * height > max_pixels:
         return (f"decompression bomb: declares {width}x{height} pixels, more than "
                 f"features.max_image_pixels={max_pixels}")
-    if fmt == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    if fmt in JPEG_FORMATS and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         return (f"a JPEG of {scans} scans (a scan bomb: each scan is decoded over the whole image); at most "
                 f"{MAX_JPEG_SCANS} are read")
     if pixels > max_pixels:
@@ -176,10 +176,45 @@ def image_problem(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None
 
 
 # A progressive JPEG is decoded scan by scan, each over the whole image: encoders write about 10 (libjpeg's
-# default script), and thousands make one small file take minutes. Counted as the SOS markers in the bytes:
-# entropy-coded data never holds 0xFFDA (a 0xFF there is followed by 0x00 or a restart marker), and an EXIF
-# thumbnail adds one.
+# default script), and thousands make one small file take minutes. PIL calls a JPEG with an MPF segment "MPO";
+# TensorFlow decodes it as the JPEG it starts with.
 MAX_JPEG_SCANS = 100
+JPEG_FORMATS = ("JPEG", "MPO")
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The scans (SOS segments) of the first image in a JPEG, found by walking its segments by their lengths
+    (a 0xFFDA inside a comment or an EXIF thumbnail is not one); up to its EOI or where the file breaks off."""
+    scans, at, end = 0, 2, len(data)
+    while at < end:
+        if data[at] != 0xFF:
+            return scans  # not at a marker: a broken file (the decoder says so)
+        while at < end and data[at] == 0xFF:  # fill bytes may precede a marker
+            at += 1
+        if at >= end:
+            return scans
+        marker, at = data[at], at + 1
+        if marker == 0xD9:  # EOI
+            return scans
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):  # no length field
+            continue
+        if at + 2 > end:
+            return scans
+        at += int.from_bytes(data[at:at + 2], "big")
+        if marker == 0xDA:  # entropy-coded data follows, up to the next marker that is not a restart
+            scans += 1
+            while True:
+                at = data.find(b"\xff", at)
+                if at < 0 or at >= end - 1:
+                    return scans
+                following = data[at + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:  # a stuffed 0xFF, or a restart marker
+                    at += 2
+                elif following == 0xFF:  # fill before a marker
+                    at += 1
+                else:
+                    break
+    return scans
 
 # What decoding costs at its peak, per declared pixel: TensorFlow's RGB image (3 bytes) and the decoder's own
 # buffers; measured at 3.5 to 3.9 for a 7000x7000 PNG (170-190 MiB). A progressive JPEG also keeps every
@@ -201,7 +236,8 @@ def decode_cost(data: bytes) -> int:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(BytesIO(data)) as image:  # the header only
                 fmt, (width, height) = image.format, image.size
-                progressive = fmt == "JPEG" and bool(image.info.get("progressive") or image.info.get("progression"))
+                progressive = fmt in JPEG_FORMATS and bool(image.info.get("progressive") or
+                                                           image.info.get("progression"))
                 components = len(image.getbands())
     except Exception:  # noqa: BLE001 - not an image: image_problem says why
         return 0

@@ -34,42 +34,61 @@ def one_line(text: str) -> str:
     return "".join(out)
 
 
-def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
-    """pycocoevalcap's PTB tokenization (the same Java command and the same punctuation removal as
-    ``PTBTokenizer.tokenize``), with its temporary file in the temp folder: pycocoevalcap writes it
-    beside its jar in site-packages, which the image's own user cannot write to."""
+def _ptb_lines(sentences: list[str]) -> list[str]:
+    """The Java PTB tokenizer's output lines for these one-line sentences (a time limit, a clean error)."""
     import os
     import subprocess
     import tempfile
 
     from pycocoevalcap.tokenizer import ptbtokenizer as ptb
 
-    _require_java()
-    keys = [k for k, v in captions.items() for _ in v]
-    sentences = "\n".join(one_line(c) for v in captions.values() for c in v)
     jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
     with tempfile.TemporaryDirectory(prefix="ptb-") as tmp:
         source = os.path.join(tmp, "sentences.txt")
         with open(source, "w", encoding="utf-8") as fh:
-            fh.write(sentences)
+            fh.write("\n".join(sentences))
         try:
             proc = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
                                    "-lowerCase", source], cwd=tmp, capture_output=True, check=False,
                                   timeout=SCORER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise CaptioningError(f"PTB tokenizer did not finish within {SCORER_TIMEOUT_S:g} s "
-                                  f"({len(keys)} captions)") from None
+                                  f"({len(sentences)} captions)") from None
     if proc.returncode != 0:
         raise CaptioningError(f"PTB tokenizer ({jar}) failed: {proc.stderr.decode(errors='replace')[-500:]}")
-    lines = proc.stdout.decode("utf-8", errors="replace").split("\n")  # one per caption, none after the last
+    return proc.stdout.decode("utf-8", errors="replace").split("\n")  # one per caption, none after the last
+
+
+def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    """pycocoevalcap's PTB tokenization (the same Java command and the same punctuation removal as
+    ``PTBTokenizer.tokenize``), with its temporary file in the temp folder: pycocoevalcap writes it
+    beside its jar in site-packages, which the image's own user cannot write to."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    _require_java()
+    keys = [k for k, v in captions.items() for _ in v]
+    sentences = [one_line(c) for v in captions.values() for c in v]
+    lines = _ptb_lines(sentences)
     if len(lines) != len(keys):  # a shifted line would score every later caption against another image's
-        raise CaptioningError(f"PTB tokenizer: {len(lines)} lines back for {len(keys)} captions of images "
-                              f"{min(keys)}..{max(keys)}; no score is computed from shifted lines")
+        image = _shifting_image(keys, sentences)
+        raise CaptioningError(f"PTB tokenizer: {len(lines)} lines back for {len(keys)} captions; a caption of "
+                              f"image {image} does not stay one line; no score is computed from shifted lines")
     tokenized: dict[int, list[str]] = {}
     for key, line in zip(keys, lines):
         words = [w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS]
         tokenized.setdefault(key, []).append(" ".join(words))
     return tokenized
+
+
+def _shifting_image(keys: list, sentences: list[str]):
+    """The image whose caption the tokenizer did not keep on one line, by halving (a few runs, only on failure)."""
+    while len(keys) > 1:
+        half = len(keys) // 2
+        if len(_ptb_lines(sentences[:half])) != half:
+            keys, sentences = keys[:half], sentences[:half]
+        else:
+            keys, sentences = keys[half:], sentences[half:]
+    return keys[0] if keys else "?"
 
 
 def score(references: dict[int, list[str]], predictions: dict[int, str]) -> tuple[dict[str, float], dict[str, dict[int, float]]]:

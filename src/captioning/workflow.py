@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import shutil
 import tempfile
 from base64 import b64encode
@@ -26,6 +27,8 @@ from captioning.errors import ConfigError
 from captioning.io import read_json, write_json_atomic
 from captioning.steps.result import StepResult
 from captioning.tracking import StepTracker
+
+log = logging.getLogger(__name__)
 
 # Every step reads the W&B settings.
 TRACKING_KEYS = ("wandb",)
@@ -180,15 +183,22 @@ def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
 
         check_deployment(cfg, io.uri("model"))
     if t.online:  # the W&B Registry holds the production model
-        candidate = float(read_json(io.inputs["metrics"], "evaluate metrics")["metrics"][cfg.promote.metric])
+        metrics = read_json(io.inputs["metrics"], "evaluate metrics")["metrics"]
         model_ref = io.produced_by.get("model", {}).get("wandb_ref", "")
-        result = promote_result(cfg, promote_in_wandb_registry(t, cfg, candidate, model_ref))
+        result = promote_result(cfg, promote_in_wandb_registry(t, cfg, metrics, model_ref))
     else:
         if not cfg.promote.registry:
             raise ConfigError("promote.registry: no registry folder given (the pipeline parameter 'registry'), "
                               "and wandb.mode is not online")
         result = promote(cfg, model, io.inputs["metrics"], Path(cfg.promote.registry), io.scratch)
-    if deploying and result.metrics["promoted"]:
+    if deploying and result.metrics["promoted"] and not t.online and not _still_holds(cfg, result):
+        # A promote that ran meanwhile moved the alias on (to a better model): it deploys that one; this one must
+        # not replace it.
+        log.warning("promote.deploy: the alias %s moved on from %s meanwhile; not deploying this model",
+                    cfg.promote.alias, result.extra.get("version"))
+        result.extra["deployed"] = None
+        result.metrics["deployed"] = False
+    elif deploying and result.metrics["promoted"]:
         from captioning.deploy.after_promote import deploy_promoted
 
         result.extra["deployed"] = deploy_promoted(cfg, io.uri("model"), result.extra.get("version") or "")
@@ -199,6 +209,13 @@ def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     record_promote(t, result)
     result.returns["promoted"] = bool(result.metrics["promoted"])
     return result
+
+
+def _still_holds(cfg: Config, result: StepResult) -> bool:
+    from captioning.steps.promote import LocalRegistry
+
+    registry = LocalRegistry(Path(cfg.promote.registry), cfg.promote.collection)
+    return registry.aliases().get(cfg.promote.alias) == result.extra.get("version")
 
 
 def _tracked(result: StepResult, wandb_ref: str) -> StepResult:

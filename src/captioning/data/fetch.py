@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ class HttpSource(Source):
         length = resp.headers.get("Content-Length")
         if length is None:
             raise SizeUnknown(f"{self.shown}: the server sends no Content-Length, so the size cannot be verified")
-        if not length.strip().isdigit():  # "12.5", "-1", "abc": a broken proxy or server, worth another try
+        if not re.fullmatch(r"[0-9]+", length.strip()):  # "12.5", "-1", "²": a broken proxy or server, retried
             raise TransientError(f"{self.shown}: the server sends a malformed Content-Length {length!r}")
         self.validators = {key: resp.headers[header] for key, header in
                            (("etag", "ETag"), ("last_modified", "Last-Modified")) if header in resp.headers}

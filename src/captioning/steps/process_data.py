@@ -54,6 +54,10 @@ def _confined(image_dir: str, name) -> str | None:
     """``<image_dir>/<name>`` when ``name`` is a plain relative path that stays inside ``image_dir``; else None."""
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         return None
+    try:
+        name.encode("utf-8")  # a lone surrogate names no member and no file can hold it (the report included)
+    except UnicodeEncodeError:
+        return None
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":"):
         return None

@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -81,7 +83,15 @@ class LocalRegistry:
 
     def log_decision(self, decision: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "decisions.jsonl", "a") as fh:
+        log_file = self.root / "decisions.jsonl"
+        # O_NOFOLLOW and a regular-file check: a FIFO there would block every promote holding the lock
+        try:
+            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as exc:  # a symbolic link (ELOOP), a FIFO nobody reads (ENXIO)
+            raise DataError(f"{log_file}: cannot append the decision: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "a") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DataError(f"{log_file}: not a regular file; refusing to append the decision to it")
             fh.write(json.dumps(decision) + "\n")
 
 

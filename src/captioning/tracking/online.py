@@ -23,20 +23,36 @@ def qualified_name(artifact) -> str:
     return f"{artifact.entity}/{artifact.project}/{artifact.name}"
 
 
+# The evaluate metric promote decided on, written into the model artifact's metadata when it is linked: the
+# artifact's own metadata is train's (val_CIDEr, loss...), which holds no test metric to compare with.
+PROMOTED_METRIC_KEY = "promoted_on"
+
+
 def registry_holder_metric(collection: str, alias: str, metric: str) -> float | None:
-    """The metric recorded in the metadata of the model that holds ``alias``, if any."""
+    """The test metric of the model that holds ``alias``; None when there is none (no collection yet, no holder,
+    or a holder linked without the metric: it cannot be compared, so it is replaced). Any other W&B error is the
+    step's error: a candidate must not replace production because the registry could not be asked."""
     import wandb
 
+    from captioning.errors import CaptioningError
+
+    name = f"wandb-registry-model/{collection}:{alias}"
     try:
-        holder = wandb.Api().artifact(f"wandb-registry-model/{collection}:{alias}")
-    except Exception:  # no collection yet, or no holder of the alias
-        return None
-    value = (holder.metadata or {}).get(metric)
+        holder = wandb.Api().artifact(name)
+    except Exception as exc:  # noqa: BLE001 - the client has no common base; "not found" is the only answer
+        if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
+            return None
+        raise CaptioningError(f"W&B Registry: cannot read {name} to compare with it: {exc}") from None
+    recorded = (holder.metadata or {}).get(PROMOTED_METRIC_KEY) or {}
+    value = recorded.get(metric) if isinstance(recorded, dict) else None
     return float(value) if value is not None else None
 
 
-def link_to_registry(run, model_ref: str, collection: str, alias: str) -> str:
+def link_to_registry(run, model_ref: str, collection: str, alias: str, metrics: dict) -> str:
+    """Link the model under the alias, with the evaluate metrics it was promoted on in its metadata."""
     artifact = run.use_artifact(model_ref)
+    artifact.metadata = {**(artifact.metadata or {}), PROMOTED_METRIC_KEY: metrics}
+    artifact.save()
     target = f"wandb-registry-model/{collection}"
     run.link_artifact(artifact, target, aliases=[alias])
     return f"{target}:{alias}"

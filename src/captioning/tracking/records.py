@@ -158,12 +158,15 @@ def record_promote(t: StepTracker, result: StepResult) -> str:
     return ""
 
 
-def promote_in_wandb_registry(t: StepTracker, cfg: Config, candidate: float, model_ref: str) -> dict:
-    """Online: the W&B Registry is the registry; the holder's metric comes from its metadata."""
+def promote_in_wandb_registry(t: StepTracker, cfg: Config, metrics: dict, model_ref: str) -> dict:
+    """Online: the W&B Registry is the registry; the holder's test metric comes from the metadata promote wrote
+    when it linked it. W&B offers no lock: two promotes racing may both link (the last one holds the alias)."""
     from captioning.tracking import online as wandb_online
     from captioning.steps.promote import decide
 
+    candidate = float(metrics[cfg.promote.metric])
     production = wandb_online.registry_holder_metric(cfg.promote.collection, cfg.promote.alias, cfg.promote.metric)
     promoted = decide(candidate, production, cfg.promote.margin)
-    target = wandb_online.link_to_registry(t.run, model_ref, cfg.promote.collection, cfg.promote.alias) if promoted else None
+    target = (wandb_online.link_to_registry(t.run, model_ref, cfg.promote.collection, cfg.promote.alias,
+                                            _numbers(metrics)) if promoted else None)
     return {"promoted": promoted, "candidate": candidate, "production": production, "registry": target}

@@ -1,6 +1,7 @@
 """The captioning DAG: log_raw_data → process_data → train → evaluate → promote.
 
-    python pipeline.py --output captioning.yaml [--target kubeflow|vertex] [--image IMAGE]
+    captioning compile --output captioning.yaml [--target kubeflow|vertex] [--image IMAGE]
+    python pipeline.py   # the same with the default options
                        [--accelerator-type nvidia.com/gpu] [--accelerator-count 1] [--preset coco2014]
                        [--raw-cache-pvc coco-raw-cache] [--checkpoint-pvc captioning-checkpoints]
                        [--gpu-node-selector KEY=VALUE] [--spot] [--gpu-cpu 6 --gpu-memory 22Gi]
@@ -27,7 +28,6 @@ labels on Vertex AI), which is not part of the key.
 
 import inspect
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -452,19 +452,6 @@ def compile_pipeline(output, options: BuildOptions = BuildOptions()) -> Path:
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python pipeline.py ...`` is ``captioning compile ...``: one set of options, one command."""
-    import typer
-
-    from captioning.cli import app
-
-    command = typer.main.get_command(app).commands["compile"]
-    try:
-        command.main(sys.argv[1:] if argv is None else argv, prog_name="pipeline.py")  # exits, as a CLI does
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # The defaults only: `captioning compile` takes the build options (the CLI imports this module, not back).
+    print(compile_pipeline(Path("captioning_pipeline.yaml"), BuildOptions()))

@@ -143,7 +143,7 @@ def _run_in_pod(step: Step, **kwargs):
 def _keep_offline_run(tracker, wandb_run, result) -> None:
     """An offline run outlives the pod in the step's wandb_run artifact (the W&B folder, links left out:
     the launcher uploads plain files and folders only); online or disabled, the artifact stays empty."""
-    from captioning.workflow import tree_size
+    from captioning.io import tree_size
 
     out = Path(wandb_run.path)
     out.mkdir(parents=True, exist_ok=True)

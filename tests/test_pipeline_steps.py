@@ -112,7 +112,8 @@ def test_the_summary_shows_what_each_step_moves(pipeline_run):
 
 
 def test_promote_first_candidate_then_margin(pipeline_run, tmp_path):
-    from captioning.steps.promote import LocalRegistry, decide, promote
+    from captioning.registry import LocalRegistry, decide
+    from captioning.steps.promote import promote
 
     summary, cfg = pipeline_run["summary"], pipeline_run["cfg"]
     assert summary["steps"]["promote"]["metrics"]["promoted"] is True
@@ -532,7 +533,7 @@ def test_promotes_sharing_a_registry_take_turns(tmp_path):
     """Review of issue 14: two promotes picking the same version number removed each other's copies."""
     import threading
 
-    from captioning.steps.promote import LocalRegistry
+    from captioning.registry import LocalRegistry
 
     model = tmp_path / "model"
     model.mkdir()
@@ -561,7 +562,8 @@ def test_two_promotes_started_together_always_leave_the_better_model(tmp_path):
     import threading
 
     from captioning.config import load_config
-    from captioning.steps.promote import LocalRegistry, promote
+    from captioning.registry import LocalRegistry
+    from captioning.steps.promote import promote
 
     cfg = load_config(overrides=["promote.metric=CIDEr", "promote.margin=0", "wandb.mode=disabled"])
     runs = {}
@@ -653,7 +655,7 @@ def test_the_online_promote_compares_test_metrics_with_a_w_and_b_stand_in(monkey
 
     from captioning.config import load_config
     from captioning.errors import CaptioningError
-    from captioning.tracking.records import promote_in_wandb_registry
+    from captioning.records import promote_in_wandb_registry
 
     registry: dict = {}
 
@@ -707,7 +709,7 @@ def test_the_registry_log_and_attention_figures_never_write_through_a_link_or_on
 
     from captioning.attention import plot_attention
     from captioning.errors import CaptioningError, DataError
-    from captioning.steps.promote import LocalRegistry
+    from captioning.registry import LocalRegistry
 
     registry = LocalRegistry(tmp_path / "registry", "captioner")
     registry.root.mkdir(parents=True)
@@ -730,7 +732,7 @@ def test_a_promote_deploys_only_while_the_alias_still_names_its_version(tmp_path
     """Review of issue 27: deploying came after the registry's critical section, so of two promote+deploy runs the
     one finishing last served, whichever model held the alias. Before deploying, promote checks it still does."""
     from captioning.config import load_config
-    from captioning.steps.promote import LocalRegistry
+    from captioning.registry import LocalRegistry
     from captioning.steps.result import StepResult
     from captioning.workflow import _still_holds
 

@@ -430,7 +430,7 @@ def test_process_data_reads_the_referenced_cache_and_names_an_archive_changed_or
 
     # What W&B records of it: references to the archives where they are (the cache's volume), not into the
     # artifact, which no longer holds them (a recording stand-in for the tracker: the W&B server is not here)
-    from captioning.tracking.records import record_log_raw_data
+    from captioning.records import record_log_raw_data
 
     logged = {}
 

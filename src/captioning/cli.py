@@ -16,6 +16,7 @@ import typer
 
 from captioning import DEFAULT_IMAGE
 from captioning.data.demo import DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
+from captioning.console import fail
 from captioning.errors import CaptioningError
 from captioning.redact import redact, redact_tree
 
@@ -43,17 +44,6 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[handler], force=True)
     for noisy in ("urllib3", "absl", "tensorflow", "h5py", "matplotlib", "PIL", "google", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(exc: Exception) -> None:
-    """One line naming the file or setting; exit 2 for what was refused up front, 1 for a full disk."""
-    from captioning.errors import DiskFullError
-    from captioning.io import exit_process
-
-    typer.echo(redact(f"error: {exc}"), err=True)
-    if isinstance(exc, DiskFullError):
-        exit_process(1)
-    raise typer.Exit(2)
 
 
 @app.callback()
@@ -118,9 +108,9 @@ def run(
     from captioning.runners.inprocess import run_pipeline, write_summary
 
     if runner not in ("inprocess", "docker"):
-        _fail(CaptioningError(f"--runner {runner!r}: choose inprocess or docker"))
+        fail(CaptioningError(f"--runner {runner!r}: choose inprocess or docker"))
     if pipeline not in ("train", "caption"):
-        _fail(CaptioningError(f"--pipeline {pipeline!r}: choose train or caption"))
+        fail(CaptioningError(f"--pipeline {pipeline!r}: choose train or caption"))
     from captioning.errors import ConfigError
     from captioning.io import check_writable, exclusive_workdir, not_a_file
 
@@ -146,7 +136,7 @@ def run(
                 summary = run_pipeline(cfg, workdir)
             path = write_summary(summary, summary_path)
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
     _print_summary(summary)
     typer.echo(f"summary: {path}")
     if summary["status"] != "ok":
@@ -157,7 +147,7 @@ def run(
 
 def _check_decoder(decoder: str | None) -> None:
     if decoder not in (None, "greedy", "beam"):
-        _fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
+        fail(CaptioningError(f"--decoder {decoder!r}: choose greedy or beam"))
 
 
 def escape_field(text: str) -> str:
@@ -195,7 +185,7 @@ def caption(
     try:
         results = caption_images(model, images, decoder, beam_width, max_bytes=int(max_image_mb * (1 << 20)))
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
     for item in results:
         if json_lines:
             # ASCII: a path that is not valid UTF-8 (a lone surrogate from the file system) still prints
@@ -251,7 +241,7 @@ def serve(
         resolved = resolve_model(model, str(registry or ""), collection)
         loaded = CaptionModel(resolved.path, decoder, beam_width, version=resolved.version)
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
     mib = 1 << 20
     limits = Limits(max_request_bytes=int(max_request_mb * mib), max_image_bytes=int(max_image_mb * mib),
                     max_instances=max_instances, max_batch=max_batch, window_ms=window_ms, allow_uri=tuple(allow_uri),
@@ -268,7 +258,7 @@ def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = No
     """Give a command every field of ``pipeline.BuildOptions`` as an option; it receives them as ``build``.
 
     The build options are declared once, in ``BuildOptions``: ``compile``, ``submit``
-    and ``python pipeline.py`` all take them from there.
+    and ``pipeline.py`` (its defaults) all take them from there.
     """
     from pipeline import BuildOptions
 
@@ -293,7 +283,7 @@ def with_build_options(*, required: tuple[str, ...] = (), panel: str | None = No
             try:
                 build = BuildOptions(**values)
             except ValueError as exc:
-                _fail(CaptioningError(str(exc)))
+                fail(CaptioningError(str(exc)))
             return command(build=build, **kwargs)
 
         kept = [p for p in signature.parameters.values() if p.name != "build"]
@@ -314,7 +304,7 @@ def _print_left_out(build) -> None:
 @app.command("compile")
 @with_build_options()
 def compile_cmd(build, output: Path = typer.Option(Path("captioning_pipeline.yaml"), "--output", "-o")) -> None:
-    """Compile the pipeline to KFP IR YAML (same as `python pipeline.py`)."""
+    """Compile the pipeline to KFP IR YAML."""
     from pipeline import compile_pipeline
 
     typer.echo(str(compile_pipeline(output, build)))
@@ -410,7 +400,7 @@ def submit(
         else:
             outcome = _submit_vertex(package, parameters, dry_run, wait, timeout_s, poll_s, where, access_token)
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
     if outcome.get("state") not in (None, "SUCCEEDED", "PIPELINE_STATE_SUCCEEDED"):
         raise typer.Exit(1)
 
@@ -478,7 +468,7 @@ def image_build(
     try:
         result = build_image(tag, base_image, wheelhouse, variant, debian_image, imagenet, push)
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(json.dumps({"tag": result.tag, "base": result.base, "id": result.image_id,
                            "size_bytes": result.size_bytes, "digest_ref": result.digest_ref}))
     if not result.digest_ref:
@@ -522,7 +512,7 @@ def bench_features_cmd(
     from captioning.bench import bench_features
 
     if source not in ("zip", "files"):
-        _fail(CaptioningError(f"--source {source!r}: choose zip or files"))
+        fail(CaptioningError(f"--source {source!r}: choose zip or files"))
     _print_bench(bench_features(images, batch, repeats, source=source), as_json)
 
 
@@ -574,7 +564,7 @@ def bench_serve_cmd(
     try:
         result = bench_serve(requests, concurrency, repeats, model, url, registry, max_batch, window_ms)
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
     _print_bench(result, as_json)
 
 

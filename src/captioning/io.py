@@ -51,6 +51,15 @@ def human_bytes(n: float) -> str:
     return ""
 
 
+def tree_size(path: Path, leave_out: list[Path] = ()) -> dict[str, int]:
+    """Files and bytes under ``path`` (or of the file), leaving out what lies under ``leave_out``."""
+    if path.is_file():
+        return {"files": 1, "bytes": path.stat().st_size}
+    files = [p for p in path.rglob("*") if p.is_file() and not any(p.is_relative_to(o) for o in leave_out)] \
+        if path.is_dir() else []
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
 def free_bytes(path: str | Path) -> int:
     """Free bytes on the volume that holds ``path`` (or its nearest existing parent)."""
     path = Path(path).absolute()

@@ -75,7 +75,7 @@ def resolve_model(spec: str, registry: str = "", collection: str = "captioning-m
     if not registry:
         raise ConfigError(f"{setting}={spec}: an alias needs the registry folder promote wrote (--registry, or "
                           "promote.registry); or pass the model folder itself")
-    from captioning.steps.promote import LocalRegistry
+    from captioning.registry import LocalRegistry
 
     local = LocalRegistry(Path(registry), match["collection"] or collection)
     if not local.root.is_dir():

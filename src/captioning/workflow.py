@@ -1,7 +1,7 @@
 """The five steps as every runner runs them: what each reads and writes, and one function each.
 
 ``STEPS[name].run(cfg, io, tracker)`` runs the library step (``captioning.steps``)
-and logs it to W&B (``captioning.tracking.records``). The in-process runner
+and logs it to W&B (``captioning.records``). The in-process runner
 calls it with folders under the work dir; the KFP components (in pods, or in
 Docker under kfp.local) call it with their artifacts' paths. The declarations
 here are the wiring: ``inputs`` say which step's output feeds which input (the
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from captioning.config import Config
 from captioning.errors import ConfigError
-from captioning.io import read_json, write_json_atomic
+from captioning.io import read_json, tree_size, write_json_atomic
 from captioning.steps.result import StepResult
 from captioning.tracking import StepTracker
 
@@ -86,14 +86,6 @@ def run_step(step: Step, cfg: Config, io: StepIO, tracker: StepTracker) -> StepR
     return result
 
 
-def tree_size(path: Path, leave_out: list[Path] = ()) -> dict[str, int]:
-    if path.is_file():
-        return {"files": 1, "bytes": path.stat().st_size}
-    files = [p for p in path.rglob("*") if p.is_file() and not any(p.is_relative_to(o) for o in leave_out)] \
-        if path.is_dir() else []
-    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
-
-
 def artifact_figures(io: StepIO) -> dict[str, dict[str, dict[str, int]]]:
     """Files and bytes of each artifact the step read and wrote: what a cluster copies in and out of its pod.
 
@@ -126,7 +118,7 @@ def read_result(folder: Path) -> dict:
 
 def _log_raw_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.log_raw_data import log_raw_data
-    from captioning.tracking.records import record_log_raw_data
+    from captioning.records import record_log_raw_data
 
     out = io.outputs["raw_data"]
     result = log_raw_data(cfg.data, out, io.scratch)
@@ -135,7 +127,7 @@ def _log_raw_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
 
 def _process_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.process_data import process_data
-    from captioning.tracking.records import record_process_data
+    from captioning.records import record_process_data
 
     parts = {name: io.outputs[name] for name in ("train_data", "test_data")}
     result = process_data(cfg, io.inputs["raw_data"], parts["train_data"], parts["test_data"], scratch=io.scratch)
@@ -145,7 +137,7 @@ def _process_data(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
 
 def _train(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.train import train
-    from captioning.tracking.records import record_train, train_callbacks
+    from captioning.records import record_train, train_callbacks
 
     dataset, model = io.inputs["train_data"], io.outputs["model"]
     # Checkpoints on a volume or bucket (train.checkpoint_dir) survive a pre-empted pod; otherwise the step's folder.
@@ -155,7 +147,7 @@ def _train(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
 
 def _evaluate(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.evaluate import evaluate
-    from captioning.tracking.records import record_evaluate
+    from captioning.records import record_evaluate
 
     out = io.outputs["predictions"]
     result = evaluate(cfg, io.inputs["model"], io.inputs["test_data"], out)
@@ -174,7 +166,7 @@ def _evaluate(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
 
 def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
     from captioning.steps.promote import promote, promote_result
-    from captioning.tracking.records import promote_in_wandb_registry, record_promote
+    from captioning.records import promote_in_wandb_registry, record_promote
 
     model = io.inputs["model"]
     deploying = cfg.promote.deploy
@@ -212,7 +204,7 @@ def _promote(cfg: Config, io: StepIO, t: StepTracker) -> StepResult:
 
 
 def _still_holds(cfg: Config, result: StepResult) -> bool:
-    from captioning.steps.promote import LocalRegistry
+    from captioning.registry import LocalRegistry
 
     registry = LocalRegistry(Path(cfg.promote.registry), cfg.promote.collection)
     return registry.aliases().get(cfg.promote.alias) == result.extra.get("version")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from captioning import DEFAULT_IMAGE
+from captioning.console import fail
 from captioning.deploy import DEFAULT_NAME
 from captioning.errors import CaptioningError
 from captioning.redact import redact_tree
@@ -57,8 +58,6 @@ def deploy(
         "credentials.", rich_help_panel=VERTEX),
 ) -> None:
     """Serve a model folder online: a KServe InferenceService or a Vertex AI Endpoint running `captioning serve`."""
-    from captioning.cli import _fail  # cli.py imports this module: imported here, not at the top
-
     try:
         if target == "kserve":
             _kserve(image, model_uri, name, gpu, dry_run, wait, timeout_s, poll_s, namespace, kubeconfig, api_server,
@@ -69,7 +68,7 @@ def deploy(
         else:
             raise CaptioningError(f"--target {target!r}: choose kserve or vertex")
     except CaptioningError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _echo_state(state: str) -> None:

@@ -166,7 +166,7 @@ class StepTracker:
         from wandb.sdk.artifacts.artifact_manifest_entry import ArtifactManifestEntry
 
         from captioning.io import require_free_space
-        from captioning.workflow import tree_size
+        from captioning.io import tree_size
 
         files = list(files)
         dirs = list(dirs)

@@ -162,7 +162,7 @@ def promote_in_wandb_registry(t: StepTracker, cfg: Config, metrics: dict, model_
     """Online: the W&B Registry is the registry; the holder's test metric comes from the metadata promote wrote
     when it linked it. W&B offers no lock: two promotes racing may both link (the last one holds the alias)."""
     from captioning.tracking import online as wandb_online
-    from captioning.steps.promote import decide
+    from captioning.registry import decide
 
     candidate = float(metrics[cfg.promote.metric])
     production = wandb_online.registry_holder_metric(cfg.promote.collection, cfg.promote.alias, cfg.promote.metric)

@@ -1,10 +1,10 @@
 """The captioning DAG: log_raw_data → process_data → train → evaluate → promote.
 
     captioning compile --output captioning.yaml [--target kubeflow|vertex] [--image IMAGE]
-    python pipeline.py   # the same with the default options
                        [--accelerator-type nvidia.com/gpu] [--accelerator-count 1] [--preset coco2014]
                        [--raw-cache-pvc coco-raw-cache] [--checkpoint-pvc captioning-checkpoints]
                        [--gpu-node-selector KEY=VALUE] [--spot] [--gpu-cpu 6 --gpu-memory 22Gi]
+    python pipeline.py   # the same with the default options
 
 (the same as ``captioning compile``). Data moves between pods as KFP artifacts,
 wired as ``captioning.workflow`` declares; W&B references travel beside them as

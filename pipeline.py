@@ -6,7 +6,7 @@
                        [--gpu-node-selector KEY=VALUE] [--spot] [--gpu-cpu 6 --gpu-memory 22Gi]
     python pipeline.py   # the same with the default options
 
-(the same as ``captioning compile``). Data moves between pods as KFP artifacts,
+Data moves between pods as KFP artifacts,
 wired as ``captioning.workflow`` declares; W&B references travel beside them as
 strings. The pipeline parameters are ``captioning.parameters``' table, with the
 preset's values as defaults. process_data, train and evaluate ask for an

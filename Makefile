@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench image image-offline compile clean
+.PHONY: setup run test check docs bench image image-offline compile clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ run: $(STAMP)
 
 test: setup
 	$(PY) -m pytest
+
+# The fast tier, before a commit: no training run, no Docker engine.
+check: setup
+	$(PY) -m pytest -m "not slow and not docker"
+
+# docs/configuration.md from the configuration model (tests/test_docs.py fails when they differ).
+docs: $(STAMP)
+	$(PY) -m captioning.settings_reference docs/configuration.md
 
 bench: $(STAMP)
 	$(VENV)/bin/captioning bench features --images 128 --batch 32 --repeats 3 --json

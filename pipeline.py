@@ -51,7 +51,7 @@ SPOT_TOLERATIONS = ({"key": "cloud.google.com/gke-spot", "operator": "Equal", "v
                      "effect": "NoSchedule"})
 # Allocatable CPU / GiB of GKE's common single-GPU nodes (GKE's reservation formula applied to the machine
 # type), and what GKE's system pods on such a node request; the default requests must fit in between
-# (tests check it, README "Resources" shows it).
+# (tests check it, docs/kubeflow-and-vertex.md "Resources" shows it).
 GPU_NODES = {
     "g2-standard-8 (1x L4)": (7.91, 28.3),
     "n1-standard-8 (+1x T4)": (7.91, 26.5),
@@ -87,12 +87,12 @@ def _pinned_backend() -> str:
 
 # Peak ephemeral storage of each GPU step at COCO size, in GB: KFP's launcher downloads every input artifact
 # into an emptyDir (no size limit, on the node's boot disk) and the step writes its outputs beside them before
-# the upload: the reads plus the writes of README "Data plane" (a test adds them up from that table).
+# the upload: the reads plus the writes of docs/kubeflow-and-vertex.md "The data plane" (a test adds them up from that table).
 GPU_STEP_SCRATCH_GB = {"process_data": 53, "train": 32, "evaluate": 2}
-GPU_BOOT_DISK_GB = 200  # README's GKE node pool: the largest step, the CUDA image and the kubelet's eviction margin
+GPU_BOOT_DISK_GB = 200  # docs/kubeflow-and-vertex.md's GKE node pool: the largest step, the CUDA image and the kubelet's eviction margin
 
 # What one COCO run of the training pipeline writes as artifacts (raw_data 20.4, train_data 31.2, test_data 1.3 GB
-# and the model: README "Data plane"), in GB; the store must hold it, and more for runs kept side by side.
+# and the model: docs/kubeflow-and-vertex.md "The data plane"), in GB; the store must hold it, and more for runs kept side by side.
 COCO_ARTIFACT_GB = 53
 
 PIPELINES = ("train", "caption")
@@ -126,7 +126,7 @@ class BuildOptions:
                                      "promoted model (resolve_model → fetch_model, list_images → "
                                      "plan_captions, → caption_shard × N → merge_captions).")
     # The defaults fit the allocatable size of g2-standard-8 (L4), n1-standard-8 (T4) and a2-highgpu-1g (A100)
-    # after GKE's system pods (README: "Resources").
+    # after GKE's system pods (docs/kubeflow-and-vertex.md, "Resources").
     cpu: str = _option("2", "CPU request and limit of the CPU steps (log_raw_data, promote).")
     memory: str = _option("8Gi", "Memory request and limit of the CPU steps.")
     gpu_cpu: str = _option("6", "CPU request and limit of the GPU steps.")
@@ -146,7 +146,7 @@ class BuildOptions:
     pipeline_root: str = _option("", "Where the runs' artifacts go, written into the IR as its defaultPipelineRoot: "
                                      "gs://BUCKET/PATH, or on Kubeflow also s3:// or minio://. Empty: the "
                                      "cluster's default store (Kubeflow) - too small for COCO from KFP 2.15 on "
-                                     "(README 'Artifact store'); Vertex AI needs one, here or at submit.")
+                                     "(docs/kubeflow-and-vertex.md); Vertex AI needs one, here or at submit.")
     kfp_version: str = _option(_pinned_backend(), f"Kubeflow: the Pipelines backend release the IR is for "
                                                   f"({', '.join(KFP_BACKENDS)}); only fields it parses are "
                                                   "emitted, and what is left out is said.")
@@ -166,7 +166,7 @@ class BuildOptions:
         coco_training = self.preset == "coco2014" and self.pipeline == "train"
         if self.target != "kubeflow":
             return ["no --raw-cache-bucket: a log_raw_data that runs (not answered from the cache) uploads the 20.4 "
-                    "GB of COCO archives as raw_data again; a gs://BUCKET/PREFIX keeps them once (README 'Data "
+                    "GB of COCO archives as raw_data again; a gs://BUCKET/PREFIX keeps them once (docs/kubeflow-and-vertex.md, 'The data "
                     "plane')"] if coco_training and not self.raw_cache_bucket else []
         notes = []
         if not self.backend["optional_secret"]:
@@ -177,7 +177,7 @@ class BuildOptions:
         if not self.pipeline_root and coco_training:
             notes.append("no --pipeline-root: the artifacts go to the cluster's default store; a COCO run moves "
                          f"about {COCO_ARTIFACT_GB} GB through it (about 33 GB when raw_data only references the "
-                         "raw-cache volume; README 'Data plane'), more than the 20Gi SeaweedFS volume KFP installs from "
+                         "raw-cache volume; docs/kubeflow-and-vertex.md, 'The data plane'), more than the 20Gi SeaweedFS volume KFP installs from "
                          "2.15: pass a bucket, or size the store (manifests/cluster/kfp-store)")
         if self.security_context and not self.backend["security_context"]:
             notes.append(f"KFP {self.kfp_version}: no securityContext in the pod specs (it parses from 2.16): the "

@@ -2,7 +2,7 @@
 
 Not part of CI (each run trains a model: minutes). Every run shares one work dir, so the
 data steps run once; train keys its checkpoints by the settings, so a variant trains
-afresh and a rerun of this script reuses what finished. Prints the README's table.
+afresh and a rerun of this script reuses what finished. Prints the table of docs/model-and-metrics.md.
 
     python scripts/recipe_runs.py --workdir work-recipe [--only NAME ...]
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 # name -> settings over the demo preset, after BASELINE: the preset as it was before the recipe was chosen
-# (the README's "Choosing the recipe" table, row for row).
+# (the "Choosing the recipe" table of docs/model-and-metrics.md, row for row).
 BASELINE = ["train.attention_reg=1.0", "train.dropout=0.5", "train.learning_rate=0.003", "train.epochs=12",
             "train.patience=3", "train.scst_epochs=0"]
 COMBINED = ["train.attention_reg=0", "train.dropout=0.1", "train.learning_rate=0.006"]

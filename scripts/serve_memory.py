@@ -1,4 +1,4 @@
-"""Peak memory of `captioning serve` under a flood of near-limit images, for the README (not run by CI).
+"""Peak memory of `captioning serve` under a flood of near-limit images, for docs/serving.md (not run by CI).
 
 Starts the real server (the bench-sized untrained model: decoding does not depend on training) with
 each decode budget given, sends CONCURRENCY requests at once, each one PNG of 16 KB that declares

@@ -100,7 +100,7 @@ def test_the_gke_node_selector_is_the_one_the_docs_pass_to_the_pipeline(rendered
     selector = by_kind(rendered["gke"], "Job", GPU_CHECK)["spec"]["template"]["spec"]["nodeSelector"]
     ((key, value),) = selector.items()
     flag = f"--gpu-node-selector {key}={value}"
-    assert flag in (REPO / "README.md").read_text()
+    assert flag in (REPO / "docs" / "kubeflow-and-vertex.md").read_text()
     assert flag in (MANIFESTS / "overlays" / "gke" / "kustomization.yaml").read_text()
     package = compile_pipeline(tmp_path / "p.yaml", BuildOptions(gpu_node_selector=f"{key}={value}"))
     platform = list(yaml.safe_load_all(package.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]
@@ -278,7 +278,7 @@ def test_the_argo_retry_patch_retries_pre_empted_and_lost_steps_without_lowering
 
 
 def test_the_readme_retry_table_is_the_one_argos_rules_give():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "kubeflow-and-vertex.md").read_text()
     assert "argo-retry-policy.yaml" in readme
     rows = {}
     for line in readme.splitlines():
@@ -307,19 +307,19 @@ def test_the_artifact_store_overlay_sizes_kfps_seaweedfs_volume_for_coco_runs(tm
     assert (pvc["metadata"]["name"], pvc["metadata"]["namespace"]) == ("seaweedfs-pvc", "kubeflow")
     size = pvc["spec"]["resources"]["requests"]["storage"]
     assert size.endswith("Gi") and int(size[:-2]) * 1.073741824 >= 3 * COCO_ARTIFACT_GB  # three runs' variants
-    assert "manifests/cluster/kfp-store" in (REPO / "README.md").read_text()
+    assert "manifests/cluster/kfp-store" in (REPO / "docs" / "kubeflow-and-vertex.md").read_text()
 
 
 def test_gpu_nodes_have_the_disk_a_steps_artifacts_need_and_the_gpu_check_measures_it(rendered, tmp_path):
     """Issue 25, point 6: the launcher puts a step's artifacts in an emptyDir on the node's boot disk. The figures
-    are the README data-plane table's reads plus writes; the gpu-check Job's own script runs here (no GPU here:
+    are the data-plane table's (docs/kubeflow-and-vertex.md)'s reads plus writes; the gpu-check Job's own script runs here (no GPU here:
     it must say so, and say when the disk is short)."""
     import math
     import re
 
     from pipeline import GPU_BOOT_DISK_GB, GPU_STEP_SCRATCH_GB
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "kubeflow-and-vertex.md").read_text()
     for step, need in GPU_STEP_SCRATCH_GB.items():
         (row,) = [line for line in readme.splitlines() if line.startswith(f"| {step} |") and " files" in line and " GB" in line]
         sizes = [float(x) * {"GB": 1, "MB": 1e-3}[unit] for x, unit in re.findall(r"([\d.]+) (GB|MB)", row)]

@@ -17,7 +17,8 @@ STEP_NAMES = ("log-raw-data", "process-data", "train", "evaluate", "promote")
 def compile_in_subprocess(tmp_path, *args):
     out = tmp_path / "pipeline.yaml"
     env = dict(os.environ, WANDB_API_KEY=SECRET_VALUE)
-    code = ("import sys, pipeline; pipeline.main(sys.argv[1:]); "
+    code = ("import sys, typer; from captioning.cli import app; "
+            "typer.main.get_command(app).main(['compile', *sys.argv[1:]], standalone_mode=False); "
             "print('HEAVY' if {'tensorflow', 'keras', 'wandb'} & set(sys.modules) else 'LIGHT')")
     proc = subprocess.run([sys.executable, "-c", code, "--output", str(out), "--image", IMAGE, *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -394,7 +395,7 @@ def test_default_requests_fit_the_common_single_gpu_nodes(kubeflow):
 
     _, docs, _ = kubeflow
     executors = docs[0]["deploymentSpec"]["executors"]
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "kubeflow-and-vertex.md").read_text()
     for name in ("process-data", "train", "evaluate"):
         resources = executors[f"exec-{name}"]["container"]["resources"]
         cpu, memory = quantity(resources["resourceCpuRequest"]), quantity(resources["resourceMemoryRequest"])

@@ -193,9 +193,9 @@ class FeaturesConfig(Section):
         "imagenet", description="InceptionV3 weights: 'imagenet', 'none' (random init) or a path to a .weights.h5/.h5 file."
     )
     seed: int = Seed("Initialisation seed when weights is 'none', so restarts reproduce the features.")
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per InceptionV3 batch when extracting features.")
     shard_images: int = Field(1000, ge=1, le=100_000, description="Images per feature shard (the unit of resume).")
-    image_size: Literal[299] = 299
+    image_size: Literal[299] = Field(299, description="Input side of InceptionV3 (fixed: its 8x8 grid follows from it).")
     # Pillow refuses, as a bomb, any header over twice its own limit (178,956,970 pixels) before ours is asked.
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=178_000_000, description=(
         "Images whose header declares more pixels (a GIF: its frames' pixels in all) are skipped, with the "
@@ -217,7 +217,8 @@ class TextConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(20, ge=1, le=10_000)
+    epochs: int = Field(20, ge=1, le=10_000, description=(
+        "Cross-entropy epochs at most (early stopping on train.select_metric after train.patience without gain)."))
     # 256 captions fill a modern GPU with these sizes; the learning rate is the usual Adam 1e-3 at
     # batch 64, scaled by the square root of the batch ratio (sqrt(256/64) = 2).
     batch_size: int = Field(256, ge=1, le=8192, description=(
@@ -232,16 +233,17 @@ class TrainConfig(Section):
     # The paper's sizes (embedding 512; its LSTM had 1,000-1,800 units; a GRU of 1,024 here) and a
     # context at the paper's feature width (512), projected from InceptionV3's 2,048 channels.
     # Upper bounds a single GPU holds (units 8192: a GRU of ~0.3 G parameters).
-    embedding_dim: int = Field(512, ge=8, le=4096)
-    units: int = Field(1024, ge=8, le=8192)
+    embedding_dim: int = Field(512, ge=8, le=4096, description="Width of the word embedding.")
+    units: int = Field(1024, ge=8, le=8192, description="Width of the GRU state.")
     context_dim: int = Field(512, ge=8, le=4096, description="Width of the image annotations the attention reads.")
     dropout: float = Field(0.5, ge=0, lt=1, description="On the state and the deep output, as in the paper.")
     # 0: on the demo's validation the penalty (at 1, 0.33 and 1/64) lowered the two-object scenes captioned
     # right; with 64 regions and about 12 words its minimum spreads attention evenly, which carries over to COCO.
     attention_reg: float = Field(0.0, ge=0, le=100, description=(
         "Doubly-stochastic attention weight λ (0 turns it off; the paper's eq. 14 has 1)."))
-    learning_rate: float = Field(2e-3, gt=0, le=1.0)
-    warmup_steps: int = Field(200, ge=0, le=1_000_000)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description=(
+        "Adam's peak rate in the cross-entropy stage, reached after train.warmup_steps, then cosine decay."))
+    warmup_steps: int = Field(200, ge=0, le=1_000_000, description="Steps of linear warm-up of the rate.")
     patience: int = Field(3, ge=1, le=10_000, description="Early stopping: epochs without a better selection metric.")
     # Self-critical training after cross-entropy (Rennie et al. 2017): COCO's largest known lever for this
     # family. Its learning rate and length are the reference implementations' (ruotianluo/ImageCaptioning.pytorch:
@@ -262,7 +264,8 @@ class TrainConfig(Section):
     decode_length_penalties: list[Annotated[float, Field(ge=0, le=5)]] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0], description="Length penalties tried with each beam width.")
     seed: int = Seed("Initialisation, dropout and shuffling.")
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    mixed_precision: Literal["auto", "on", "off"] = Field("auto", description=(
+        "float16 compute: auto uses it on GPUs only; on or off to force."))
     deterministic: Literal["auto", "on", "off"] = Field(
         "auto", description="Deterministic ops (same weights run to run) without XLA, or XLA-compiled steps; "
         "auto: deterministic without a GPU, XLA on GPUs.")
@@ -301,7 +304,7 @@ class EvaluateConfig(Section):
         "auto", description="auto: the decoding train chose on validation; greedy or beam: as set here.")
     beam_width: int = Field(3, ge=1, le=20, description="With decoder=beam.")
     length_penalty: float = Field(0.7, ge=0, le=5, description="With decoder=beam: scores divided by length**this.")
-    batch_size: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(128, ge=1, le=4096, description="Test images per decoding batch.")
     attention_samples: int = Field(4, ge=0, le=ATTENTION_SAMPLE_LIMIT,
                                    description="Test images that get an attention figure.")
 
@@ -352,9 +355,11 @@ class PromoteConfig(Section):
 
 
 class WandbConfig(Section):
-    project: str = "captioning"
-    entity: str | None = None
-    mode: Literal["online", "offline", "disabled"] = "online"
+    project: str = Field("captioning", description="W&B project of every step's run.")
+    entity: str | None = Field(None, description="W&B team or user; null: the key's default entity.")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description=(
+        "online: runs go to the W&B server (a key is needed); offline: written under the work dir, synced later "
+        "with `wandb sync`; disabled: no tracking."))
     api_key_secret: str = Field(
         "", pattern=r"^$|^projects/[^/]+/secrets/[^/]+(/versions/[^/]+)?$",
         description="Secret Manager secret holding the W&B key (Vertex AI): projects/P/secrets/S[/versions/V]; "

@@ -27,12 +27,16 @@ setup: $(STAMP) $(PROTOS)/.complete
 run: $(STAMP)
 	$(VENV)/bin/captioning run
 
+# Both tiers run on every core (pytest-xdist; a file's tests stay on one worker, so its fixtures are made once;
+# conftest's `shared` makes the session's mirror and trained model once for all workers).
+XDIST := -n auto --dist loadfile
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 # The fast tier, before a commit: no training run, no Docker engine.
 check: setup
-	$(PY) -m pytest -m "not slow and not docker"
+	$(PY) -m pytest $(XDIST) -m "not slow and not docker"
 
 # docs/configuration.md from the configuration model (tests/test_docs.py fails when they differ).
 docs: $(STAMP)

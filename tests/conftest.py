@@ -19,13 +19,39 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def small_mirror(tmp_path_factory) -> dict:
+def shared(tmp_path_factory, worker_id):
+    """Made once per test session, whatever the number of xdist workers: ``shared(name, make)`` returns the
+    folder ``make(folder)`` filled, the first worker to ask making it under a lock while the others wait.
+    The name is the cache key: put every setting that changes the content in it."""
+    from captioning.io import file_lock
+
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if worker_id != "master" else root) / "shared"
+
+    def get(name: str, make) -> Path:
+        folder = root / name
+        with file_lock(folder):
+            if not (folder / ".complete").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                make(folder)
+                (folder / ".complete").touch()
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_mirror(shared) -> dict:
     """A small COCO-layout mirror with every awkward and hostile input, written once per session."""
     from captioning.data.demo import write_coco_mirror
 
-    root = tmp_path_factory.mktemp("mirror")
-    return write_coco_mirror(root, train_images=40, val_images=30, seed=3, awkward=True, hostile=True,
-                             karpathy_split=True)
+    def make(root):
+        info = write_coco_mirror(root / "mirror", train_images=40, val_images=30, seed=3, awkward=True,
+                                 hostile=True, karpathy_split=True)
+        (root / "info.json").write_text(json.dumps(info, default=str))
+
+    return json.loads((shared("small-mirror", make) / "info.json").read_text())
 
 
 @pytest.fixture
@@ -99,23 +125,41 @@ def small_volume():
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-# A small model, fast to train: what the serving and batch-captioning tests caption with.
+# A small model, fast to train: what the step, serving, batch-captioning and deploy tests share.
 TINY_MODEL = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "train.embedding_dim=16",
               "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2",
-              "train.epochs=2", "train.scst_epochs=0"]
+              "train.epochs=3", "train.scst_epochs=0"]
 
 
 @pytest.fixture(scope="session")
-def promoted_model(small_mirror, tmp_path_factory) -> dict:
-    """The whole pipeline run once in-process on the small mirror: its registry holds ``production``."""
+def promoted_model(small_mirror, shared) -> dict:
+    """The whole pipeline run once per session (shared by the xdist workers), in-process on the small mirror,
+    with W&B offline: its registry holds ``production``. Every test file that needs a trained model or a
+    finished run shares it; a test that changes what is in ``work`` copies it first, or adds only what no
+    other test counts."""
     from captioning.config import load_config
     from captioning.runners.inprocess import run_pipeline
 
-    work = tmp_path_factory.mktemp("promoted")
     cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", *TINY_MODEL])
-    summary = run_pipeline(cfg, work)
-    assert summary["status"] == "ok", summary
+
+    def make(root):
+        summary = run_pipeline(cfg, root / "work")
+        assert summary["status"] == "ok", summary
+        (root / "summary.json").write_text(json.dumps(summary))
+
+    root = shared("promoted-model-" + "-".join(TINY_MODEL).replace("/", "_"), make)
+    work, summary = root / "work", json.loads((root / "summary.json").read_text())
     registry = work / "registry"
     version = json.loads((registry / "captioning-model" / "aliases.json").read_text())["production"]
-    return {"work": work, "registry": registry, "version": version,
+    return {"work": work, "registry": registry, "version": version, "summary": summary, "cfg": cfg,
             "model": registry / "captioning-model" / "versions" / version, "mirror": Path(small_mirror["root"])}
+
+# Fixtures that train a model or run a whole pipeline: a test that uses one (directly or through another
+# fixture) belongs to the slow tier, which `make check` leaves out.
+TRAINING_FIXTURES = {"promoted_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -16,7 +16,8 @@ def test_run_on_a_loopback_mirror_writes_the_summary(http_mirror, small_mirror, 
         "run", "--workdir", str(tmp_path / "work"), "--summary-json", str(summary_path),
         "--set", f"data.base_url={http_mirror.url}", "--set", "features.weights=none",
         "--set", "data.val_images=5", "--set", "data.test_images=5", "--set", "data.max_images=50",
-        "--set", "train.scst_epochs=0",
+        "--set", "train.scst_epochs=0", "--set", "train.epochs=2", "--set", "train.units=32",
+        "--set", "train.embedding_dim=16", "--set", "evaluate.attention_samples=1",
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(summary_path.read_text())

@@ -271,6 +271,7 @@ print(len(train.shapes), len(val.shapes), model.step_traces.train, model.step_tr
 """
 
 
+@pytest.mark.slow  # trains: the slow tier
 def test_xla_compiles_each_step_once_per_batch_shape_over_a_whole_run(dataset, tmp_path):
     """jit_compile on, two epochs with validation: XLA's own dump of every module it compiled (one file per
     compilation) shows each step compiled once per shape the data gives, the second epoch compiling nothing."""

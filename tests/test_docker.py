@@ -56,9 +56,12 @@ def test_image_has_the_project_java_and_a_non_root_user(image):
 
 
 def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
-    """The demo defaults, as `captioning run` in-process, but each step in its own container."""
+    """The demo, as `captioning run` in-process, but each step in its own container: its data in full (the
+    awkward files included), a short training (4 cross-entropy epochs, no self-critical ones), since the
+    containers' plumbing is under test here and the full recipe's quality in test_demo.py."""
     work = tmp_path / "work"
-    proc = captioning_cli("run", "--runner", "docker", "--image", IMAGE, "--workdir", str(work), timeout=1800)
+    proc = captioning_cli("run", "--runner", "docker", "--image", IMAGE, "--workdir", str(work),
+                          "--set", "train.epochs=4", "--set", "train.scst_epochs=0", timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((work / "summary.json").read_text())
     assert summary["runner"] == "docker"
@@ -74,7 +77,7 @@ def test_demo_pipeline_runs_end_to_end_in_containers(image, tmp_path):
     assert summary["steps"]["promote"]["artifacts"]["inputs"]["model"] == \
         summary["steps"]["train"]["artifacts"]["outputs"]["model"]
     metrics = summary["steps"]["evaluate"]["metrics"]
-    assert metrics["CIDEr"] >= 2 * metrics["baseline_CIDEr"]
+    assert metrics["CIDEr"] >= 1.5 * metrics["baseline_CIDEr"]  # it looks at the images after 4 epochs (~2x)
     assert summary["steps"]["promote"]["metrics"]["promoted"] is True
     run_dir = Path(summary["run_dir"])
     model = run_dir / "train" / "model"

@@ -298,6 +298,7 @@ def test_the_coco2014_preset_has_the_papers_sizes():
     assert t.embedding_dim == 512 and t.units >= 1024 and t.context_dim >= 512 and t.dropout == 0.5
 
 
+@pytest.mark.slow  # trains: the slow tier
 def test_train_deterministic_off_compiles_the_step_with_xla_and_on_rules_it_out(model, features):
     """Issue 13, point 6: op determinism and XLA exclude each other in TensorFlow; `train.deterministic`
     picks one. XLA compiles the step on CPUs too, so this runs here."""

@@ -12,24 +12,18 @@ import pytest
 
 from captioning.config import load_config
 from captioning.errors import ConfigError
-from conftest import captioning_cli, user_env
+from conftest import TINY_MODEL, captioning_cli, user_env
 from helpers.wandb_offline import leet_records, logged_artifacts, references
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.val_images=8", "data.test_images=8", "features.shard_images=32", "train.embedding_dim=16",
-        "train.units=32", "train.batch_size=32", "train.warmup_steps=5", "evaluate.attention_samples=2",
-        "train.scst_epochs=0"]
+TINY = [s for s in TINY_MODEL if not s.startswith("train.epochs=")]  # the session model's, epochs aside
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(small_mirror, tmp_path_factory):
-    from captioning.runners.inprocess import run_pipeline
-
-    work = tmp_path_factory.mktemp("pipeline")
-    cfg = load_config(overrides=[f"data.base_url={small_mirror['root']}", "train.epochs=3", *TINY])
-    summary = run_pipeline(cfg, work)
-    return {"summary": summary, "work": work, "cfg": cfg}
+@pytest.fixture(scope="session")
+def pipeline_run(promoted_model):
+    """The session's pipeline run (conftest's promoted_model: these settings, 3 epochs, W&B offline)."""
+    return {key: promoted_model[key] for key in ("summary", "work", "cfg")}
 
 
 def test_every_step_ran(pipeline_run):
@@ -335,7 +329,7 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
     """SIGKILL the whole `captioning run` mid-training, start it again: it continues."""
     work = tmp_path / "work"
     args = ["run", "--workdir", str(work), "--set", f"data.base_url={small_mirror['root']}",
-            "--set", "train.epochs=12", "--set", "train.patience=50", *sum((["--set", s] for s in TINY), [])]
+            "--set", "train.epochs=6", "--set", "train.patience=50", *sum((["--set", s] for s in TINY), [])]
     exe = str(Path(sys.executable).parent / "captioning")
     proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=user_env())
@@ -350,17 +344,17 @@ def test_a_killed_training_resumes_from_its_checkpoint(small_mirror, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     epochs_before = len(history.read_text().splitlines()) - 1
-    assert 3 <= epochs_before < 12
+    assert 3 <= epochs_before < 6
 
     rerun = captioning_cli(*args, "--summary-json", str(tmp_path / "s.json"))
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((tmp_path / "s.json").read_text())
     train = summary["steps"]["train"]["metrics"]
     assert train["resumed_epochs"] >= epochs_before - 1  # the last epoch may have died before its checkpoint
-    assert train["epochs"] == 12
+    assert train["epochs"] == 6
     epochs = [int(line.split(",")[0]) for line in history.read_text().splitlines()[1:]]
-    assert sorted(set(epochs)) == list(range(12))
-    assert len(epochs) <= 13  # at most the interrupted epoch ran twice
+    assert sorted(set(epochs)) == list(range(6))
+    assert len(epochs) <= 7  # at most the interrupted epoch ran twice
     assert summary["steps"]["process_data"]["metrics"]["shards_reused"] > 0
 
 

@@ -1,4 +1,4 @@
-"""The data plane as the data grows: the whole pipeline on two COCO-layout mirrors, 100 and 400 images.
+"""The data plane as the data grows: the whole pipeline on two COCO-layout mirrors, 60 and 240 images.
 
 What a cluster copies in and out of each pod is what the summary's ``artifacts`` figures say
 (the same figures the components put in the KFP metadata). Raw data stays a few archives,
@@ -12,7 +12,7 @@ from captioning.features import RECORD_BYTES
 
 pytestmark = pytest.mark.slow
 
-SIZES = {"small": (60, 40), "large": (240, 160)}  # (train2014, val2014) images
+SIZES = {"small": (30, 30), "large": (120, 120)}  # (train2014, val2014) images
 SHARD_IMAGES = 50
 TINY = ["data.val_images=10", "data.test_images=10", f"features.shard_images={SHARD_IMAGES}",
         "features.weights=none", "train.epochs=1", "train.embedding_dim=8", "train.units=16", "train.batch_size=64",

@@ -103,6 +103,7 @@ def test_the_self_critical_copy_of_a_mixed_precision_model_trains_in_float32(tin
     assert type(critic.optimizer).__name__ == "Adam"
 
 
+@pytest.mark.slow  # trains: the slow tier
 def test_self_critical_steps_raise_greedy_cider_d(tiny):
     """Cross-entropy first (a model that has learnt a little), then 150 self-critical steps with the
     leave-one-out baseline: greedy CIDEr-D on the 8 images rises by at least 20 % relative."""

@@ -138,14 +138,34 @@ class _Bytes:
         return self.data
 
 
+def _pixel_limit(model_path: Path) -> int:
+    """The model's max_image_pixels from its meta.json, read without loading the model; the default when the
+    file cannot be read (loading the model then names what is wrong with it)."""
+    import json
+
+    try:
+        meta = json.loads((Path(model_path) / "meta.json").read_text())
+        return int(meta.get("config", {}).get("features", {}).get("max_image_pixels", MAX_IMAGE_PIXELS))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return MAX_IMAGE_PIXELS
+
+
 def caption_images(model_path: str | Path, images: list[str | Path], method: str | None = None,
                    beam_width: int | None = None, batch_size: int = 16,
                    max_bytes: int = MAX_IMAGE_BYTES) -> list[Captioned]:
+    from captioning.features import image_problem
+
     paths = [Path(p) for p in images]
+    limit, contents = _pixel_limit(Path(model_path)), []
+    for path in paths:  # every file is read and its header checked before the model loads (seconds of work)
+        data = read_image_file(path, max_bytes)
+        problem = image_problem(data, limit)
+        if problem:
+            raise CaptioningError(f"{path}: cannot caption it: {problem}")
+        contents.append(data)
     model = CaptionModel(model_path, method, beam_width)
     pixels = []
-    for path in paths:  # every image is checked before any work is done
-        data = read_image_file(path, max_bytes)
+    for path, data in zip(paths, contents):  # then decoded: a body that breaks only when decoded
         try:
             pixels.append(model.prepare(data))
         except UndecodableImage as exc:

@@ -454,4 +454,10 @@ def compile_pipeline(output, options: BuildOptions = BuildOptions()) -> Path:
 
 if __name__ == "__main__":
     # The defaults only: `captioning compile` takes the build options (the CLI imports this module, not back).
+    import sys
+
+    if sys.argv[1:]:
+        print(f"error: python pipeline.py takes no options (it compiles the defaults); use: captioning compile "
+              f"{' '.join(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
     print(compile_pipeline(Path("captioning_pipeline.yaml"), BuildOptions()))

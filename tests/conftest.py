@@ -19,14 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def shared(tmp_path_factory, worker_id):
+def shared(tmp_path_factory):
     """Made once per test session, whatever the number of xdist workers: ``shared(name, make)`` returns the
     folder ``make(folder)`` filled, the first worker to ask making it under a lock while the others wait.
     The name is the cache key: put every setting that changes the content in it."""
     from captioning.io import file_lock
 
     root = tmp_path_factory.getbasetemp()
-    root = (root.parent if worker_id != "master" else root) / "shared"
+    root = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared"  # all workers' parent
 
     def get(name: str, make) -> Path:
         folder = root / name
@@ -147,7 +147,9 @@ def promoted_model(small_mirror, shared) -> dict:
         assert summary["status"] == "ok", summary
         (root / "summary.json").write_text(json.dumps(summary))
 
-    root = shared("promoted-model-" + "-".join(TINY_MODEL).replace("/", "_"), make)
+    import hashlib
+
+    root = shared("promoted-model-" + hashlib.sha256("\n".join(TINY_MODEL).encode()).hexdigest()[:16], make)
     work, summary = root / "work", json.loads((root / "summary.json").read_text())
     registry = work / "registry"
     version = json.loads((registry / "captioning-model" / "aliases.json").read_text())["production"]
@@ -159,7 +161,15 @@ def promoted_model(small_mirror, shared) -> dict:
 TRAINING_FIXTURES = {"promoted_model"}
 
 
+# The longest files first: xdist (--dist loadfile) hands files out in this order, so the demo's minutes run
+# beside the rest rather than after it.
+LONGEST_FIRST = ("test_demo.py", "test_docker.py", "test_pipeline_steps.py", "test_batch_captioning.py",
+                 "test_scale.py", "test_cli.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: number for number, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

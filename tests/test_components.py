@@ -146,8 +146,8 @@ def test_offline_runs_are_kept_in_each_steps_wandb_run_artifact(chain):
     assert any((Path(chain["runs"]["train"].path) / "wandb" / "artifact-staging").rglob("*"))
 
 
-def test_a_fetched_offline_run_resolves_where_the_readme_says(chain, tmp_path):
-    """Fetched elsewhere and put back at the pod's path (README: "fetch and sync"), every file W&B
+def test_a_fetched_offline_run_resolves_where_the_docs_say(chain, tmp_path):
+    """Fetched elsewhere and put back at the pod's path (docs/tracking.md: put the fetched folder back at pod_path), every file W&B
     recorded by absolute path is there."""
     import shutil
 

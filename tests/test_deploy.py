@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -635,12 +636,13 @@ def test_vertex_errors_are_one_line_each():
 # ------------------------------------------------------------------ promote.deploy
 
 
-def promote_step(cfg, model_dir, metrics, model_uri: str | None):
-    """The promote step as a pod runs it: its model artifact's URI is where the pipeline stored the model."""
+def promote_step(cfg, model_dir, metrics, model_uri: str | None, scratch: Path):
+    """The promote step as a pod runs it: its model artifact's URI is where the pipeline stored the model. Its
+    scratch (W&B's run folder) is the test's own: the model folder is the session's, which other tests read."""
     from captioning.tracking import StepTracker
     from captioning.workflow import STEPS, StepIO
 
-    io = StepIO(inputs={"model": model_dir, "metrics": metrics}, outputs={}, scratch=model_dir.parent / "scratch",
+    io = StepIO(inputs={"model": model_dir, "metrics": metrics}, outputs={}, scratch=scratch,
                 uris={"model": model_uri} if model_uri else {})
     with StepTracker(cfg, "promote", io.scratch) as tracker:
         return STEPS["promote"].run(cfg, io, tracker)
@@ -656,20 +658,21 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         monkeypatch.setenv("KUBE_API_SERVER", api.url)
         monkeypatch.setenv("KUBE_TOKEN", KUBE_TOKEN)
         monkeypatch.setenv("CAPTIONING_IMAGE", IMAGE)
+        monkeypatch.setenv("WANDB_MODE", "disabled")  # conftest's offline default would write runs
 
         def cfg(registry, *more):
             return load_config(overrides=[f"promote.registry={registry}", "wandb.mode=disabled",
                                           "promote.deploy_namespace=team-a", *more])
 
         # not asked: nothing contacted
-        result = promote_step(cfg(tmp_path / "r0"), model_dir, metrics, "gs://b/run-1/model")
+        result = promote_step(cfg(tmp_path / "r0"), model_dir, metrics, "gs://b/run-1/model", tmp_path / "scratch")
         assert result.metrics["promoted"] and "deployed" not in result.extra and not api.requests
 
         # asked, and the alias moves: the InferenceService serves the model from the pipeline's store, at the
         # endpoint pipeline.py set for the release compiled for
         monkeypatch.setenv("CAPTIONING_KFP_STORE", "http://minio-service.kubeflow:9000")
         asked = cfg(tmp_path / "r1", "promote.deploy=kserve")
-        result = promote_step(asked, model_dir, metrics, "minio://mlpipeline/v2/artifacts/run-1/train/model")
+        result = promote_step(asked, model_dir, metrics, "minio://mlpipeline/v2/artifacts/run-1/train/model", tmp_path / "scratch")
         assert result.metrics["promoted"] and result.metrics["deployed"]
         assert result.extra["deployed"]["action"] == "created"
         (isvc,) = api.objects.values()
@@ -686,13 +689,13 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         writes = len(api.requests)
 
         # the same model again: the alias stays, nothing is deployed
-        result = promote_step(asked, model_dir, metrics, "gs://b/run-2/model")
+        result = promote_step(asked, model_dir, metrics, "gs://b/run-2/model", tmp_path / "scratch")
         assert not result.metrics["promoted"] and result.metrics["deployed"] is False
         assert len(api.requests) == writes
 
         # a model the cluster cannot read is refused before anything is registered
         with pytest.raises(CaptioningError, match="promote.deploy=kserve: .*--model-uri"):
-            promote_step(cfg(tmp_path / "r2", "promote.deploy=kserve"), model_dir, metrics, None)
+            promote_step(cfg(tmp_path / "r2", "promote.deploy=kserve"), model_dir, metrics, None, tmp_path / "scratch")
         assert not (tmp_path / "r2" / "captioning-model" / "versions").exists() or \
             not any((tmp_path / "r2" / "captioning-model" / "versions").glob("v*"))
 
@@ -701,7 +704,7 @@ def test_a_promote_that_moves_the_alias_deploys_when_asked_and_only_then(promote
         with pytest.raises(CaptioningError, match=r"deploy it with `captioning deploy --target kserve --model-uri "
                                                   r"s3://mlpipeline/r4/model --s3-endpoint http://minio-service."
                                                   r"kubeflow:9000 --s3-secret mlpipeline-minio-artifact`"):
-            promote_step(cfg(tmp_path / "r4", "promote.deploy=kserve"), model_dir, metrics, "minio://mlpipeline/r4/model")
+            promote_step(cfg(tmp_path / "r4", "promote.deploy=kserve"), model_dir, metrics, "minio://mlpipeline/r4/model", tmp_path / "scratch")
         with pytest.raises(CaptioningError, match=r"the alias production moved to v1, but the deployment failed: "
                                                   r".*captioning deploy --target kserve --model-uri gs://b/run-3/model"):
-            promote_step(cfg(tmp_path / "r3", "promote.deploy=kserve"), model_dir, metrics, "gs://b/run-3/model")
+            promote_step(cfg(tmp_path / "r3", "promote.deploy=kserve"), model_dir, metrics, "gs://b/run-3/model", tmp_path / "scratch")

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import typer
 
+from captioning.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "manifests" / "README.md"]
-LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+# [text](target "title") and ![alt](target): the target
+LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)")
 
 
 def test_the_settings_reference_is_the_configuration_models():
@@ -42,9 +45,9 @@ def test_a_setting_without_a_description_stops_the_reference(monkeypatch):
 
 
 def _slug(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
-    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens and underscores dropped, spaces as
+    hyphens (markup's backticks and asterisks go with the punctuation)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def _anchors(page: Path) -> set[str]:
@@ -76,28 +79,37 @@ def test_the_docs_are_linked_from_the_readme():
 
 
 def test_the_link_check_sees_a_broken_link_and_anchor(tmp_path):
-    (tmp_path / "a.md").write_text("# A\n\n## Two words\n\n[ok](#two-words) [bad](b.md) [gone](#nowhere)\n")
-    assert _links(tmp_path / "a.md") == ["#two-words", "b.md", "#nowhere"]
-    assert "two-words" in _anchors(tmp_path / "a.md") and "nowhere" not in _anchors(tmp_path / "a.md")
+    (tmp_path / "a.md").write_text("# A\n\n## Two words\n\n## The `log_raw_data` step: *what* it does\n\n"
+                                   "[ok](#two-words) [bad](b.md \"a title\") [gone](#nowhere) ![fig](c.png)\n")
+    assert _links(tmp_path / "a.md") == ["#two-words", "b.md", "#nowhere", "c.png"]
+    anchors = _anchors(tmp_path / "a.md")
+    assert {"two-words", "the-log_raw_data-step-what-it-does"} <= anchors and "nowhere" not in anchors
 
 
-def shown_commands(page: Path) -> list[str]:
-    """Every `captioning ...` line in the page's code blocks (a continued line joined), prompts removed."""
+def shown_commands(page: Path) -> list[tuple[str, bool]]:
+    """Every `captioning ...` line in the page's code blocks (a continued line joined, prompts removed), and
+    whether the block shows it refused (the next line starts with ``error:``)."""
     commands = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
+        lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+        for line, after in zip(lines, [*lines[1:], ""]):
             line = re.sub(r"^\s*(\$ )?(\.venv/bin/)?", "", line)
             if line.startswith("captioning "):
-                commands.append(line.split(" | ")[0].split(" && ")[0].split(" > ")[0])
+                commands.append((line.split(" | ")[0].split(" && ")[0].split(" > ")[0], after.startswith("error:")))
     return commands
 
 
 def parse(command: str) -> None:
-    """What the CLI makes of the command line: options, their types and choices, without running it."""
+    """What the CLI makes of the command line (options, their types and choices) and the configuration of its
+    --preset and --set values, without running it."""
     from captioning.cli import app
+    from captioning.config import load_config
 
     args = shlex.split(command, comments=True)[1:]
+    sets = [value for option, value in zip(args, args[1:]) if option == "--set"]
+    presets = [value for option, value in zip(args, args[1:]) if option == "--preset"]
+    if sets or presets:
+        load_config(overrides=sets, preset=presets[-1] if presets else "demo")  # a ConfigError names the key
     cmd = typer.main.get_command(app)
     name = "captioning"
     while True:
@@ -109,25 +121,34 @@ def parse(command: str) -> None:
         name, cmd, args = cmd.resolve_command(ctx, rest)
 
 
-def _all_commands() -> list[tuple[str, str]]:
-    return [(str(page.relative_to(REPO)), command) for page in PAGES for command in shown_commands(page)]
+def _all_commands() -> list[tuple[str, str, bool]]:
+    return [(str(page.relative_to(REPO)), command, refused) for page in PAGES
+            for command, refused in shown_commands(page)]
 
 
 def test_the_pages_show_commands_at_all():
     shown = _all_commands()
     assert len(shown) > 30
-    assert {c.split()[1] for _, c in shown} >= {"run", "caption", "serve", "compile", "submit", "deploy", "bench"}
+    assert {c.split()[1] for _, c, _ in shown} >= {"run", "caption", "serve", "compile", "submit", "deploy", "bench"}
 
 
-@pytest.mark.parametrize("page, command", _all_commands())
-def test_every_command_shown_parses(page, command):
+@pytest.mark.parametrize("page, command, refused", _all_commands())
+def test_every_command_shown_parses(page, command, refused):
+    if refused:  # shown with its error: the CLI must refuse it
+        with pytest.raises((typer.TyperException, ConfigError)):
+            parse(command)
+        return
     try:
         parse(command)
     except typer.TyperException as exc:  # typer's own click raises these: a usage error, a bad value
         pytest.fail(f"{page}: `{command}`: {getattr(exc, 'format_message', exc.__str__)()}")
+    except ConfigError as exc:
+        pytest.fail(f"{page}: `{command}`: {exc}")
 
 
 def test_the_parse_check_refuses_what_the_cli_would():
+    with pytest.raises(ConfigError, match="train.epochz"):
+        parse("captioning run --set train.epochz=3")
     for wrong in ("captioning caption --decoder sideways x.png", "captioning serve --port x", "captioning nosuch",
                   "captioning bench features --imagez 3"):
         with pytest.raises(typer.TyperException):

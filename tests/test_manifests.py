@@ -267,7 +267,7 @@ def test_the_argo_retry_patch_retries_pre_empted_and_lost_steps_without_lowering
     assert retries(merged(shipped, {}), *DAG_CASES["a DAG whose child errored"])
     # Nothing a stock install retried is lost for a pod, or for any template without a strategy of its own;
     # a template with its own strategy (another workflow's DAG) loses only the retry of a DAG node that Failed
-    # (said in the patch and the README).
+    # (said in the patch and docs/kubeflow-and-vertex.md).
     nodes = [*CASES.values(), *DAG_CASES.values()]
     for own in ({}, {"limit": "1"}, {"limit": "3"}, {"limit": "2", "retryPolicy": "OnFailure"},
                 {"limit": "2", "retryPolicy": "Always"}, {"limit": "2", "retryPolicy": "OnError"}):
@@ -277,7 +277,7 @@ def test_the_argo_retry_patch_retries_pre_empted_and_lost_steps_without_lowering
             assert lost <= ({DAG_CASES["a DAG whose child failed"]} if own else set()), (own, stock, lost)
 
 
-def test_the_readme_retry_table_is_the_one_argos_rules_give():
+def test_the_docs_retry_table_is_the_one_argos_rules_give():
     readme = (REPO / "docs" / "kubeflow-and-vertex.md").read_text()
     assert "argo-retry-policy.yaml" in readme
     rows = {}

@@ -496,3 +496,15 @@ def test_the_volume_check_outside_a_pod_or_without_rights_warns_and_passes(monke
     with caplog.at_level("WARNING"):
         cluster_volumes.check_in_cluster(["captioning-checkpoints"])
     assert "not in a pod with a service account" in caplog.text and "captioning-checkpoints not checked" in caplog.text
+
+
+def test_python_pipeline_py_compiles_the_defaults_and_sends_options_to_captioning_compile(tmp_path):
+    """The script form needs no CLI (which imports pipeline.py): the defaults only; an option is refused, never
+    silently dropped."""
+    script = str(Path(__file__).resolve().parents[1] / "pipeline.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ir = next(yaml.safe_load_all((tmp_path / "captioning_pipeline.yaml").read_text()))
+    assert ir["pipelineInfo"]["description"].endswith("[compiled for kubeflow]")
+    proc = subprocess.run([sys.executable, script, "--target", "vertex"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "use: captioning compile --target vertex" in proc.stderr

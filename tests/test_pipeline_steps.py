@@ -267,9 +267,14 @@ def test_caption_command_on_new_images(pipeline_run, small_mirror, tmp_path):
 def test_changed_settings_train_afresh_and_never_resume_stale_checkpoints(pipeline_run, tmp_path):
     """Same work folder, another learning rate and dropout: all epochs are trained again, in a folder of their
     own, and the model's meta.json describes what was trained; the first run's folder is untouched."""
+    import shutil
+
     from captioning.steps.train import train
 
-    work, cfg = pipeline_run["work"], pipeline_run["cfg"]
+    cfg, work = pipeline_run["cfg"], tmp_path / "work"  # a copy: the session's run is shared
+    for part in ("processed/train", "train"):
+        shutil.copytree(pipeline_run["work"] / part, work / part, symlinks=True)
+
     def stamps():
         return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in (work / "train").glob("train-*/**/*")
                 if p.is_file()}

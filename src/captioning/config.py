@@ -63,8 +63,9 @@ class Section(BaseModel):
 class DataConfig(Section):
     base_url: str = Field(
         COCO_BASE_URL,
-        description="Mirror of the COCO layout: http(s)://, gs://, file:// or a path; "
-        "'demo' writes the synthetic demo mirror into the work dir and reads it from there.",
+        description="Mirror of the COCO 2014 layout (the files of data.files under it): http(s)://, "
+        "gs://bucket/prefix, file:// or a path; 'demo' writes the synthetic demo mirror into the work dir and reads "
+        "it from there.",
     )
     files: list[str] = Field(
         default_factory=lambda: [
@@ -72,7 +73,8 @@ class DataConfig(Section):
             "zips/train2014.zip",
             "zips/val2014.zip",
         ],
-        description="Archives to fetch, relative to base_url.",
+        description="Archives to fetch: .zip paths relative to data.base_url (no leading /, no ..: they name "
+        "files under the step's folder too); a COCO mirror serves these three.",
     )
     sha256: dict[str, str] = Field(
         default_factory=dict, description="Expected checksums by archive path; verified when given."
@@ -91,10 +93,13 @@ class DataConfig(Section):
     split_sha256: str | None = Field(None, description=(
         "Expected SHA-256 of the split zip; verified when given (its checksum is recorded in the manifest always)."))
     val_images: int | None = Field(
-        None, ge=1, le=1_000_000, description="Validation images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
+        None, ge=1, le=1_000_000, description=(
+            "Validation images drawn from val2014 (data.split=random); null: Karpathy-proportional (5000 of 40504). "
+            "The rest of val2014 trains.")
     )
     test_images: int | None = Field(
-        None, ge=1, le=1_000_000, description="Test images drawn from val2014; null: Karpathy-proportional (5000 of 40504)."
+        None, ge=1, le=1_000_000, description=(
+            "Test images drawn from val2014 (data.split=random); null: Karpathy-proportional (5000 of 40504).")
     )
     retries: int = Field(5, ge=0, le=100, description="Retries of a failed transfer (each resumes).")
     retry_backoff_s: float = Field(1.0, ge=0, le=600, description="First back-off; doubles each retry.")
@@ -199,7 +204,7 @@ class FeaturesConfig(Section):
     # Pillow refuses, as a bomb, any header over twice its own limit (178,956,970 pixels) before ours is asked.
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=178_000_000, description=(
         "Images whose header declares more pixels (a GIF: its frames' pixels in all) are skipped, with the "
-        "reason, before anything decodes them."))
+        "reason, before anything decodes them; at most 178,000,000, where Pillow's own check takes over."))
 
 
 # COCO's longest caption is far shorter; a 500-word "caption" is noise or an attack.
@@ -210,7 +215,8 @@ class TextConfig(Section):
     min_count: int = Field(5, ge=1, le=1_000_000, description="Words seen fewer times become <unk>.")
     max_vocab: int = Field(10000, ge=10, le=200_000, description="Vocabulary cap, special tokens included.")
     max_caption_words: int = Field(MAX_CAPTION_WORDS, ge=5, le=1000, description=(
-        "Captions longer than this are truncated for training (and counted); evaluation scores the raw text."))
+        "Captions longer than this are cut for training and counted (captions_truncated); evaluation scores the "
+        "raw text."))
     max_length_percentile: float = Field(
         99.0, gt=0, le=100, description="Longest caption kept, as a percentile of training caption lengths."
     )
@@ -242,7 +248,8 @@ class TrainConfig(Section):
     attention_reg: float = Field(0.0, ge=0, le=100, description=(
         "Doubly-stochastic attention weight λ (0 turns it off; the paper's eq. 14 has 1)."))
     learning_rate: float = Field(2e-3, gt=0, le=1.0, description=(
-        "Adam's peak rate in the cross-entropy stage, reached after train.warmup_steps, then cosine decay."))
+        "Adam's peak rate in the cross-entropy stage, reached after train.warmup_steps, then cosine decay; "
+        "COCO's is 1e-3 scaled by the square root of its batch over 64."))
     warmup_steps: int = Field(200, ge=0, le=1_000_000, description="Steps of linear warm-up of the rate.")
     patience: int = Field(3, ge=1, le=10_000, description="Early stopping: epochs without a better selection metric.")
     # Self-critical training after cross-entropy (Rennie et al. 2017): COCO's largest known lever for this
@@ -270,8 +277,9 @@ class TrainConfig(Section):
         "auto", description="Deterministic ops (same weights run to run) without XLA, or XLA-compiled steps; "
         "auto: deterministic without a GPU, XLA on GPUs.")
     checkpoint_dir: str = Field(
-        "", description="Checkpoints and history (the unit of resume); on a cluster, a mounted volume. "
-        "Empty: <workdir>/train in-process, a temporary folder in a pod.")
+        "", description="Checkpoints and history (the unit of resume), in a folder train-KEY per combination of "
+        "training settings and data: a local folder (a mounted volume) or gs://bucket/path (Vertex AI). Empty: "
+        "WORKDIR/train in-process; on Kubeflow the captioning-checkpoints PVC; a temporary folder elsewhere.")
 
     @field_validator("checkpoint_dir")
     @classmethod

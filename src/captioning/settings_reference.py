@@ -6,6 +6,7 @@ and range, and its description. ``make docs`` writes it; tests/test_docs.py fail
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 import typing
@@ -36,22 +37,16 @@ error: preset demo + --set: train.epochz: unknown key
 ```
 
 Every number must be finite; config files that are folders, binary, not UTF-8, over 1 MiB or nested
-absurdly deep are refused too. Values below are JSON; a long one is abbreviated (see the preset
-files for it in full).
+absurdly deep are refused too. Values below are JSON (a list or mapping one entry a line).
 """
 
-LONG_VALUE = 48  # characters: a longer value is summarised in the table
-
-
 def _value(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    if len(text) <= LONG_VALUE:
-        return f"`{text}`"
-    if isinstance(value, dict):
-        return f"{len(value)} entries"
-    if isinstance(value, list):
-        return f"{len(value)} items"
-    return f"`{text[:LONG_VALUE - 3]}...`"
+    """The value in full, as JSON in a code span (a list or mapping one entry after another)."""
+    if isinstance(value, dict) and value:
+        return "<br>".join(f"`{json.dumps(k)}: {json.dumps(v)}`" for k, v in value.items())
+    if isinstance(value, list) and value:
+        return "<br>".join(f"`{json.dumps(v, ensure_ascii=False)}`" for v in value)
+    return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
 def _type(field: FieldInfo) -> str:
@@ -89,7 +84,7 @@ def render() -> str:
             if not field.description:
                 raise ValueError(f"src/captioning/config.py: {section}.{name} has no description")
             values = " | ".join(_value(presets[preset][section][name]) for preset in PRESETS)
-            description = " ".join(field.description.split()).replace("|", "\\|")
+            description = html.escape(" ".join(field.description.split()), quote=False).replace("|", "\\|")
             lines.append(f"| `{section}.{name}` | {values} | {_type(field)} | {description} |")
     return "\n".join(lines) + "\n"
 

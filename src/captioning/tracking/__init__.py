@@ -6,7 +6,7 @@ one; ``offline`` writes runs under ``<workdir>/wandb`` (syncable later with
 them); ``disabled`` logs nothing. ``WANDB_MODE`` in the environment overrides
 the setting. The pipeline's data never flows through W&B, so results are the
 same in every mode. Calls that need the server live in ``tracking.online``;
-what each step logs, in ``tracking.records``.
+what each step logs, in ``captioning.records``.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ setup: $(STAMP) $(PROTOS)/.complete
 run: $(STAMP)
 	$(VENV)/bin/captioning run
 
-# Both tiers run on every core (pytest-xdist; a file's tests stay on one worker, so its fixtures are made once;
+# Both tiers run on every core (pytest-xdist; a file's tests stay on one worker, so its fixtures are made once,
+# in the order conftest gives, the longest first;
 # conftest's `shared` makes the session's mirror and trained model once for all workers).
-XDIST := -n auto --dist loadfile
+XDIST := -n auto --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PY) -m pytest $(XDIST)

@@ -398,7 +398,10 @@ def test_decoding_memory_is_admitted_from_the_headers_before_any_decode():
             answers = list(pool.map(one, range(12)))
         codes = [code for code, _, _ in answers]
         assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
-        assert all(seconds < 0.15 for code, seconds, _ in answers if code == 503)  # refused before decoding
+        # refused before decoding: never decoded (prepared counts only the 200s, below), and answered sooner than
+        # any admitted request, whose decode alone takes 0.2 s (no fixed bound: the machine may be busy)
+        refused, admitted = ([s for c, s, _ in answers if c == code] for code in (503, 200))
+        assert max(refused) < min(admitted), (refused, admitted)
         assert all("MiB of decoding memory in use" in body["error"] for code, _, body in answers if code == 503)
         assert model.most <= 40 << 20  # never more decoded at once than the budget
         assert model.most <= 40 << 20 and model.prepared == codes.count(200)
